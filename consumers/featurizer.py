@@ -1,0 +1,185 @@
+"""The featurizer consumer: images topic -> backbone -> Parquet part files + features topic.
+
+One consumer group on the images topic; run more processes with the same group to share its
+partitions. Each poll becomes one tf.data pipeline (parallel decode, batch, prefetch) through
+:class:`pipeline.inference.Inference`, the same path ``deeper featurize`` uses. Rows go to the
+rolling Parquet writer; offsets are committed only after the part file is renamed into place
+and every feature record and dead letter is acknowledged (see :mod:`consumers.worker`).
+A message that isn't a valid image message, or an image that doesn't decode, is
+dead-lettered with its reason; its batch-mates carry on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from consumers.worker import StreamWorker
+from pipeline.config import Settings
+from pipeline.errors import SchemaError
+from pipeline.featurize import feature_meta
+from pipeline.inference import Featurized, ImageRecord, Inference
+from pipeline.logs import event
+from pipeline.nets.base import Backbone
+from pipeline.parquet_writer import FeatureRow, RollingParquetWriter
+from schemas.messages import FeatureRecord, encode_features, parse_image_message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "deeper-featurizer"
+
+
+def features_dir(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "features"
+
+
+class Featurizer(StreamWorker):
+    stage = "featurizer"
+
+    def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
+                 group_id: str = DEFAULT_GROUP, roll_rows: int = 5000, roll_seconds: float = 30.0):
+        super().__init__(settings, settings.images_topic, group_id, max_poll_records=batch_size,
+                         checkpoint_seconds=min(5.0, roll_seconds))
+        self.inference = Inference(backbone, layer, batch_size)
+        self.meta = feature_meta(backbone, layer)
+        self.writer = RollingParquetWriter(features_dir(settings), self.meta, roll_rows, roll_seconds)
+
+    # -- StreamWorker -----------------------------------------------------------------------
+    def process(self, messages: Sequence[Any]) -> None:
+        records = self._valid_records(messages)
+        times = self.inference.times
+        decode0, model0 = times.decode_wait, times.model
+        rows, started = [], time.perf_counter()
+        for result in self.inference.run(records):
+            message = result.record.context
+            if isinstance(result, Featurized):
+                rows.append(self._row(result, message))
+                self.send(self.settings.features_topic, *encode_features(self._feature_record(rows[-1])))
+            else:
+                self.dead_letter(message, result.reason, result.detail)
+        self.writer.add(rows)
+        self.metrics.images.labels(self.stage).inc(len(rows))
+        self._log_batch(len(messages), len(rows), time.perf_counter() - started,
+                        times.decode_wait - decode0, times.model - model0)
+
+    def flush_sink(self) -> None:
+        started = time.perf_counter()
+        path = self.writer.flush()
+        if path is not None:
+            self.metrics.flushes.inc()
+            self.metrics.stage_seconds.labels(self.stage, "write").observe(time.perf_counter() - started)
+            event(log, "parquet part written", path=str(path))
+
+    def sink_due(self) -> bool:
+        return self.writer.due()
+
+    def has_buffered_sink(self) -> bool:
+        return len(self.writer) > 0
+
+    def discard_sink(self) -> None:
+        self.writer.discard()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _valid_records(self, messages: Sequence[Any]) -> list[ImageRecord]:
+        records = []
+        for m in messages:
+            try:
+                image = parse_image_message(m.key, m.value, m.headers)
+            except SchemaError as exc:
+                self.dead_letter(m, "invalid_message", str(exc))
+                continue
+            source = image.source or f"kafka://{m.topic}/{m.partition}/{m.offset}"
+            records.append(ImageRecord(image.image_id, image.data, source, image.label, context=m))
+        return records
+
+    @staticmethod
+    def _row(result: Featurized, m: Any) -> FeatureRow:
+        r = result.record
+        return FeatureRow(r.image_id, r.source, r.label, result.width, result.height, result.vector,
+                          m.topic, m.partition, m.offset)
+
+    def _feature_record(self, row: FeatureRow) -> FeatureRecord:
+        return FeatureRecord(row.image_id, row.vector, self.meta.backbone, self.meta.weights_digest,
+                             self.meta.layer, row.source, row.label, row.width, row.height)
+
+    def _log_batch(self, consumed: int, featurized: int, seconds: float, decode_s: float, model_s: float) -> None:
+        self.metrics.stage_seconds.labels(self.stage, "decode_wait").observe(decode_s)
+        self.metrics.stage_seconds.labels(self.stage, "model").observe(model_s)
+        event(log, "batch", consumed=consumed, featurized=featurized, dead_letters=consumed - featurized,
+              seconds=round(seconds, 4), decode_wait_s=round(decode_s, 4), model_s=round(model_s, 4),
+              images_per_s=round(featurized / seconds, 1) if seconds else None, buffered_rows=len(self.writer))
+
+
+def stream_backbone_and_layer(settings: Settings, model: str | None, layer: str | None) -> tuple[str, str]:
+    """Defaults that match what the scorer will need: the current classifier's backbone and layer.
+
+    Explicit flags win; without a classifier yet, the settings' model and training's default
+    layer are used.
+    """
+    from pipeline.errors import RegistryError
+    from pipeline.registry import Registry
+    from pipeline.training import DEFAULT_LAYER
+
+    try:
+        current = Registry(settings.registry_dir).load_current().feature_meta
+    except RegistryError:
+        current = None
+    chosen_model = model or (current.backbone if current and settings.model == "auto" else settings.model)
+    chosen_layer = layer or (current.layer if current and current.backbone == chosen_model else DEFAULT_LAYER)
+    return chosen_model, chosen_layer
+
+
+def gpu_batch_size(requested: int) -> int:
+    """On a GPU, batches of 32 leave it idle; raise them (TF places the model there itself)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        event(log, "GPU found; the model runs on it", gpus=[g.name for g in gpus])
+        return max(requested, 128)
+    return requested
+
+
+def cmd_featurizer(args: argparse.Namespace) -> int:
+    from pipeline.kafka_io import ensure_topics, wait_for_broker
+    from pipeline.logs import setup_json_logging
+    from pipeline.metrics import serve
+    from pipeline.nets.factory import load_backbone
+
+    setup_json_logging()
+    settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir)
+    model, layer = stream_backbone_and_layer(settings, args.model, args.layer)
+    backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
+                             progress=False, announce=lambda msg: event(log, msg))
+    wait_for_broker(settings, timeout=args.wait)
+    ensure_topics(settings, {settings.images_topic: args.partitions, settings.features_topic: args.partitions,
+                             settings.dead_letter_topic: 1})
+    serve(int(settings.metrics_port), settings.metrics_addr)
+    worker = Featurizer(settings, backbone, layer, gpu_batch_size(args.batch_size), args.group,
+                        args.roll_rows, args.roll_seconds)
+    worker.install_signal_handlers()
+    worker.run(max_idle_seconds=args.exit_when_idle)
+    return 0
+
+
+def add_parser(sub) -> None:
+    from pipeline.nets.factory import MODEL_CHOICES
+
+    p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> Parquet + features topic)")
+    p.add_argument("--model", choices=MODEL_CHOICES, default=None)
+    p.add_argument("--weights")
+    p.add_argument("--cache-dir")
+    p.add_argument("--layer", default=None,
+                   help="end point (default: the current classifier's layer, else training's default)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--group", default=DEFAULT_GROUP, help="consumer group id")
+    p.add_argument("--partitions", type=int, default=4, help="partitions for topics it must create")
+    p.add_argument("--roll-rows", type=int, default=5000, help="rows per Parquet part file (at most)")
+    p.add_argument("--roll-seconds", type=float, default=30.0, help="seconds before a part file is rolled")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker")
+    p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long without messages (batch jobs, tests)")
+    p.set_defaults(func=cmd_featurizer)

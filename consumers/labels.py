@@ -1,0 +1,97 @@
+"""Reading the labels topic: ``deeper labels`` and the demo's "labels arriving downstream" view.
+
+This is what a downstream system sees. It reads without a consumer group from the earliest
+offset and can wait for a given set of image ids; it never relies on "latest" offsets, which
+some Kafka-protocol brokers report wrongly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, Iterable
+
+from kafka import TopicPartition
+
+from pipeline.config import Settings
+from pipeline.errors import DeeperError, SchemaError
+from schemas.messages import LabelRecord, decode_label
+
+
+def follow_labels(settings: Settings, expected_ids: Iterable[str] | None = None, timeout: float = 120.0,
+                  on_label: Callable[[LabelRecord], None] | None = None, topic: str | None = None,
+                  version: str | None = None) -> dict[str, LabelRecord]:
+    """Read label records until every expected id has one (or ``timeout``); latest record wins.
+
+    ``version`` keeps only labels from that classifier version (older runs' labels for the
+    same photos are still on the topic).
+    """
+    from pipeline.kafka_io import make_consumer
+
+    topic = topic or settings.labels_topic
+    wanted = set(expected_ids) if expected_ids is not None else None
+    consumer = make_consumer(settings, None, [], enable_auto_commit=False)
+    try:
+        partitions = _partitions(consumer, topic, timeout)
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        return _read_until(consumer, wanted, time.monotonic() + timeout, on_label, version)
+    finally:
+        consumer.close()
+
+
+def _partitions(consumer, topic: str, timeout: float) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return [TopicPartition(topic, p) for p in sorted(found)]
+        if time.monotonic() > deadline:
+            raise DeeperError(f"topic {topic} does not exist on {consumer.config['bootstrap_servers']}")
+        time.sleep(0.5)
+
+
+def _read_until(consumer, wanted: set[str] | None, deadline: float,
+                on_label: Callable[[LabelRecord], None] | None, version: str | None) -> dict[str, LabelRecord]:
+    seen: dict[str, LabelRecord] = {}
+    while time.monotonic() < deadline:
+        for part in consumer.poll(timeout_ms=500).values():
+            for m in part:
+                try:
+                    record = decode_label(m.value)
+                except SchemaError:
+                    continue
+                if wanted is not None and record.image_id not in wanted:
+                    continue
+                if version is not None and record.classifier_version != version:
+                    continue
+                first = record.image_id not in seen
+                seen[record.image_id] = record
+                if on_label and first:
+                    on_label(record)
+        if wanted is not None and wanted <= seen.keys():
+            break
+    return seen
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+
+    def show(record: LabelRecord) -> None:
+        if args.format == "json":
+            print(json.dumps(record.__dict__), flush=True)
+        else:
+            print(f"{record.label:<12} {record.source}  (model {record.classifier_version})", flush=True)
+
+    seen = follow_labels(settings, None, args.timeout, show)
+    print(f"{len(seen)} labelled images", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("labels", help="print label records from the labels topic")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to keep reading")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_labels)

@@ -1,0 +1,348 @@
+"""The one place that builds kafka-python clients, so every client gets the same safe defaults.
+
+Everything here goes through :meth:`Settings.kafka_client_config`, so pointing
+``KAFKA_BOOTSTRAP_SERVERS`` (and the ``KAFKA_SECURITY_*`` settings) at a real Apache Kafka
+cluster needs no code change. Nothing here relies on behaviour of the local Tansu broker: the
+defaults are the ones a real cluster wants, and where Tansu differs (see ``docs/broker.md``)
+the code only uses the standard protocol and treats broker answers defensively.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, Iterable, Mapping
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kafka_errors
+
+from pipeline.config import Settings
+from pipeline.errors import DeeperError
+
+log = logging.getLogger(__name__)
+
+#: Producer defaults. acks=all + idempotence means a retried send can neither be lost nor
+#: duplicated in the log; 5 in-flight requests is the most idempotence allows while still
+#: keeping per-partition order. A small linger batches bursts from a directory scan without
+#: adding noticeable latency. No compression: image bytes (JPEG/PNG) and float32 vectors barely
+#: compress, so it would only cost CPU.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "max_in_flight_requests_per_connection": 5,
+    "linger_ms": 5,
+}
+
+#: Consumer defaults. Offsets are committed by the stream code only after its output is
+#: durable (at-least-once), so auto-commit is off. A 6 s session timeout (the minimum a stock
+#: Kafka broker accepts, ``group.min.session.timeout.ms``) makes group joins and failover take
+#: seconds instead of the ~23 s kafka-python's 45 s default costs on the local broker.
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "enable_auto_commit": False,
+    "auto_offset_reset": "earliest",
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 2000,
+}
+
+#: Records per poll. Image featurizing is slow per record, so a small batch keeps each poll
+#: loop well inside ``max_poll_interval_ms`` (5 min) and bounds what is redone after a crash.
+DEFAULT_MAX_POLL_RECORDS = 64
+
+#: CreateTopics error codes that mean "it is already there", which is what we wanted.
+_TOPIC_EXISTS_CODES = frozenset({kafka_errors.TopicAlreadyExistsError.errno})
+
+#: How long to wait for an idempotent producer to obtain its producer id before deciding.
+_IDEMPOTENCE_PROBE_S = 10.0
+
+
+class BrokerUnavailable(DeeperError):
+    """No Kafka broker answered at the configured bootstrap servers."""
+
+
+class TopicSetupError(DeeperError):
+    """A topic could not be created (or checked) the way the pipeline needs it."""
+
+
+# --------------------------------------------------------------------------- producers
+
+
+def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """A producer with acks=all and idempotence, falling back loudly if the broker refuses it.
+
+    Idempotence is what turns kafka-python's automatic retries into exactly-once appends per
+    partition. Some brokers (very old versions, or clusters whose ACLs deny ``IdempotentWrite``)
+    refuse it; then we log a warning and use a plain acks=all producer rather than pretending.
+    If the caller explicitly asked for ``enable_idempotence=True``, a refusal is an error instead.
+    """
+    config = {**settings.kafka_client_config(), **PRODUCER_DEFAULTS, **overrides}
+    strict = overrides.get("enable_idempotence") is True
+    if not strict and not _idempotence_compatible(config):
+        # The caller traded durability for speed (acks!=all, retries=0, >5 in flight);
+        # idempotence cannot work with those, so honour the caller's choice.
+        config["enable_idempotence"] = False
+    if not config.get("enable_idempotence"):
+        return KafkaProducer(**config)
+    try:
+        producer = KafkaProducer(**config)
+    except kafka_errors.KafkaConfigurationError as exc:
+        # kafka-python raises this at construction when the broker's API version predates
+        # idempotence (< 0.11) and idempotence was requested explicitly.
+        return _fallback_producer(config, exc, strict)
+    problem = _idempotence_problem(producer)
+    if problem is None:
+        return producer
+    close_producer(producer, timeout=5)
+    return _fallback_producer(config, problem, strict)
+
+
+def _idempotence_compatible(config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` allows idempotence (it needs acks=all, retries and <= 5 in flight)."""
+    return (
+        config.get("acks") in ("all", -1)
+        and config.get("retries", 1) != 0
+        and config.get("max_in_flight_requests_per_connection", 5) <= 5
+    )
+
+
+def _fallback_producer(config: dict[str, Any], reason: BaseException, strict: bool) -> KafkaProducer:
+    """Rebuild ``config`` without idempotence, or raise if the caller insisted on it."""
+    if strict:
+        raise DeeperError(f"the Kafka broker refused an idempotent producer: {reason}") from reason
+    log.warning(
+        "Kafka broker refused idempotent producing (%s); falling back to acks=all without "
+        "idempotence, so a retried send may be written twice.",
+        reason,
+    )
+    return KafkaProducer(**{**config, "enable_idempotence": False})
+
+
+def _idempotence_problem(producer: KafkaProducer, timeout_s: float = _IDEMPOTENCE_PROBE_S) -> BaseException | None:
+    """Wait until an idempotent producer got its producer id; return the broker's refusal if any.
+
+    kafka-python asks for a producer id (InitProducerId) in the background as soon as the
+    producer starts, and a refusal only surfaces later as a failed send. Checking right away
+    lets :func:`make_producer` fall back before any record is written. kafka-python exposes
+    no public API for this, so the private transaction manager is read defensively: if the
+    library changes, we skip the check (and say so at debug level) rather than break.
+    """
+    manager = getattr(producer, "_transaction_manager", None)
+    if manager is None or not hasattr(manager, "has_producer_id") or not hasattr(manager, "has_fatal_error"):
+        log.debug("cannot verify idempotence with this kafka-python version; trusting the producer")
+        return None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if manager.has_producer_id():
+            return None
+        if manager.has_fatal_error():
+            return getattr(manager, "last_error", None) or kafka_errors.KafkaError("InitProducerId failed")
+        time.sleep(0.02)
+    # Not an outright refusal: the broker may simply be slow. Sends will wait for the id.
+    log.warning("idempotent producer got no producer id within %.0f s; keeping it anyway", timeout_s)
+    return None
+
+
+def producer_is_idempotent(producer: KafkaProducer) -> bool:
+    """Whether ``producer`` really runs idempotently (after any fallback in :func:`make_producer`)."""
+    return bool(getattr(producer, "config", {}).get("enable_idempotence"))
+
+
+def close_producer(producer: KafkaProducer, timeout: float = 10.0) -> bool:
+    """Flush and close ``producer``; False if records were still undelivered at ``timeout``.
+
+    kafka-python 3.0's ``close(timeout)`` raises ``KafkaTimeoutError`` when the flush times
+    out (broker gone) and leaves its I/O thread running, so a shutdown path would hang or
+    crash. Here the stuck batches are aborted (their futures fail, so callers see which
+    records were not written) and the producer is closed anyway.
+    """
+    try:
+        producer.close(timeout=timeout)
+        return True
+    except kafka_errors.KafkaTimeoutError:
+        log.warning("Kafka producer could not deliver all records within %.0f s; aborting them", timeout)
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()  # aborts incomplete batches, then the thread exits
+        sender.join(5.0)
+    try:
+        producer.close(timeout=0)
+    except kafka_errors.KafkaError as exc:
+        log.debug("producer close after abort: %s", exc)
+    return False
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+def make_consumer(
+    settings: Settings,
+    group_id: str | None,
+    topics: Iterable[str],
+    *,
+    max_poll_records: int = DEFAULT_MAX_POLL_RECORDS,
+    **overrides: Any,
+) -> KafkaConsumer:
+    """A group consumer subscribed to ``topics`` that never commits on its own.
+
+    The caller commits (``consumer.commit()``) only after its output is safely written, which
+    gives at-least-once processing; ``auto_offset_reset="earliest"`` makes a new group start at
+    the beginning so nothing produced before the consumer's first start is skipped.
+    """
+    config = {
+        **settings.kafka_client_config(),
+        **CONSUMER_DEFAULTS,
+        "group_id": group_id,
+        "max_poll_records": max_poll_records,
+        **overrides,
+    }
+    topic_list = list(topics)
+    return KafkaConsumer(*topic_list, **config)
+
+
+def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int] | None:
+    """Per-partition lag (end offset minus committed offset) for metrics, or ``None``.
+
+    Only for dashboards: end offsets are whatever the broker reports, and the local Tansu
+    broker under-reports them when records are produced in batches (it answers "latest" with
+    one past the *first* offset of the last batch). Lag is therefore clamped at zero and must
+    never drive correctness decisions. Returns ``None`` when there is nothing assigned yet or
+    the broker cannot answer right now.
+    """
+    assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+    if not assigned:
+        return None
+    try:
+        end = consumer.end_offsets(assigned)
+        committed = {tp: consumer.committed(tp) for tp in assigned}
+        missing = [tp for tp, offset in committed.items() if offset is None]
+        start = consumer.beginning_offsets(missing) if missing else {}
+    except kafka_errors.KafkaError as exc:
+        log.debug("consumer lag unavailable: %s", exc)
+        return None
+    lag: dict[TopicPartition, int] = {}
+    for tp in assigned:
+        done = committed[tp] if committed[tp] is not None else start.get(tp, 0)
+        lag[tp] = max(0, int(end.get(tp, done)) - int(done))
+    return lag
+
+
+# --------------------------------------------------------------------------- admin
+
+
+def make_admin(settings: Settings, **overrides: Any) -> KafkaAdminClient:
+    """An admin client; kept here so security settings reach admin calls too."""
+    return KafkaAdminClient(**{**settings.kafka_client_config(), **overrides})
+
+
+def ensure_topics(
+    settings: Settings,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = -1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that don't exist yet; return the names actually created.
+
+    Idempotent, and safe when several processes race to create the same topic: "already
+    exists" counts as success. ``replication_factor=-1`` means "the broker's default"
+    (KIP-464), which is 1 on a single-node dev broker and whatever the operator chose on a real
+    cluster. An existing topic with fewer partitions than asked for only gets a warning,
+    because adding partitions would re-route keys and is an operator's decision.
+    """
+    if not topics:
+        return []
+    admin = make_admin(settings, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        existing = set(admin.list_topics())
+        missing = {name: n for name, n in topics.items() if name not in existing}
+        created = _create_missing(admin, missing, replication_factor, timeout_s) if missing else []
+        _warn_on_fewer_partitions(admin, {n: p for n, p in topics.items() if n not in created})
+        return created
+    except kafka_errors.KafkaError as exc:
+        raise TopicSetupError(f"cannot create topics {sorted(topics)} on {settings.bootstrap_servers}: {exc}") from exc
+    finally:
+        admin.close()
+
+
+def _create_missing(admin: KafkaAdminClient, missing: Mapping[str, int], replication_factor: int,
+                    timeout_s: float) -> list[str]:
+    """Send one CreateTopics request and sort the per-topic results into created/failed."""
+    request = {name: {"num_partitions": n, "replication_factor": replication_factor} for name, n in missing.items()}
+    response = admin.create_topics(request, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+    created, failed = [], []
+    for result in response.get("topics", []):
+        code = result.get("error_code", 0)
+        if code == 0:
+            created.append(result["name"])
+        elif code not in _TOPIC_EXISTS_CODES:
+            failed.append(f"{result['name']}: {result.get('error_message') or kafka_errors.for_code(code).__name__}")
+    if failed:
+        raise TopicSetupError("cannot create topics: " + "; ".join(failed))
+    if created:
+        admin.wait_for_topics(created, timeout_ms=int(timeout_s * 1000))
+    return created
+
+
+def _warn_on_fewer_partitions(admin: KafkaAdminClient, wanted: Mapping[str, int]) -> None:
+    """Log when an existing topic has fewer partitions than the pipeline would like."""
+    if not wanted:
+        return
+    for topic in admin.describe_topics(list(wanted)):
+        have = len(topic.get("partitions") or [])
+        if topic.get("error_code", 0) == 0 and have < wanted[topic["name"]]:
+            log.warning("topic %s has %d partitions, %d wanted; leaving it as it is",
+                        topic["name"], have, wanted[topic["name"]])
+
+
+def broker_answers(settings: Settings, timeout_s: float = 2.0) -> bool:
+    """One real metadata round trip: True if a broker answered within ``timeout_s``.
+
+    A TCP connect is not enough (a starting broker may accept connections before it can
+    serve), so this asks for the topic list like any client would.
+    """
+    if not _any_port_open(settings, timeout_s):
+        return False  # skip kafka-python, which logs every refused connection as an ERROR
+    timeout_ms = max(100, int(timeout_s * 1000))
+    try:
+        admin = make_admin(settings, bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                           reconnect_backoff_max_ms=200)
+    except kafka_errors.KafkaError:
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except kafka_errors.KafkaError:
+        return False
+    finally:
+        admin.close()
+
+
+def _any_port_open(settings: Settings, timeout_s: float) -> bool:
+    """Whether any bootstrap server accepts a TCP connection (cheap pre-check, no logging)."""
+    for server in settings.kafka_client_config()["bootstrap_servers"]:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def wait_for_broker(settings: Settings, timeout: float = 30.0) -> None:
+    """Block until a broker answers a metadata request, or raise :class:`BrokerUnavailable`.
+
+    Consumers and producers started together with the broker (docker compose, tests) would
+    otherwise fail their first request; waiting here gives one clear error instead.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if broker_answers(settings, timeout_s=max(0.2, min(2.0, remaining))):
+            return
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(
+                f"no Kafka broker answered at {settings.bootstrap_servers} within {timeout:.0f} s; "
+                "start one with `deeper broker start` or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        time.sleep(0.2)

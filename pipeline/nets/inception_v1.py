@@ -1,0 +1,217 @@
+"""Inception v1 (GoogLeNet with batch norm), TF-Slim's network and its official checkpoint.
+
+The network is ``tf_slim.nets.inception.inception_v1`` with slim's own arg scope, so the
+variable names are exactly those of ``inception_v1_2016_08_28.tar.gz`` (1001 outputs:
+index 0 is background). It is built once, in its own ``tf.compat.v1.Graph`` with
+``is_training=False``, every variable is restored from the checkpoint, and one Session runs
+every batch: built eagerly or in a ``tf.function``, slim would create new random variables
+on each call (see :mod:`pipeline.nets.slim_compat`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import weights as weights_lib
+from pipeline.errors import WeightsUnavailable
+from pipeline.nets.base import Backbone, BackboneInfo, imagenet_class_names
+from pipeline.nets.slim_compat import new_session, slim
+
+IMAGE_SIZE = 224
+NUM_CLASSES = 1001
+CENTRAL_FRACTION = 0.875
+
+#: The official checkpoint. Size and sha256 are those published in OpenVINO's Open Model Zoo
+#: (``models/public/googlenet-v1-tf/model.yml``); the sha256 is also pinned, independently,
+#: in the README of ajbouh/tfi. Neither could be re-checked against the file from here.
+WEIGHTS = weights_lib.WeightsSpec(
+    name="inception_v1",
+    url="http://download.tensorflow.org/models/inception_v1_2016_08_28.tar.gz",
+    archive_name="inception_v1_2016_08_28.tar.gz",
+    checkpoint_name="inception_v1.ckpt",
+    sha256="7a620c430fcaba8f8f716241f5148c4c47c035cce4e49ef02cfbe6cd1adf96a6",
+    size=24642554,
+)
+
+#: The pooled features: slim names the 7x7 average pool's scope ``MaxPool_0a_7x7`` (a
+#: historical misnomer kept for checkpoint compatibility); the newer slim calls the end
+#: point ``AvgPool_0a_7x7``, which is the name we expose.
+POOL_END_POINT = "AvgPool_0a_7x7"
+POOL_TENSOR = "InceptionV1/Logits/MaxPool_0a_7x7/AvgPool:0"
+
+#: Every end point, in network order, with its flattened size for a 224x224 input.
+_END_POINTS: dict[str, int] = {
+    "Conv2d_1a_7x7": 112 * 112 * 64,
+    "MaxPool_2a_3x3": 56 * 56 * 64,
+    "Conv2d_2b_1x1": 56 * 56 * 64,
+    "Conv2d_2c_3x3": 56 * 56 * 192,
+    "MaxPool_3a_3x3": 28 * 28 * 192,
+    "Mixed_3b": 28 * 28 * 256,
+    "Mixed_3c": 28 * 28 * 480,
+    "MaxPool_4a_3x3": 14 * 14 * 480,
+    "Mixed_4b": 14 * 14 * 512,
+    "Mixed_4c": 14 * 14 * 512,
+    "Mixed_4d": 14 * 14 * 512,
+    "Mixed_4e": 14 * 14 * 528,
+    "Mixed_4f": 14 * 14 * 832,
+    "MaxPool_5a_2x2": 7 * 7 * 832,
+    "Mixed_5b": 7 * 7 * 832,
+    "Mixed_5c": 7 * 7 * 1024,
+    POOL_END_POINT: 1024,
+    "Logits": NUM_CLASSES,
+    "Predictions": NUM_CLASSES,
+}
+
+INFO = BackboneInfo(
+    name="inception_v1",
+    image_size=IMAGE_SIZE,
+    num_classes=NUM_CLASSES,
+    end_points=_END_POINTS,
+    preprocessing="inception eval: central_crop(0.875), bilinear resize 224x224, scale to [-1,1]",
+    weights_source=WEIGHTS.url,
+    default_layer="logits",
+    aliases={"logits": "Logits", "prelogits": POOL_END_POINT},
+)
+
+
+def _resize_bilinear_legacy(images: tf.Tensor, size: int) -> tf.Tensor:
+    """``tf.compat.v1.image.resize_bilinear(images, [size, size], align_corners=False)``.
+
+    That function is exactly this op (with ``half_pixel_centers=False``); calling the op
+    directly avoids its deprecation log line, and pins the kernel: ``tf.image.resize``
+    would use half-pixel centres, which is *not* what the checkpoint was evaluated with.
+    """
+    return tf.raw_ops.ResizeBilinear(images=images, size=[size, size], align_corners=False, half_pixel_centers=False)
+
+
+def preprocess(image: tf.Tensor) -> tf.Tensor:
+    """uint8 ``[H, W, 3]`` -> float32 ``[224, 224, 3]`` in ``[-1, 1]``.
+
+    The same ops as slim's ``inception_preprocessing.preprocess_for_eval`` (which tf_slim
+    does not ship): scale to [0, 1], keep the central 87.5%, resize bilinearly with the
+    legacy ``align_corners=False`` kernel the checkpoint was evaluated with, map to [-1, 1].
+    Pure TF ops, so it runs eagerly, in a ``tf.function`` or in ``tf.data``'s ``map``.
+    """
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    image = tf.image.central_crop(image, central_fraction=CENTRAL_FRACTION)
+    image = _resize_bilinear_legacy(image[tf.newaxis], IMAGE_SIZE)[0]
+    image = (image - 0.5) * 2.0
+    return tf.ensure_shape(image, [IMAGE_SIZE, IMAGE_SIZE, 3])
+
+
+def _build(graph: tf.Graph) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """Build the inference network in ``graph``; return its input and flattened end points."""
+    from tf_slim.nets import inception
+
+    with graph.as_default():
+        inputs = tf.compat.v1.placeholder(tf.float32, [None, IMAGE_SIZE, IMAGE_SIZE, 3], name="input")
+        with slim.arg_scope(inception.inception_v1_arg_scope()):
+            _, end_points = inception.inception_v1(inputs, num_classes=NUM_CLASSES, is_training=False)
+        end_points = {**end_points, POOL_END_POINT: graph.get_tensor_by_name(POOL_TENSOR)}
+        flat = {name: tf.reshape(end_points[name], [-1, size]) for name, size in _END_POINTS.items()}
+    return inputs, flat
+
+
+def _check_checkpoint(graph: tf.Graph, checkpoint: str) -> list[tf.Variable]:
+    """All of the graph's variables, after checking the checkpoint holds each with its shape.
+
+    ``Saver.restore`` would also fail, but with a long op-level error; this names exactly
+    what is missing so a wrong or partial checkpoint is obvious.
+    """
+    try:
+        stored = tf.compat.v1.train.NewCheckpointReader(checkpoint).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as exc:  # missing, unreadable or corrupt file
+        raise WeightsUnavailable(f"cannot read checkpoint {checkpoint}: {exc}") from exc
+    variables = graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
+    missing = [v.op.name for v in variables if v.op.name not in stored]
+    wrong = [
+        f"{v.op.name} {stored[v.op.name]} != {v.shape.as_list()}"
+        for v in variables
+        if v.op.name in stored and list(stored[v.op.name]) != v.shape.as_list()
+    ]
+    if missing or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {len(missing)} variable(s): {', '.join(missing)}" if missing else "",
+            f"wrong shapes: {', '.join(wrong)}" if wrong else "",
+        ]))
+        raise WeightsUnavailable(f"checkpoint {checkpoint} does not fit inception_v1: {detail}")
+    return variables
+
+
+class InceptionV1(Backbone):
+    """The loaded network: one graph, one Session, every variable restored."""
+
+    info = INFO
+
+    def __init__(
+        self,
+        resolved: weights_lib.ResolvedWeights,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        self.weights_digest = resolved.digest
+        self.checkpoint = str(resolved.checkpoint)
+        self.class_names = imagenet_class_names(with_background=True)
+        self.graph = tf.Graph()
+        self._inputs, self._outputs = _build(self.graph)
+        variables = _check_checkpoint(self.graph, self.checkpoint)
+        self.session = new_session(self.graph, intra_op_threads, inter_op_threads)
+        try:
+            with self.graph.as_default():  # outside it, Saver assumes eager mode
+                tf.compat.v1.train.Saver(var_list=variables).restore(self.session, self.checkpoint)
+        except tf.errors.OpError as exc:  # e.g. a corrupt data file that the index hid
+            self.session.close()
+            raise WeightsUnavailable(f"cannot restore {self.checkpoint}: {exc.message}") from exc
+        self.graph.finalize()  # any later op creation is a bug (it would leak per batch)
+
+    def preprocess(self, image: tf.Tensor) -> tf.Tensor:
+        return preprocess(image)
+
+    def run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        unknown = [layer for layer in layers if layer not in self._outputs]
+        if unknown:
+            raise ValueError(f"inception_v1 has no end point(s) {unknown}; use INFO.resolve_layer first")
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise ValueError(f"expected a float32 batch [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got {batch.shape}")
+        fetches = {layer: self._outputs[layer] for layer in layers}
+        results: Mapping[str, np.ndarray] = self.session.run(fetches, {self._inputs: batch})
+        return {layer: np.asarray(value, dtype=np.float32) for layer, value in results.items()}
+
+    def close(self) -> None:
+        """Free the Session (and its memory); the object is unusable afterwards."""
+        self.session.close()
+
+    def __enter__(self) -> "InceptionV1":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(
+    weights: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    *,
+    spec: weights_lib.WeightsSpec = WEIGHTS,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+) -> InceptionV1:
+    """Resolve the checkpoint (explicit path, cache, download) and load the network.
+
+    ``spec`` lets tests (or mirrors) point at another URL/digest. Thread counts of 0 mean
+    TensorFlow's default (one per core); set them to share a machine with other work.
+    Raises :class:`WeightsUnavailable` if the weights can't be found or don't fit.
+    """
+    resolved = weights_lib.resolve(spec, weights, cache_dir, progress=progress)
+    return InceptionV1(resolved, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+
+
+def available(weights: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether :func:`load` can work without the network (for the factory's ``auto`` mode)."""
+    return weights_lib.available(WEIGHTS, weights, cache_dir)

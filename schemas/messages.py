@@ -1,0 +1,219 @@
+"""Kafka message schemas, version 1: image, feature record, label record, dead letter.
+
+Documented for other languages in ``schemas/README.md``. Every boundary validates with the
+functions here: the producer before sending, each consumer on receipt. A message that fails
+validation raises :class:`SchemaError` with a reason code, and the consumer dead-letters it.
+
+Feature record value (little-endian throughout)::
+
+    bytes 0..3   magic b"DFV1"
+    bytes 4..7   uint32 N: length of the JSON header
+    next N bytes UTF-8 JSON header (image_id, source, label, backbone, weights_digest, layer,
+                 dim, width, height, created_at, ...)
+    the rest     dim float32 values
+
+A Java consumer: ``ByteBuffer b = ByteBuffer.wrap(v).order(LITTLE_ENDIAN); b.getInt() /*magic*/;
+int n = b.getInt(); ... b.position(8 + n); b.asFloatBuffer().get(vector)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.errors import SchemaError
+
+SCHEMA_VERSION = "1"
+SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+
+# Header names (Kafka header values are bytes; ours are UTF-8 strings).
+H_SCHEMA = "schema-version"
+H_CONTENT_TYPE = "content-type"
+H_SOURCE = "source"
+H_PRODUCED_AT = "produced-at"
+H_LABEL = "label"
+
+FEATURE_MAGIC = b"DFV1"
+FEATURE_CONTENT_TYPE = "application/vnd.go-deeper.features.v1"
+LABEL_CONTENT_TYPE = "application/json"
+IMAGE_CONTENT_TYPES = {
+    "JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "BMP": "image/bmp",
+    "WEBP": "image/webp", "TIFF": "image/tiff",
+}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def headers_dict(headers: Headers | None) -> dict[str, str]:
+    """Kafka headers -> ``{name: str}`` (last one wins; undecodable bytes replaced)."""
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
+
+
+def to_headers(values: Mapping[str, str | None]) -> list[tuple[str, bytes]]:
+    return [(k, v.encode()) for k, v in values.items() if v is not None]
+
+
+def _check_version(headers: Mapping[str, str]) -> None:
+    version = headers.get(H_SCHEMA)
+    if version is None:
+        raise SchemaError("missing schema-version header")
+    if version not in SUPPORTED_VERSIONS:
+        raise SchemaError(f"unknown schema version {version!r}; this consumer reads {sorted(SUPPORTED_VERSIONS)}")
+
+
+# -- images -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageMessage:
+    image_id: str  # the key: sha256 hex of the value
+    data: bytes  # the value: the image file's bytes, untouched
+    source: str
+    content_type: str
+    produced_at: str
+    label: str | None = None
+
+    def key(self) -> bytes:
+        return self.image_id.encode()
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return to_headers({H_SCHEMA: SCHEMA_VERSION, H_CONTENT_TYPE: self.content_type, H_SOURCE: self.source,
+                           H_PRODUCED_AT: self.produced_at, H_LABEL: self.label})
+
+
+def make_image_message(data: bytes, source: str, content_type: str = "application/octet-stream",
+                       label: str | None = None) -> ImageMessage:
+    return ImageMessage(hashlib.sha256(data).hexdigest(), data, source, content_type, now_iso(), label)
+
+
+def parse_image_message(key: bytes | None, value: bytes | None, headers: Headers | None) -> ImageMessage:
+    """Validate an image message; the key must be the sha256 of the value (catches corruption)."""
+    h = headers_dict(headers)
+    _check_version(h)
+    image_id = (key or b"").decode("utf-8", "replace")
+    if not _SHA256.match(image_id):
+        raise SchemaError("key is not a sha256 hex image id")
+    if value is None:
+        raise SchemaError("null value (tombstone) on the images topic")
+    if hashlib.sha256(value).hexdigest() != image_id:
+        raise SchemaError("key does not match sha256 of the value (corrupted or mis-keyed message)")
+    return ImageMessage(image_id, value, h.get(H_SOURCE, ""), h.get(H_CONTENT_TYPE, ""),
+                        h.get(H_PRODUCED_AT, ""), h.get(H_LABEL) or None)
+
+
+# -- features -----------------------------------------------------------------------------------
+@dataclass
+class FeatureRecord:
+    image_id: str
+    vector: np.ndarray  # float32 [dim]
+    backbone: str
+    weights_digest: str
+    layer: str
+    source: str = ""
+    label: str | None = None
+    width: int = 0
+    height: int = 0
+    created_at: str = field(default_factory=now_iso)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vector.shape[0])
+
+
+def encode_features(record: FeatureRecord) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """-> (key, value, headers) for the features topic."""
+    header = {"image_id": record.image_id, "source": record.source, "label": record.label,
+              "backbone": record.backbone, "weights_digest": record.weights_digest, "layer": record.layer,
+              "dim": record.dim, "width": record.width, "height": record.height,
+              "created_at": record.created_at, **record.extra}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = np.asarray(record.vector, dtype="<f4").tobytes()
+    value = FEATURE_MAGIC + struct.pack("<I", len(head)) + head + body
+    headers = to_headers({H_SCHEMA: SCHEMA_VERSION, H_CONTENT_TYPE: FEATURE_CONTENT_TYPE, H_SOURCE: record.source})
+    return record.image_id.encode(), value, headers
+
+
+def decode_features(key: bytes | None, value: bytes | None, headers: Headers | None) -> FeatureRecord:
+    """Parse and validate a feature record; raise :class:`SchemaError` with the reason."""
+    _check_version(headers_dict(headers))
+    if not value or len(value) < 8:
+        raise SchemaError("feature record truncated (shorter than its 8-byte prefix)")
+    if value[:4] != FEATURE_MAGIC:
+        raise SchemaError(f"bad magic {value[:4]!r}; expected {FEATURE_MAGIC!r}")
+    (n,) = struct.unpack("<I", value[4:8])
+    if 8 + n > len(value):
+        raise SchemaError("feature record truncated inside its JSON header")
+    try:
+        header = json.loads(value[8:8 + n])
+        dim = int(header["dim"])
+        fields = {k: header[k] for k in ("image_id", "backbone", "weights_digest", "layer")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SchemaError(f"feature header invalid: {exc}") from None
+    body = value[8 + n:]
+    if len(body) != 4 * dim:
+        raise SchemaError(f"vector has {len(body)} bytes, header says dim {dim} ({4 * dim} bytes)")
+    if key is not None and key.decode("utf-8", "replace") != fields["image_id"]:
+        raise SchemaError("key does not match the record's image_id")
+    vector = np.frombuffer(body, dtype="<f4").astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise SchemaError("vector contains NaN or infinity")
+    known = {"image_id", "backbone", "weights_digest", "layer", "dim", "source", "label", "width", "height",
+             "created_at"}
+    return FeatureRecord(vector=vector, source=header.get("source", ""), label=header.get("label"),
+                         width=int(header.get("width", 0)), height=int(header.get("height", 0)),
+                         created_at=header.get("created_at", ""),
+                         extra={k: v for k, v in header.items() if k not in known}, **fields)
+
+
+# -- labels -------------------------------------------------------------------------------------
+@dataclass
+class LabelRecord:
+    image_id: str
+    label: str
+    scores: dict[str, float]
+    classifier_version: str
+    backbone: str
+    layer: str
+    source: str = ""
+    scored_at: str = field(default_factory=now_iso)
+
+
+def encode_label(record: LabelRecord) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    value = {"schema_version": SCHEMA_VERSION, **record.__dict__}
+    headers = to_headers({H_SCHEMA: SCHEMA_VERSION, H_CONTENT_TYPE: LABEL_CONTENT_TYPE, H_SOURCE: record.source})
+    return record.image_id.encode(), json.dumps(value).encode(), headers
+
+
+def decode_label(value: bytes) -> LabelRecord:
+    try:
+        data = json.loads(value)
+        data.pop("schema_version")
+        return LabelRecord(**data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SchemaError(f"label record invalid: {exc}") from None
+
+
+# -- dead letters -------------------------------------------------------------------------------
+DLQ_PREFIX = "dlq-"
+
+
+def dead_letter_headers(original: Headers | None, reason: str, detail: str, stage: str, topic: str,
+                        partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """The original headers plus why/where: enough to find, fix and replay the message."""
+    extra = to_headers({f"{DLQ_PREFIX}reason": reason, f"{DLQ_PREFIX}detail": detail[:1000],
+                        f"{DLQ_PREFIX}stage": stage, f"{DLQ_PREFIX}source-topic": topic,
+                        f"{DLQ_PREFIX}source-partition": str(partition), f"{DLQ_PREFIX}source-offset": str(offset),
+                        f"{DLQ_PREFIX}time": now_iso()})
+    kept = [(k, v) for k, v in (original or []) if not k.startswith(DLQ_PREFIX)]
+    return kept + extra

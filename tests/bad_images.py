@@ -1,0 +1,429 @@
+"""Bad and unusual image files, made in code at test time (nothing binary is committed).
+
+:func:`cases` returns one :class:`Case` per kind of file, each with the outcome
+:func:`pipeline.decode.decode_image` must give it: ``"ok"`` (an upright RGB image of ``size``)
+or ``"dead_letter"`` with a reason code. Every case says *why* in one line, and the
+expectations were checked against what Pillow 13 / libjpeg-turbo 3 actually do, not what we
+hoped they do (see the module notes on silent concealment below).
+
+Notes on what decoders do with damaged files (measured, and why some expectations look odd):
+
+- A JPEG cut anywhere (even just its 2-byte EOI) is refused by Pillow as truncated, because
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is off. But a JPEG cut mid-scan *with an EOI marker put
+  back* decodes "fine" in both Pillow and ``tf.io.decode_jpeg``: libjpeg warns, stops and fills
+  the missing blocks with flat grey (128, 128, 128). ``pipeline.decode`` looks for that fill
+  itself (``_check_jpeg_padding``), so a baseline file cut that way comes back ``truncated``.
+- Known gaps (``Case.gap`` names the reason they *should* get; ``expect`` records what decode
+  really does, and test_decode keeps a strict xfail on each): garbled entropy-coded data in an
+  intact JPEG is concealed by libjpeg (a warning Pillow never shows, garbage pixels out), and a
+  progressive JPEG cut in its later scans and closed with an EOI is a whole, blurry image with
+  no grey fill. Neither can be told apart from a real image through Pillow's API.
+- A PNG whose IDAT CRC is wrong still decodes: Pillow does not check IDAT CRCs, and the pixels
+  are protected by zlib's own Adler-32, so nothing is lost ("ok"). A bad IHDR CRC is refused.
+- A GIF with no image block, or a header cut short (``struct`` runs out of bytes), reads as
+  ``truncated``; a WebP shorter than its RIFF header says is ``truncated`` too (libwebp itself
+  only says "could not create decoder object").
+
+The streaming tests use the ``oversize`` case (a valid JPEG over 1 MiB) for the message limit;
+``bomb`` cases must be refused from the header, before any pixel memory is allocated.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+#: Streaming message-size limit the ``oversize`` case must exceed.
+ONE_MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: bytes
+    expect: str  # "ok" | "dead_letter"
+    reason: str | None  # DecodeError reason for dead letters, None for ok
+    why: str = ""
+    #: (width, height) of the upright decoded image, for "ok" cases.
+    size: tuple[int, int] | None = None
+    #: over 1 MB: for the stream's message-size limit (decode itself is "ok").
+    oversize: bool = False
+    #: declares a huge canvas: must be refused before pixels are allocated.
+    bomb: bool = False
+    #: a known gap: the reason this file *should* get, when decode cannot tell today and
+    #: ``expect``/``reason`` record what it really does (test_decode keeps a strict xfail on it).
+    gap: str | None = None
+
+    def __repr__(self) -> str:  # keep pytest ids and failure messages short
+        return f"Case({self.name!r}, {len(self.data)} bytes, {self.expect}, {self.reason})"
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def photo(width: int = 320, height: int = 240, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB uint8 image: smooth gradients, a few shapes, mild sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([
+        128 + 100 * np.sin(x / (17 + seed) + y / 41),
+        128 + 90 * np.cos(y / (23 + seed) - x / 57),
+        128 + 80 * np.sin((x + y) / (31 + seed)),
+    ], axis=-1)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        x1, y1 = x0 + int(rng.integers(5, width // 3)), y0 + int(rng.integers(5, height // 3))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    pixels = np.asarray(image).astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str, **params) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def jpeg(width: int = 320, height: int = 240, seed: int = 0, **params) -> bytes:
+    params.setdefault("quality", 90)
+    return encode(photo(width, height, seed), "JPEG", **params)
+
+
+def png_chunk(kind: bytes, payload: bytes, crc: int | None = None) -> bytes:
+    if crc is None:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_raw(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes,
+            extra: bytes = b"") -> bytes:
+    """A PNG from an already-compressed IDAT payload (``extra`` chunks go before IDAT)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return PNG_MAGIC + png_chunk(b"IHDR", ihdr) + extra + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def png_from_rows(rows: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG from big-endian sample rows ``[H, W*samples]`` (filter 0 on every row)."""
+    height = rows.shape[0]
+    dtype = ">u2" if bit_depth == 16 else np.uint8
+    body = np.asarray(rows, dtype=dtype).reshape(height, -1).tobytes()
+    stride = len(body) // height
+    raw = b"".join(b"\x00" + body[i * stride:(i + 1) * stride] for i in range(height))
+    samples = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    width = rows.reshape(height, -1).shape[1] // samples
+    return png_raw(width, height, bit_depth, colour_type, zlib.compress(raw, 9))
+
+
+def png16_gray(values: np.ndarray) -> bytes:
+    """A 16-bit grayscale PNG (Pillow opens it as mode ``I;16``)."""
+    return png_from_rows(values, 16, 0)
+
+
+def png16_rgb(values: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG ``[H, W, 3]`` (Pillow keeps the high byte of each sample)."""
+    height, width, _ = values.shape
+    return png_from_rows(values.reshape(height, width * 3), 16, 2)
+
+
+def exif_jpeg(orientation: int, width: int = 320, height: int = 240) -> tuple[bytes, np.ndarray]:
+    """A JPEG whose stored pixels need EXIF ``orientation`` to look like ``upright``.
+
+    ``upright`` (returned too) is a grey ``width x height`` image with a red square in its
+    top-left corner and a blue one in its top-right, so a test can see where they end up.
+    """
+    upright = np.full((height, width, 3), 160, np.uint8)
+    upright[:40, :40] = (255, 0, 0)
+    upright[:40, -40:] = (0, 0, 255)
+    image = Image.fromarray(upright)
+    # exif_transpose undoes these: 6 -> rotate 270 (clockwise), 8 -> rotate 90, 3 -> 180.
+    stored = {1: image, 3: image.transpose(Image.Transpose.ROTATE_180),
+              6: image.transpose(Image.Transpose.ROTATE_90),
+              8: image.transpose(Image.Transpose.ROTATE_270)}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, "JPEG", quality=95, exif=exif.tobytes()), upright
+
+
+def gif_frames(colours: list[tuple[int, int, int]], size: tuple[int, int] = (64, 48)) -> bytes:
+    frames = [Image.new("RGB", size, colour) for colour in colours]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def palette_with_transparency(size: tuple[int, int] = (64, 48)) -> bytes:
+    """Mode P: index 0 is transparent red (left half), index 1 opaque blue (right half)."""
+    image = Image.new("P", size, 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0, 0, 0] * 254)
+    ImageDraw.Draw(image).rectangle((size[0] // 2, 0, size[0], size[1]), fill=1)
+    return encode(image, "PNG", transparency=0)
+
+
+def colour_keyed_png() -> bytes:
+    """RGB + tRNS colour key (0, 0, 0): the black 16x16 top-left square is transparent."""
+    pixels = photo(96, 64, seed=3)
+    pixels[pixels.sum(axis=-1) == 0] = (1, 1, 1)  # only the square is keyed
+    pixels[:16, :16] = 0
+    return encode(pixels, "PNG", transparency=(0, 0, 0))
+
+
+def cmyk_jpeg(colour: tuple[int, int, int, int] = (255, 0, 0, 0), size: tuple[int, int] = (64, 48)) -> bytes:
+    return encode(Image.new("CMYK", size, colour), "JPEG", quality=95)
+
+
+def _jpeg_segments(data: bytes) -> dict[int, int]:
+    """Offsets of the first occurrence of each marker before the scan data (SOI..SOS)."""
+    found: dict[int, int] = {}
+    pos = 2
+    while pos < len(data) - 4:
+        assert data[pos] == 0xFF, f"not at a marker: {pos}"
+        marker = data[pos + 1]
+        found.setdefault(marker, pos)
+        if marker == 0xDA:
+            break
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return found
+
+
+def _sos_end(data: bytes) -> int:
+    sos = _jpeg_segments(data)[0xDA]
+    return sos + 2 + struct.unpack(">H", data[sos + 2:sos + 4])[0]
+
+
+def _gif_header(width: int, height: int) -> bytes:
+    palette = bytes([0, 0, 0, 255, 255, 255])  # 2 colours
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + palette
+    return screen
+
+
+def _gif_image(width: int, height: int, lzw: bytes, min_code_size: int = 2) -> bytes:
+    descriptor = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    blocks = b"".join(bytes([len(lzw[i:i + 255])]) + lzw[i:i + 255] for i in range(0, len(lzw), 255))
+    return descriptor + bytes([min_code_size]) + blocks + b"\x00"
+
+
+def _bmp_header(width: int, height: int, bits: int = 24) -> bytes:
+    """A BITMAPINFOHEADER BMP header declaring ``width x height`` (pixels not included)."""
+    row = ((width * bits + 31) // 32) * 4
+    image_size = row * height
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, 0, image_size & 0xFFFFFFFF, 2835, 2835, 0, 0)
+    file_header = b"BM" + struct.pack("<IHHI", (54 + image_size) & 0xFFFFFFFF, 0, 0, 54)
+    return file_header + info
+
+
+def _png_bomb(side: int = 30000) -> bytes:
+    """1-bit grey PNG of ``side x side`` zeros: 112 MB of pixels (2.7 GB as RGB) in ~110 KB."""
+    row = b"\x00" * (1 + (side + 7) // 8)
+    block = row * 1000
+    packer = zlib.compressobj(9)
+    parts = [packer.compress(block) for _ in range(side // 1000)]
+    parts.append(packer.compress(row * (side % 1000)))
+    parts.append(packer.flush())
+    return png_raw(side, side, 1, 0, b"".join(parts))
+
+
+def _oversize_jpeg() -> bytes:
+    """Valid JPEG noise over 1 MiB (about 1.6 MB: noise defeats compression)."""
+    rng = np.random.default_rng(7)
+    data = encode(rng.integers(0, 256, (1000, 1400, 3), dtype=np.uint8), "JPEG", quality=95)
+    assert len(data) > ONE_MB, len(data)
+    return data
+
+
+# --------------------------------------------------------------------------- the cases
+
+
+def ok(name: str, data: bytes, size: tuple[int, int], why: str, **flags) -> Case:
+    return Case(name, data, "ok", None, why, size=size, **flags)
+
+
+def dead(name: str, data: bytes, reason: str, why: str, **flags) -> Case:
+    return Case(name, data, "dead_letter", reason, why, **flags)
+
+
+@functools.lru_cache(maxsize=1)
+def _cases() -> tuple[Case, ...]:
+    rng = np.random.default_rng(1234)
+    base = jpeg()  # 320x240 baseline, 4:2:0
+    scan = _sos_end(base)
+    half = base[:len(base) // 2]
+    segments = _jpeg_segments(base)
+    out: list[Case] = []
+
+    # -- not images at all
+    out += [
+        dead("empty", b"", "empty", "zero bytes"),
+        dead("random_bytes", b"\x13\x37" + rng.bytes(4094), "unsupported_format", "no known signature"),
+        dead("svg_text", b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+             b'<rect width="64" height="64" fill="red"/></svg>', "unsupported_format",
+             "vector text; we never rasterise SVG"),
+        dead("html_text", b"<!DOCTYPE html><html><body><img src='cat.jpg'></body></html>\n", "unsupported_format",
+             "an HTML error page saved as .jpg"),
+        dead("pdf_header", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n",
+             "unsupported_format", "PDF is not an image format we accept"),
+    ]
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("photo.jpg", base)
+    out.append(dead("zip_of_jpeg", zipped.getvalue(), "unsupported_format", "an archive, even one holding a JPEG"))
+    out.append(dead("ico_icon", encode(Image.fromarray(photo(32, 32)), "ICO"), "unsupported_format",
+                    "a valid image, but ICO is not in ACCEPTED_FORMATS"))
+
+    # -- JPEG
+    sos = segments[0xDA]
+    broken_sos = bytearray(base)
+    broken_sos[sos + 4] = 7  # SOS claims 7 components
+    bad_dht = bytearray(base)
+    dht = segments[0xC4]
+    bad_dht[dht + 5:dht + 21] = b"\xff" * 16  # code-length counts overflow the code space
+    garbled = bytearray(base)
+    noise = rng.integers(0, 255, 120, dtype=np.uint8).tobytes()  # no 0xFF: never forms a marker
+    garbled[scan + 300:scan + 420] = noise
+    header_only = base[:scan]
+    huge_header = bytearray(header_only)
+    sof = segments[0xC0]
+    huge_header[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)
+    progressive = jpeg(progressive=True)
+    icc = b"\x00" * 128 + b"acsp" + b"\x00" * 380  # content is not checked by the decoder
+    out += [
+        ok("jpeg_baseline", base, (320, 240), "the control: an ordinary camera-style JPEG"),
+        dead("jpeg_truncated_half", half, "truncated", "an interrupted upload: half the bytes"),
+        dead("jpeg_missing_eoi", base[:-2], "truncated",
+             "only the 2-byte EOI is gone, but libjpeg-turbo wants the EOI before finishing the scan"),
+        dead("jpeg_truncated_eoi_appended", half + b"\xff\xd9", "truncated",
+             "half the scan + EOI: libjpeg pads the rest with grey; decode must notice the padding"),
+        dead("jpeg_progressive_truncated", progressive[:len(progressive) * 2 // 3], "truncated",
+             "later progressive scans missing"),
+        dead("jpeg_header_only", header_only, "truncated", "headers up to SOS, no entropy-coded data"),
+        dead("jpeg_header_only_huge", bytes(huge_header), "too_large",
+             "SOF declares 60000x60000 (3.6 GP): refused from the header", bomb=True),
+        dead("jpeg_corrupt_sos", bytes(broken_sos), "corrupt", "SOS header declares 7 components"),
+        dead("jpeg_bad_huffman_table", bytes(bad_dht), "corrupt", "DHT code counts overflow the code space"),
+        ok("jpeg_garbled_entropy", bytes(garbled), (320, 240),
+           "120 bytes of scan data replaced: libjpeg conceals it with a warning Pillow never shows",
+           gap="corrupt"),
+        ok("jpeg_progressive_truncated_eoi_appended", progressive[:len(progressive) * 2 // 3] + b"\xff\xd9",
+           (320, 240), "DC scans complete, detail scans cut + EOI: a blurry but whole image, no grey fill",
+           gap="truncated"),
+        ok("jpeg_trailing_garbage", base + b"GARBAGE" * 200, (320, 240), "bytes after EOI are ignored"),
+        ok("jpeg_progressive", progressive, (320, 240), "progressive JPEGs are common on the web"),
+        ok("jpeg_icc_profile", jpeg(icc_profile=icc), (320, 240), "an embedded ICC profile is carried, not applied"),
+        ok("jpeg_grayscale", encode(Image.fromarray(photo()).convert("L"), "JPEG"), (320, 240), "1-component JPEG"),
+        ok("jpeg_cmyk", cmyk_jpeg(), (64, 48), "Adobe CMYK JPEG is converted to RGB"),
+        ok("jpeg_exif_orientation_6", exif_jpeg(6)[0], (320, 240),
+           "stored 240x320, EXIF says rotate 90 CW: upright is 320x240"),
+        ok("jpeg_exif_orientation_8", exif_jpeg(8)[0], (320, 240),
+           "stored 240x320, EXIF says rotate 90 CCW: upright is 320x240"),
+        ok("jpeg_oversize_noise", _oversize_jpeg(), (1400, 1000),
+           "valid JPEG over 1 MB: decodes; the stream refuses it by size", oversize=True),
+    ]
+    app1 = b"Exif\x00\x00" + b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x05" + b"\xff" * 40  # IFD runs off the end
+    bad_exif = base[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + base[2:]
+    out.append(ok("jpeg_malformed_exif", bad_exif, (320, 240),
+                  "EXIF block is garbage: the pixels are fine, orientation is treated as unknown (1)"))
+
+    # -- PNG
+    rgb = photo(96, 64, seed=3)
+    png = encode(rgb, "PNG")
+    ihdr_bad_crc = bytearray(png)
+    ihdr_bad_crc[29:33] = b"\xde\xad\xbe\xef"  # IHDR CRC (8 magic + 4 len + 4 type + 13 data)
+    idat = png.index(b"IDAT") - 4
+    idat_len = struct.unpack(">I", png[idat:idat + 4])[0]
+    idat_bad_crc = bytearray(png)
+    idat_bad_crc[idat + 8 + idat_len:idat + 12 + idat_len] = b"\xde\xad\xbe\xef"
+    big_text = png_chunk(b"tEXt", b"Comment\x00" + b"lorem ipsum " * 75_000)  # 900 KB of text
+    ztxt_bomb = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b" " * 50_000_000, 9))
+    out += [
+        dead("png_bad_crc_ihdr", bytes(ihdr_bad_crc), "corrupt", "the header chunk fails its CRC"),
+        ok("png_bad_crc_idat", bytes(idat_bad_crc), (96, 64),
+           "Pillow skips IDAT CRCs; zlib's Adler-32 still guards the pixels, so nothing is lost"),
+        dead("png_truncated", png[:len(png) // 2], "truncated", "IDAT stream cut in half"),
+        dead("png_header_truncated", png[:20], "truncated", "signature and part of IHDR only"),
+        dead("png_bomb_30000", _png_bomb(), "too_large",
+             "30000x30000 1-bit zeros in ~110 KB: 2.7 GB as RGB", bomb=True),
+        dead("png_declares_10000x10000", png_raw(10000, 10000, 8, 2, zlib.compress(b"\x00" * 1000)), "too_large",
+             "100 MP: under Pillow's own bomb error, over our 40 MP budget", bomb=True),
+        ok("png_huge_text_chunk", png[:33] + big_text + png[33:], (96, 64),
+           "900 KB of tEXt metadata; the pixels are fine"),
+        dead("png_ztxt_bomb", png[:33] + ztxt_bomb + png[33:], "corrupt",
+             "zTXt inflating to 50 MB: Pillow refuses metadata over MAX_TEXT_CHUNK"),
+        ok("png_rgb", png, (96, 64), "plain 8-bit RGB"),
+        ok("png_grayscale_L", encode(Image.fromarray(rgb).convert("L"), "PNG"), (96, 64),
+           "8-bit grey -> 3 equal channels"),
+        ok("png_1bit", encode(Image.fromarray(rgb).convert("1"), "PNG"), (96, 64), "1-bit bilevel"),
+        ok("png_LA", encode(Image.fromarray(rgb).convert("LA"), "PNG"), (96, 64), "grey + alpha, composited on white"),
+        ok("png_RGBA", encode(Image.fromarray(rgb).convert("RGBA"), "PNG"), (96, 64), "alpha composited on white"),
+        ok("png_palette_transparency", palette_with_transparency(), (64, 48), "P + tRNS: transparent index -> white"),
+        ok("png_rgb_colour_key", colour_keyed_png(), (96, 64),
+           "RGB + tRNS colour key: keyed pixels composited on white"),
+        ok("png_16bit_gray", png16_gray(np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)), (64, 48),
+           "I;16: scaled 65535 -> 255, not clipped"),
+        ok("png_16bit_rgb", png16_rgb(np.linspace(0, 65535, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint16)),
+           (64, 48), "48-bit RGB: Pillow keeps the high byte"),
+        dead("png_1x1", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), "too_small", "a tracking pixel"),
+        dead("png_thin_10000x2", encode(Image.new("RGB", (10000, 2), (9, 9, 9)), "PNG"), "too_small",
+             "a 2-px rule: under MIN_SIDE"),
+    ]
+
+    # -- GIF
+    lzw_garbage = bytes([0xFF]) * 40  # codes far beyond the table: invalid LZW
+    out += [
+        ok("gif_animated", gif_frames([(255, 0, 0), (0, 255, 0), (0, 0, 255)]), (64, 48), "first frame used"),
+        dead("gif_bomb", _gif_header(65535, 65535) + _gif_image(65535, 65535, b"\x4c\x01") + b"\x3b", "too_large",
+             "screen and frame declare 65535x65535 (4.3 GP)", bomb=True),
+        dead("gif_no_frames", _gif_header(64, 48) + b"\x3b", "truncated",
+             "screen descriptor then trailer, no image: Pillow hits EOF looking for the first frame"),
+        dead("gif_bad_lzw", _gif_header(64, 48) + _gif_image(64, 48, lzw_garbage) + b"\x3b", "corrupt",
+             "LZW codes that reference entries not yet in the table"),
+    ]
+
+    # -- BMP
+    out += [
+        ok("bmp", encode(rgb, "BMP"), (96, 64), "24-bit BMP"),
+        dead("bmp_bomb", _bmp_header(50000, 50000), "too_large", "header declares 50000x50000, no pixels", bomb=True),
+        dead("bmp_truncated", encode(rgb, "BMP")[:4000], "truncated", "pixel rows cut off"),
+    ]
+
+    # -- WebP
+    frames = [Image.new("RGB", (64, 48), colour) for colour in [(255, 0, 0), (0, 255, 0)]]
+    out += [
+        ok("webp_lossy", encode(rgb, "WEBP", quality=80), (96, 64), "lossy VP8"),
+        ok("webp_lossless", encode(rgb, "WEBP", lossless=True), (96, 64), "lossless VP8L"),
+        dead("webp_truncated", encode(rgb, "WEBP", quality=80)[:600], "truncated",
+             "shorter than its RIFF header says (libwebp itself only says 'could not create decoder')"),
+        ok("webp_animated", encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100),
+           (64, 48), "animated WebP: first frame used"),
+    ]
+
+    # -- TIFF
+    pages = [Image.fromarray(rgb), Image.new("RGB", (20, 20), (0, 255, 0))]
+    out += [
+        ok("tiff", encode(rgb, "TIFF"), (96, 64), "uncompressed RGB TIFF"),
+        ok("tiff_multipage", encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]), (96, 64),
+           "first page used"),
+    ]
+
+    names = [case.name for case in out]
+    assert len(names) == len(set(names)), "case names must be unique"
+    return tuple(out)
+
+
+def cases() -> list[Case]:
+    """Every case (built once per process; the bomb alone takes ~0.4 s to compress)."""
+    return list(_cases())
+
+
+def by_name(name: str) -> Case:
+    return next(case for case in _cases() if case.name == name)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real backbone, the reference photos, a real broker.
+
+Nothing here is a mock: backbones load real weights, the broker fixture starts a real
+Kafka-protocol broker (or uses ``KAFKA_BOOTSTRAP_SERVERS``), and files are real Parquet.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+EXAMPLES = REPO / "examples"
+
+from tests.broker_fixture import *  # noqa: E402,F401,F403  (kafka_settings and friends)
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with a clear reason when it isn't there."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference data {path} is not available on this machine")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One weights/feature cache for the whole session (converting weights once saves minutes)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def effnet(cache_dir):
+    """The real EfficientNet-Lite0 backbone with its ImageNet weights."""
+    from pipeline.nets.factory import load_backbone
+
+    return load_backbone("efficientnet_lite0", cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def cars() -> Path:
+    return shared_path("cars")
+
+
+@pytest.fixture(scope="session")
+def imagenet_samples() -> Path:
+    return shared_path("imagenet-samples")

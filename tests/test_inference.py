@@ -1,0 +1,164 @@
+"""The tf.data inference pipeline with the real EfficientNet-Lite0: bad images never stop a batch.
+
+Good inputs are real photos (``../shared/data/imagenet-samples``, else cars, else generated
+photo-like images); bad ones come from :mod:`tests.bad_images`. A bad record comes back as a
+:class:`Failed` in its place, the good ones as :class:`Featurized` with the same vectors they
+get when run without the bad ones, and the model never sees a placeholder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from pipeline.decode import decode_image, image_id
+from pipeline.inference import Failed, Featurized, ImageRecord, Inference
+from tests import bad_images
+
+LAYER = "prelogits"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+#: bad records mixed into the batch: (case name, the reason it must fail with)
+BAD = ["jpeg_truncated_half", "html_text", "png_bomb_30000"]
+#: where the 3 bad records go among the 8
+LAYOUT = "GBGGBGBG"
+
+
+class CountingBackbone:
+    """The real backbone, counting how many rows each model call gets."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, batch, layers):
+        self.calls.append(len(batch))
+        return self.inner.run(batch, layers)
+
+
+def _record(data: bytes, source: str, label: str | None = None) -> ImageRecord:
+    return ImageRecord(image_id=image_id(data), data=data, source=source, label=label, context={"source": source})
+
+
+@pytest.fixture(scope="module")
+def good() -> list[ImageRecord]:
+    """Five real photos, or generated ones where the reference data is not on this machine."""
+    for folder in (SHARED / "imagenet-samples", SHARED / "cars" / "test"):
+        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if len(files) >= 5:
+            return [_record(p.read_bytes(), str(p)) for p in files[:5]]
+    return [_record(bad_images.jpeg(320 + 16 * i, 240, seed=i), f"generated-{i}") for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def bad() -> list[ImageRecord]:
+    return [_record(bad_images.by_name(name).data, name) for name in BAD]
+
+
+@pytest.fixture(scope="module")
+def mixed(good, bad) -> list[ImageRecord]:
+    goods, bads = iter(good), iter(bad)
+    return [next(goods) if slot == "G" else next(bads) for slot in LAYOUT]
+
+
+@pytest.fixture(scope="module")
+def alone(effnet, good) -> dict[str, np.ndarray]:
+    """Each good photo's vector when it runs by itself (batch of one)."""
+    inference = Inference(effnet, LAYER, batch_size=1)
+    results = list(inference.run(good))
+    assert all(isinstance(r, Featurized) for r in results)
+    return {r.record.source: r.vector for r in results}
+
+
+def _check_vectors(results, reference: dict[str, np.ndarray], atol: float):
+    for result in results:
+        if isinstance(result, Featurized):
+            np.testing.assert_allclose(result.vector, reference[result.record.source], atol=atol, rtol=0,
+                                       err_msg=result.record.source)
+
+
+@pytest.mark.parametrize("batch_size", [4, 32])
+def test_bad_images_fail_in_place_and_good_ones_match_running_alone(effnet, good, bad, mixed, batch_size):
+    good_only = {r.record.source: r.vector for r in Inference(effnet, LAYER, batch_size=batch_size).run(good)}
+    backbone = CountingBackbone(effnet)
+    inference = Inference(backbone, LAYER, batch_size=batch_size)
+    results = list(inference.run(mixed))
+
+    assert [r.record for r in results] == mixed and all(r.record is m for r, m in zip(results, mixed))
+    featurized = [r for r in results if isinstance(r, Featurized)]
+    failed = [r for r in results if isinstance(r, Failed)]
+    assert ["G" if isinstance(r, Featurized) else "B" for r in results] == list(LAYOUT)
+    assert len(featurized) == 5 and len(failed) == 3
+
+    expected_reasons = {name: bad_images.by_name(name).reason for name in BAD}
+    assert {f.record.source: f.reason for f in failed} == expected_reasons
+    assert all(f.detail for f in failed)
+
+    dim = effnet.info.end_points[LAYER]
+    for result in featurized:
+        assert result.vector.shape == (dim,) and result.vector.dtype == np.float32
+        assert np.isfinite(result.vector).all()
+        decoded = decode_image(result.record.data)
+        assert (result.width, result.height) == (decoded.width, decoded.height)
+        assert result.record.context == {"source": result.record.source}  # context rides along untouched
+    _check_vectors(featurized, good_only, atol=1e-5)
+    assert len({r.vector.tobytes() for r in featurized}) == 5  # five photos, five different vectors
+
+    assert sum(backbone.calls) == 5, f"the model saw {backbone.calls} rows; only the 5 good ones should reach it"
+    assert all(rows <= batch_size for rows in backbone.calls)
+    assert inference.times.images == 8
+    assert inference.times.batches == -(-8 // batch_size)
+
+
+def test_all_bad_batch_yields_only_failed_and_never_calls_the_model(effnet, bad):
+    backbone = CountingBackbone(effnet)
+    records = bad + [_record(bad_images.by_name(name).data, name)
+                     for name in ("empty", "gif_bomb", "png_1x1", "png_bad_crc_ihdr", "webp_truncated")]
+    results = list(Inference(backbone, LAYER, batch_size=4).run(records))
+    assert [r.record for r in results] == records
+    assert all(isinstance(r, Failed) for r in results)
+    assert [r.reason for r in results] == [bad_images.by_name(r.record.source).reason for r in results]
+    assert backbone.calls == []
+
+
+def test_empty_input_yields_nothing(effnet):
+    backbone = CountingBackbone(effnet)
+    inference = Inference(backbone, LAYER, batch_size=4)
+    assert list(inference.run([])) == []
+    assert list(inference.run(iter(()))) == []
+    assert backbone.calls == [] and inference.times.images == 0
+
+
+def test_slow_generator_input_still_works(effnet, mixed, alone):
+    pulled: list[float] = []
+
+    def slowly() -> Iterator[ImageRecord]:
+        for record in mixed:
+            time.sleep(0.05)
+            pulled.append(time.perf_counter())
+            yield record
+
+    results = list(Inference(effnet, LAYER, batch_size=4).run(slowly()))
+    assert len(pulled) == len(mixed)
+    assert [r.record for r in results] == mixed
+    assert ["G" if isinstance(r, Featurized) else "B" for r in results] == list(LAYOUT)
+    _check_vectors(results, alone, atol=1e-4)
+
+
+def test_same_image_same_vector_whatever_the_batch(effnet, good, bad, alone):
+    """Batch size, neighbours, position and duplicates do not change an image's vector."""
+    rng = np.random.default_rng(11)
+    pool = good + bad + good[:2]  # duplicates: the same bytes twice in one batch
+    for batch_size in (2, 3, 8):
+        order = rng.permutation(len(pool))
+        records = [pool[i] for i in order]
+        results = list(Inference(effnet, LAYER, batch_size=batch_size).run(records))
+        assert [r.record for r in results] == records
+        assert sum(isinstance(r, Featurized) for r in results) == 7
+        _check_vectors(results, alone, atol=1e-4)
