@@ -29,9 +29,6 @@ from schemas.messages import FeatureRecord, encode_features, parse_image_message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP = "deeper-featurizer"
-
-
 def features_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "features"
 
@@ -40,8 +37,9 @@ class Featurizer(StreamWorker):
     stage = "featurizer"
 
     def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
-                 group_id: str = DEFAULT_GROUP, roll_rows: int = 5000, roll_seconds: float = 30.0):
-        super().__init__(settings, settings.images_topic, group_id, max_poll_records=batch_size,
+                 group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = 30.0):
+        super().__init__(settings, settings.images_topic, group_id or settings.featurizer_group,
+                         max_poll_records=batch_size,
                          checkpoint_seconds=min(5.0, roll_seconds))
         self.inference = Inference(backbone, layer, batch_size)
         self.meta = feature_meta(backbone, layer)
@@ -175,7 +173,7 @@ def add_parser(sub) -> None:
     p.add_argument("--layer", default=None,
                    help="end point (default: the current classifier's layer, else training's default)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--group", default=DEFAULT_GROUP, help="consumer group id")
+    p.add_argument("--group", default=None, help="consumer group id (default $DEEPER_FEATURIZER_GROUP)")
     p.add_argument("--partitions", type=int, default=4, help="partitions for topics it must create")
     p.add_argument("--roll-rows", type=int, default=5000, help="rows per Parquet part file (at most)")
     p.add_argument("--roll-seconds", type=float, default=30.0, help="seconds before a part file is rolled")

@@ -27,15 +27,13 @@ from schemas.messages import FeatureRecord, LabelRecord, decode_features, encode
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP = "deeper-scorer"
-
-
 class Scorer(StreamWorker):
     stage = "scorer"
 
-    def __init__(self, settings: Settings, group_id: str = DEFAULT_GROUP, batch_size: int = 256,
+    def __init__(self, settings: Settings, group_id: str | None = None, batch_size: int = 256,
                  reload_seconds: float = 1.0, wait_for_model: float = 60.0):
-        super().__init__(settings, settings.features_topic, group_id, max_poll_records=batch_size,
+        super().__init__(settings, settings.features_topic, group_id or settings.scorer_group,
+                         max_poll_records=batch_size,
                          checkpoint_seconds=1.0)
         self.registry = Registry(settings.registry_dir)
         self.reload_seconds = reload_seconds
@@ -151,7 +149,7 @@ def cmd_scorer(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("scorer", help="run the scorer consumer (features topic -> labels topic)")
     p.add_argument("--registry", help="model registry directory (default $DEEPER_REGISTRY)")
-    p.add_argument("--group", default=DEFAULT_GROUP)
+    p.add_argument("--group", default=None, help="consumer group id (default $DEEPER_SCORER_GROUP)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker")

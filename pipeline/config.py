@@ -21,6 +21,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "features_topic": ("DEEPER_FEATURES_TOPIC", "deeper.features"),
     "labels_topic": ("DEEPER_LABELS_TOPIC", "deeper.labels"),
     "dead_letter_topic": ("DEEPER_DEAD_LETTER_TOPIC", "deeper.dead-letters"),
+    "featurizer_group": ("DEEPER_FEATURIZER_GROUP", "deeper-featurizer"),
+    "scorer_group": ("DEEPER_SCORER_GROUP", "deeper-scorer"),
     "data_dir": ("DEEPER_DATA_DIR", "deeper-data"),
     "registry_dir": ("DEEPER_REGISTRY", "deeper-data/registry"),
     "cache_dir": ("DEEPER_CACHE_DIR", str(Path.home() / ".cache" / "go-deeper")),
@@ -48,6 +50,8 @@ class Settings:
     features_topic: str = ENVIRONMENT["features_topic"][1]
     labels_topic: str = ENVIRONMENT["labels_topic"][1]
     dead_letter_topic: str = ENVIRONMENT["dead_letter_topic"][1]
+    featurizer_group: str = ENVIRONMENT["featurizer_group"][1]
+    scorer_group: str = ENVIRONMENT["scorer_group"][1]
     data_dir: str = ENVIRONMENT["data_dir"][1]
     registry_dir: str = ENVIRONMENT["registry_dir"][1]
     cache_dir: str = ENVIRONMENT["cache_dir"][1]

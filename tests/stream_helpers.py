@@ -26,11 +26,16 @@ from pipeline.training import DEFAULT_LAYER, DEFAULT_SPEC, train_and_register
 
 
 def unique_settings(base: Settings, tmp_path: Path, partitions: int = 4) -> Settings:
-    """Fresh topics, data dir and registry for one test, on the session's broker."""
+    """Fresh topics, groups, data dir and registry for one test, on the session's broker.
+
+    Separate groups per test are hygiene, and needed on Tansu 0.6: after a two-member group
+    empties, it never answers a new member's JoinGroup (docs/broker.md).
+    """
     tag = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(
         base, images_topic=f"t-{tag}.images", features_topic=f"t-{tag}.features",
         labels_topic=f"t-{tag}.labels", dead_letter_topic=f"t-{tag}.dead-letters",
+        featurizer_group=f"t-{tag}.featurizer", scorer_group=f"t-{tag}.scorer",
         data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "registry"))
     ensure_topics(settings, {settings.images_topic: partitions, settings.features_topic: partitions,
                              settings.labels_topic: partitions, settings.dead_letter_topic: 1})

@@ -213,11 +213,12 @@ def test_npz_with_an_object_array_is_refused_even_with_matching_checksums(reg, c
         header = zf.read("intercept.npy")[:200]
         assert header.startswith(b"\x93NUMPY") and b"'descr': '|O'" in header  # really an object array
     (directory / "model.npz").write_bytes(evil)
-    # a careful attacker fixes both checksums
+    # a careful attacker fixes every checksum
     metadata = json.loads((directory / "model.json").read_text())
     metadata["model_npz_sha256"] = _sha(evil)
     model_json = json.dumps(metadata, indent=2, sort_keys=True).encode()
     (directory / "model.json").write_bytes(model_json)
+    (directory / "model.json.sha256").write_text(_sha(model_json))
     (reg.root / "current.json").write_text(json.dumps({"version": version, "model_json_sha256": _sha(model_json)}))
 
     with pytest.raises(RegistryError, match="unreadable"):
@@ -225,6 +226,19 @@ def test_npz_with_an_object_array_is_refused_even_with_matching_checksums(reg, c
     with pytest.raises(RegistryError):
         reg.set_current(version)
     assert not PICKLE_MARKER.exists(), "the registry unpickled a model file"
+
+
+def test_edited_model_json_is_refused_by_version_too(reg, classifier):
+    """Not only through ``current``: ``load(version)``/``predict --version`` check model.json as well."""
+    version = reg.save(classifier, META, {}, make_current=False)
+    path = reg.versions_dir / version / "model.json"
+    metadata = json.loads(path.read_text())
+    metadata["classes"] = list(reversed(metadata["classes"]))  # would invert every prediction
+    path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    with pytest.raises(RegistryError, match="checksum"):
+        reg.load(version)
+    with pytest.raises(RegistryError, match="checksum"):
+        reg.set_current(version)
 
 
 def test_set_current_refuses_a_broken_version(reg, classifier):
@@ -246,7 +260,7 @@ def test_registry_holds_no_pickles(reg):
         reg.save(fit(x, y, spec), META, {"cv": {"accuracy": 1.0}})
     files = sorted(p.relative_to(reg.root).as_posix() for p in reg.root.rglob("*") if p.is_file())
     assert files == ["current.json"] + [f"versions/v000{i}/{name}" for i in (1, 2, 3)
-                                        for name in ("model.json", "model.npz")]
+                                        for name in ("model.json", "model.json.sha256", "model.npz")]
     for path in reg.root.rglob("model.npz"):
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():

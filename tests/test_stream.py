@@ -6,6 +6,8 @@ import csv
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -48,6 +50,16 @@ def _produce(settings, paths):
     producer.close()
     assert summary.sent == len(paths) and not summary.failed
     return messages
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def _truncated_jpeg(path: Path) -> bytes:
@@ -100,6 +112,11 @@ def test_corrupt_photo_is_dead_lettered_while_batch_mates_are_labelled(cars_mode
     settings, _ = cars_model
     good = sorted((cars / "test").glob("*.jpg"))[:3]
     bad = {"truncated": _truncated_jpeg(good[0]), "html": b"<html><body>not a photo</body></html>"}
+    from pipeline import broker
+    from pipeline.metrics import serve
+
+    port = broker.free_port()
+    serve(port)
     featurizer = WorkerThread(Featurizer(settings, effnet, "prelogits", batch_size=16, roll_seconds=2))
     scorer = WorkerThread(Scorer(settings))
     try:
@@ -110,9 +127,16 @@ def test_corrupt_photo_is_dead_lettered_while_batch_mates_are_labelled(cars_mode
         producer.close()
         labels = _labels(settings, good_ids)
         dead = read_topic(settings, settings.dead_letter_topic, lambda rs: len(rs) >= 2)
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         featurizer.stop()
         scorer.stop()
+    metrics = _metric_values(scrape)
+    assert metrics['deeper_dead_letters_total{reason="truncated",stage="featurizer"}'] >= 1
+    assert metrics['deeper_dead_letters_total{reason="unsupported_format",stage="featurizer"}'] >= 1
+    assert metrics['deeper_images_total{stage="featurizer"}'] >= 3
+    assert metrics['deeper_images_total{stage="scorer"}'] >= 3
+    assert metrics['deeper_stage_seconds_count{stage="featurizer",step="model"}'] >= 1
     assert good_ids <= set(labels)
     assert not set(bad_ids) & set(labels)
     assert len(dead) == 2
@@ -130,32 +154,49 @@ def test_corrupt_photo_is_dead_lettered_while_batch_mates_are_labelled(cars_mode
     assert set(rows.image_ids) == good_ids
 
 
-def test_scorer_hot_reloads_a_new_model_without_losing_messages(cars_model, effnet, cars, cache_dir):
-    settings, v1 = cars_model
-    featurizer = WorkerThread(Featurizer(settings, effnet, "prelogits", batch_size=8, roll_seconds=2))
-    scorer = WorkerThread(Scorer(settings, reload_seconds=0.2))
-    try:
-        first = _produce(settings, sorted((cars / "test").glob("*.jpg"))[:4])
-        labels_1 = _labels(settings, set(first))
-        # retrain with swapped labels: the switch is visible in every label that follows
-        swap = {"classic": "modern", "modern": "classic"}
-        v2 = train_model(settings, effnet, cars / "train", default_cache(cache_dir), relabel=swap.get)
-        assert Registry(settings.registry_dir).current_version() == v2 != v1
-        import time
+def test_offline_retraining_from_stream_parquet_is_hot_reloaded(cars_model, effnet, cars, tmp_path):
+    """Stream -> Parquet -> ``deeper train --features --labels CSV`` -> the running scorer switches."""
+    from pipeline.cli import main as deeper
+    from pipeline.parquet_reader import feature_files
 
-        time.sleep(1.0)  # let the scorer see the new pointer (it checks every 0.2 s)
-        second = _produce(settings, sorted((cars / "test").glob("*.jpg"))[4:])
+    settings, v1 = cars_model
+    featurizer = WorkerThread(Featurizer(settings, effnet, "prelogits", batch_size=8, roll_seconds=1))
+    scorer = WorkerThread(Scorer(settings, reload_seconds=0.2))
+    swap = {"classic": "modern", "modern": "classic"}
+    try:
+        producer = ImageProducer(settings)
+        train = sorted((cars / "train").rglob("*.jpg"))
+        first = {producer.send_file(p, label=p.parent.name).image_id: p for p in train}
+        producer.flush()
+        producer.close()
+        labels_1 = _labels(settings, set(first))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the featurizer rolls a part file every second
+            root = features_dir(settings)
+            if root.exists() and feature_files([root]) and len(read_features([root])) == len(train):
+                break
+            time.sleep(0.5)
+        stored = read_features([features_dir(settings)])
+        assert sorted(stored.labels) == sorted(p.parent.name for p in train)  # the label column, from headers
+        relabel = tmp_path / "relabel.csv"
+        relabel.write_text("source,label\n" + "".join(f"{p.name},{swap[p.parent.name]}\n" for p in train))
+        assert deeper(["train", "--features", str(features_dir(settings)), "--labels", str(relabel),
+                       "--registry", settings.registry_dir, "-q"]) == 0
+        v2 = Registry(settings.registry_dir).current_version()
+        assert v2 != v1
+        time.sleep(1.0)  # the scorer checks the pointer every 0.2 s
+        second = _produce(settings, sorted((cars / "test").glob("*.jpg")))
         labels_2 = _labels(settings, set(second) | set(first))
     finally:
         featurizer.stop()
         scorer.stop()
     assert {r.classifier_version for i in first for r in labels_1[i]} == {v1}
-    assert {labels_2[i][-1].classifier_version for i in second} == {v2}
-    for image_id in first:  # v1's labels for the first photos, unchanged and not re-scored
+    for image_id in first:  # v1's labels for the first photos stay, none re-scored or lost
         assert [r.classifier_version for r in labels_2[image_id]] == [v1]
     truth = {row["file"]: row["label"] for row in csv.DictReader(open(cars / "test_labels.csv"))}
-    for image_id, path in second.items():  # v2 swapped the classes
-        assert labels_2[image_id][-1].label == swap[truth[path.name]]
+    assert {labels_2[i][-1].classifier_version for i in second} == {v2}
+    swapped = [labels_2[i][-1].label == swap[truth[p.name]] for i, p in second.items()]
+    assert sum(swapped) >= 6, f"v2 (swapped classes) labelled {sum(swapped)}/7 as swapped"
 
 
 def test_scorer_dead_letters_vectors_it_cannot_score(cars_model):
@@ -198,8 +239,6 @@ def test_two_featurizers_in_one_group_share_the_partitions(cars_model, effnet, c
     threads = [WorkerThread(w) for w in workers]
     scorer = WorkerThread(Scorer(settings))
     try:
-        import time
-
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(w.consumer.assignment() for w in workers):
             time.sleep(0.5)
@@ -269,6 +308,7 @@ def test_demo_command_runs_end_to_end(kafka_settings, tmp_path, cache_dir):
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DEEPER_CACHE_DIR": str(cache_dir),
            "DEEPER_IMAGES_TOPIC": settings.images_topic, "DEEPER_FEATURES_TOPIC": settings.features_topic,
            "DEEPER_LABELS_TOPIC": settings.labels_topic, "DEEPER_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+           "DEEPER_FEATURIZER_GROUP": settings.featurizer_group, "DEEPER_SCORER_GROUP": settings.scorer_group,
            "DEEPER_MODEL": "efficientnet_lite0"}
     env.pop("DEEPER_REGISTRY", None)
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--data-dir", str(tmp_path / "demo")],
