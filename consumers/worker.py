@@ -144,7 +144,9 @@ class StreamWorker:
         except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
             self._storage_failed(exc)
             return False
+        flushed = time.perf_counter()
         self.producer.flush()
+        self.metrics.stage_seconds.labels(self.stage, "produce").observe(time.perf_counter() - flushed)
         failed = [f for f in self._futures if f.failed()]
         if failed:
             event(log, "produce failed; rewinding to last commit", logging.ERROR, errors=len(failed),

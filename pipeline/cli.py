@@ -82,7 +82,7 @@ def cmd_imagenet(args: argparse.Namespace) -> int:
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         top = np.argsort(-probs)[: args.top]
-        out.append({"source": row.source, "backbone": backbone.name,
+        out.append({"source": row.source, "backbone": backbone.name, "weights_digest": backbone.weights_digest,
                     "top": [{"class": backbone.class_names[i], "index": int(i), "probability": round(float(probs[i]), 5)}
                             for i in top]})
     for item in out:
@@ -217,7 +217,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.format == "json":
         for p in predictions:
             item = {"source": p.source, "image_id": p.image_id, "label": p.label, "scores": p.scores,
-                    "model_version": model.version, "backbone": model.feature_meta.backbone}
+                    "model_version": model.version, "backbone": model.feature_meta.backbone,
+                    "layer": model.feature_meta.layer, "weights_digest": model.feature_meta.weights_digest}
             if p.error:
                 item["error"] = p.error
             print(json.dumps(item))

@@ -6,7 +6,9 @@
 3. start the featurizer and the scorer as separate processes, as they run in production;
 4. produce the held-out ``examples/test`` photos to the images topic;
 5. print each label as it arrives on the labels topic (what a downstream system sees);
-6. stop everything cleanly, leaving Parquet features and the registry on disk.
+6. stop everything cleanly, leaving Parquet features, the registry and an HTML report on disk.
+
+``--batch`` runs the same train/predict/report without Kafka.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _broker(settings: Settings, data_dir: Path) -> Iterator[Settings]:
         _say("stopped the local broker")
 
 
-def _train(settings: Settings, examples: Path, model: str) -> tuple[str, str]:
+def _train(settings: Settings, examples: Path, model: str, step: str = "[2/6] ") -> tuple[str, str]:
     from pipeline.featurize import default_cache, featurize_photos
     from pipeline.nets.factory import load_backbone
     from pipeline.photos import find_photos
@@ -68,7 +70,7 @@ def _train(settings: Settings, examples: Path, model: str) -> tuple[str, str]:
     outcome = train_and_register([r.image_id for r in rows], [r.label for r in rows],
                                  np.stack([r.vector for r in rows]), result.meta, DEFAULT_SPEC,
                                  Registry(settings.registry_dir))
-    _say(f"[2/6] trained {DEFAULT_SPEC.describe()} on {outcome.n_images} photos ({', '.join(outcome.classes)}): "
+    _say(f"{step}trained {DEFAULT_SPEC.describe()} on {outcome.n_images} photos ({', '.join(outcome.classes)}): "
          f"cross-validated accuracy {outcome.cv.accuracy:.0%} ({outcome.cv.method}); model {outcome.version}")
     return backbone.name, outcome.version
 
@@ -147,7 +149,51 @@ def run_demo(examples: Path, settings: Settings, model: str, timeout: float) -> 
             _say(f"      {right}/{len(labels)} match examples/test_labels.csv")
         if missing:
             raise DeeperError(f"{missing} photos got no label within {timeout:.0f} s; see {logs}")
+    _write_report(settings, version, [(str(sources[i]), i, r.label, r.scores) for i, r in labels.items()])
     _summarize(settings)
+    return 0
+
+
+def _write_report(settings: Settings, version: str, rows: list[tuple[str, str, str | None, dict]]) -> Path:
+    """The HTML report of the demo's predictions (thumbnails, labels, scores, CV matrix)."""
+    from pipeline.registry import Registry
+    from pipeline.report import Prediction, render
+
+    model = Registry(settings.registry_dir).load(version)
+    path = Path(settings.data_dir) / "report.html"
+    predictions = [Prediction(source, image_id, label, scores) for source, image_id, label, scores in sorted(rows)]
+    path.write_text(render(predictions, model.metadata, "go-deeper demo"), encoding="utf-8")
+    _say(f"      report: {path}")
+    return path
+
+
+def run_batch_demo(examples: Path, settings: Settings, model: str) -> int:
+    """The batch flavour: train, predict the held-out photos, write the report; no broker."""
+    import numpy as np
+
+    from pipeline.featurize import default_cache, featurize_photos
+    from pipeline.photos import find_photos
+    from pipeline.registry import Registry
+
+    backbone_name, version = _train(settings, examples, model, step="")
+    trained = Registry(settings.registry_dir).load(version)
+    from pipeline.nets.factory import load_backbone
+
+    backbone = load_backbone(backbone_name, cache_dir=settings.cache_dir)
+    result = featurize_photos(find_photos([examples / "test"]), backbone, trained.feature_meta.layer,
+                              cache=default_cache(settings.cache_dir), progress=False)
+    scores = trained.classifier.decision(np.stack([r.vector for r in result.rows]))
+    classes = trained.classifier.classes
+    truth = _expected(examples)
+    rows, right = [], 0
+    for row, s in zip(result.rows, scores):
+        label = classes[int(np.argmax(s))]
+        right += truth.get(Path(row.source).name) == label
+        rows.append((row.source, row.image_id, label, {c: float(v) for c, v in zip(classes, s)}))
+        _say(f"      {Path(row.source).name:<28} -> {label:<10} {_scores(rows[-1][3])}")
+    if truth:
+        _say(f"      {right}/{len(rows)} match examples/test_labels.csv")
+    _write_report(settings, version, rows)
     return 0
 
 
@@ -183,7 +229,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise DeeperError(f"{examples} needs train/<class>/ and test/ folders of photos")
     settings = Settings.from_env(data_dir=args.data_dir, registry_dir=args.registry)
     started = time.monotonic()
-    status = run_demo(examples, settings, args.model or settings.model, args.timeout)
+    if args.batch:
+        status = run_batch_demo(examples, settings, args.model or settings.model)
+    else:
+        status = run_demo(examples, settings, args.model or settings.model, args.timeout)
     _say(f"demo finished in {time.monotonic() - started:.0f} s")
     return status
 
@@ -197,4 +246,6 @@ def add_parser(sub) -> None:
     p.add_argument("--registry", default=None)
     p.add_argument("--model", choices=MODEL_CHOICES, default=None)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all labels")
+    p.add_argument("--batch", action="store_true",
+                   help="the batch flavour: train, predict the held-out photos, write the report (no Kafka)")
     p.set_defaults(func=cmd_demo)
