@@ -13,60 +13,35 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-#: Setting name -> (environment variable, default). The single source of truth, also read by
-#: the docker-compose test so the compose file can't drift from the code.
-ENVIRONMENT: dict[str, tuple[str, str]] = {
-    "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-    "images_topic": ("DEEPER_IMAGES_TOPIC", "deeper.images"),
-    "features_topic": ("DEEPER_FEATURES_TOPIC", "deeper.features"),
-    "labels_topic": ("DEEPER_LABELS_TOPIC", "deeper.labels"),
-    "dead_letter_topic": ("DEEPER_DEAD_LETTER_TOPIC", "deeper.dead-letters"),
-    "featurizer_group": ("DEEPER_FEATURIZER_GROUP", "deeper-featurizer"),
-    "scorer_group": ("DEEPER_SCORER_GROUP", "deeper-scorer"),
-    "data_dir": ("DEEPER_DATA_DIR", "deeper-data"),
-    "registry_dir": ("DEEPER_REGISTRY", "deeper-data/registry"),
-    "cache_dir": ("DEEPER_CACHE_DIR", str(Path.home() / ".cache" / "go-deeper")),
-    "model": ("DEEPER_MODEL", "auto"),
-    "metrics_port": ("DEEPER_METRICS_PORT", "0"),
-    "metrics_addr": ("DEEPER_METRICS_ADDR", "127.0.0.1"),
-    "max_message_bytes": ("DEEPER_MAX_MESSAGE_BYTES", "1048576"),
-    "offline": ("DEEPER_OFFLINE", ""),  # read by pipeline.weights before any download attempt
-    "security_protocol": ("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
-    "sasl_mechanism": ("KAFKA_SASL_MECHANISM", ""),
-    "sasl_username": ("KAFKA_SASL_USERNAME", ""),
-    "sasl_password": ("KAFKA_SASL_PASSWORD", ""),
-    "ssl_cafile": ("KAFKA_SSL_CAFILE", ""),
-    "ssl_certfile": ("KAFKA_SSL_CERTFILE", ""),
-    "ssl_keyfile": ("KAFKA_SSL_KEYFILE", ""),
-}
-
-SECRET_SETTINGS = frozenset({"sasl_password"})
+def _setting(variable: str, default: str, secret: bool = False) -> Any:
+    """A settings field: its environment variable and default (secrets stay out of repr)."""
+    return field(default=default, metadata={"env": variable, "secret": secret}, repr=not secret)
 
 
 @dataclass(frozen=True)
 class Settings:
-    bootstrap_servers: str = ENVIRONMENT["bootstrap_servers"][1]
-    images_topic: str = ENVIRONMENT["images_topic"][1]
-    features_topic: str = ENVIRONMENT["features_topic"][1]
-    labels_topic: str = ENVIRONMENT["labels_topic"][1]
-    dead_letter_topic: str = ENVIRONMENT["dead_letter_topic"][1]
-    featurizer_group: str = ENVIRONMENT["featurizer_group"][1]
-    scorer_group: str = ENVIRONMENT["scorer_group"][1]
-    data_dir: str = ENVIRONMENT["data_dir"][1]
-    registry_dir: str = ENVIRONMENT["registry_dir"][1]
-    cache_dir: str = ENVIRONMENT["cache_dir"][1]
-    model: str = ENVIRONMENT["model"][1]
-    metrics_port: str = ENVIRONMENT["metrics_port"][1]
-    metrics_addr: str = ENVIRONMENT["metrics_addr"][1]
-    max_message_bytes: str = ENVIRONMENT["max_message_bytes"][1]
-    offline: str = ENVIRONMENT["offline"][1]
-    security_protocol: str = ENVIRONMENT["security_protocol"][1]
-    sasl_mechanism: str = ENVIRONMENT["sasl_mechanism"][1]
-    sasl_username: str = ENVIRONMENT["sasl_username"][1]
-    sasl_password: str = field(default=ENVIRONMENT["sasl_password"][1], repr=False)
-    ssl_cafile: str = ENVIRONMENT["ssl_cafile"][1]
-    ssl_certfile: str = ENVIRONMENT["ssl_certfile"][1]
-    ssl_keyfile: str = ENVIRONMENT["ssl_keyfile"][1]
+    bootstrap_servers: str = _setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    images_topic: str = _setting("DEEPER_IMAGES_TOPIC", "deeper.images")
+    features_topic: str = _setting("DEEPER_FEATURES_TOPIC", "deeper.features")
+    labels_topic: str = _setting("DEEPER_LABELS_TOPIC", "deeper.labels")
+    dead_letter_topic: str = _setting("DEEPER_DEAD_LETTER_TOPIC", "deeper.dead-letters")
+    featurizer_group: str = _setting("DEEPER_FEATURIZER_GROUP", "deeper-featurizer")
+    scorer_group: str = _setting("DEEPER_SCORER_GROUP", "deeper-scorer")
+    data_dir: str = _setting("DEEPER_DATA_DIR", "deeper-data")
+    registry_dir: str = _setting("DEEPER_REGISTRY", "deeper-data/registry")  # follows data_dir if unset
+    cache_dir: str = _setting("DEEPER_CACHE_DIR", str(Path.home() / ".cache" / "go-deeper"))
+    model: str = _setting("DEEPER_MODEL", "auto")
+    metrics_port: str = _setting("DEEPER_METRICS_PORT", "0")
+    metrics_addr: str = _setting("DEEPER_METRICS_ADDR", "127.0.0.1")
+    max_message_bytes: str = _setting("DEEPER_MAX_MESSAGE_BYTES", "1048576")
+    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.weights before any download
+    security_protocol: str = _setting("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    sasl_mechanism: str = _setting("KAFKA_SASL_MECHANISM", "")
+    sasl_username: str = _setting("KAFKA_SASL_USERNAME", "")
+    sasl_password: str = _setting("KAFKA_SASL_PASSWORD", "", secret=True)
+    ssl_cafile: str = _setting("KAFKA_SSL_CAFILE", "")
+    ssl_certfile: str = _setting("KAFKA_SSL_CERTFILE", "")
+    ssl_keyfile: str = _setting("KAFKA_SSL_KEYFILE", "")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -100,3 +75,9 @@ class Settings:
             value = getattr(self, f.name)
             out[f.name] = "***" if (f.name in SECRET_SETTINGS and value) else value
         return out
+
+
+#: Setting name -> (environment variable, default): derived from the fields above, the single
+#: source of truth; the docker-compose test reads it so the compose file can't drift from the code.
+ENVIRONMENT: dict[str, tuple[str, str]] = {f.name: (f.metadata["env"], f.default) for f in fields(Settings)}
+SECRET_SETTINGS = frozenset(f.name for f in fields(Settings) if f.metadata["secret"])
