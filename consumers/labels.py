@@ -77,7 +77,10 @@ def _read_until(consumer, wanted: set[str] | None, deadline: float,
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
+    from pipeline.kafka_io import wait_for_broker
+
     settings = Settings.from_env()
+    wait_for_broker(settings, timeout=args.wait)  # one clear error instead of a client timeout
 
     def show(record: LabelRecord) -> None:
         if args.format == "json":
@@ -94,4 +97,5 @@ def add_parser(sub) -> None:
     p = sub.add_parser("labels", help="print label records from the labels topic")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to keep reading")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the broker")
     p.set_defaults(func=cmd_labels)

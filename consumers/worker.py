@@ -42,6 +42,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        if self.worker._paused_until and assigned:  # handed new partitions while the sink is down
+            self.worker.consumer.pause(*assigned)
 
 
 class StreamWorker:
@@ -153,6 +155,7 @@ class StreamWorker:
                   first=repr(failed[0].exception))
             self._futures.clear()
             self.rewind()
+            self._replace_broken_producer()
             return False
         self._futures.clear()
         self._commit()
@@ -185,6 +188,28 @@ class StreamWorker:
                 self.consumer.seek(tp, committed)
         self._pending.clear()
 
+    def _replace_broken_producer(self) -> None:
+        """Swap in a new producer if this one is in kafka-python's fatal state.
+
+        A fatal producer never recovers: every later send fails at once, so without this the
+        worker would rewind and redo the same records forever. It happens after a broker
+        restart when the broker refuses the idempotent producer's epoch bump (Tansu answers
+        InitProducerId with UnknownError, docs/faults.md). If the private state can't be read,
+        the producer is replaced anyway: a failed checkpoint is rare and a new one is cheap.
+        """
+        manager = getattr(self.producer, "_transaction_manager", None)
+        has_fatal = getattr(manager, "has_fatal_error", None)
+        if callable(has_fatal) and not has_fatal():
+            return
+        try:
+            fresh = make_producer(self.settings)
+        except Exception as exc:  # noqa: BLE001 - broker still away: keep the old one, retry next time
+            event(log, "could not replace the failed producer; will retry", logging.WARNING, error=repr(exc))
+            return
+        old, self.producer = self.producer, fresh
+        close_producer(old, timeout=1)
+        event(log, "producer replaced after a fatal error", logging.WARNING)
+
     def _storage_failed(self, exc: BaseException) -> None:
         """Pause consuming (memory stays bounded) and retry the flush with a backoff."""
         backoff = 5.0
@@ -195,7 +220,11 @@ class StreamWorker:
 
     def _retry_paused(self) -> bool:
         """While paused, keep the group membership alive and retry the checkpoint when due."""
-        self.consumer.poll(timeout_ms=200)  # paused partitions return nothing
+        batch = self.consumer.poll(timeout_ms=200)  # paused partitions return nothing...
+        for tp, records in batch.items():  # ...but one assigned during the pause may: don't skip it
+            self.consumer.seek(tp, records[0].offset)
+        if batch:
+            self.consumer.pause(*self.consumer.assignment())
         if time.monotonic() < self._paused_until:
             return False
         self._paused_until = 0.0

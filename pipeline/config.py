@@ -13,6 +13,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+
+class Secret(str):
+    """A secret string: the real value to the code that uses it, ``'***'`` in ``repr``.
+
+    kafka-python logs an admin client's whole configuration at DEBUG (``Starting
+    KafkaAdminClient with configuration: {...}``); a dict shows its values with ``repr``, so
+    wrapping the password keeps it out of that line and of any other logged config dict.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 def _setting(variable: str, default: str, secret: bool = False) -> Any:
     """A settings field: its environment variable and default (secrets stay out of repr)."""
     return field(default=default, metadata={"env": variable, "secret": secret}, repr=not secret)
@@ -62,7 +77,7 @@ class Settings:
         if self.sasl_mechanism:
             config["sasl_mechanism"] = self.sasl_mechanism
             config["sasl_plain_username"] = self.sasl_username
-            config["sasl_plain_password"] = self.sasl_password
+            config["sasl_plain_password"] = Secret(self.sasl_password)  # real value, '***' when logged
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             if getattr(self, key):
                 config[key] = getattr(self, key)

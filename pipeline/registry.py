@@ -155,6 +155,8 @@ class Registry:
             raise RegistryError(f"model {version} is incomplete: {exc.filename} is missing") from None
         except ValueError as exc:
             raise RegistryError(f"model {version}: model.json is not valid JSON ({exc})") from None
+        if not isinstance(metadata, dict):
+            raise RegistryError(f"model {version}: model.json is not a JSON object; refusing it")
         if _sha256(model_bytes) != metadata.get("model_npz_sha256"):
             raise RegistryError(f"model {version}: model.npz checksum mismatch (truncated or tampered); refusing it")
         try:
@@ -163,6 +165,19 @@ class Registry:
             spec = ClassifierSpec(**metadata["classifier"])
             f = metadata["features"]
             meta = FeatureMeta(f["backbone"], f["weights_digest"], f["layer"], int(f["dim"]), f.get("preprocessing", ""))
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+            classifier = Classifier(spec, list(metadata["classes"]), arrays)
+            _check_scores(classifier, meta)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong inside a model file (a zip cut short:
+            # BadZipFile; an unknown classifier kind: DeeperError; arrays of the wrong shape) is a refusal,
+            # never an exception that could take a scorer down while it hot-reloads
             raise RegistryError(f"model {version} is unreadable: {exc}") from None
-        return ModelVersion(version, Classifier(spec, list(metadata["classes"]), arrays), meta, metadata)
+        return ModelVersion(version, classifier, meta, metadata)
+
+
+def _check_scores(classifier: Classifier, meta: FeatureMeta) -> None:
+    """Score two zero vectors: arrays that don't fit the metadata fail here, not in a running scorer."""
+    if classifier.dim != meta.dim:
+        raise ValueError(f"its arrays take {classifier.dim}-d vectors but model.json says {meta.dim}")
+    scores = classifier.decision(np.zeros((2, meta.dim), np.float32))
+    if scores.shape != (2, len(classifier.classes)) or not np.isfinite(scores).all():
+        raise ValueError(f"it gives scores of shape {scores.shape} for {len(classifier.classes)} classes")

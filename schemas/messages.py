@@ -158,7 +158,11 @@ def decode_features(key: bytes | None, value: bytes | None, headers: Headers | N
         header = json.loads(value[8:8 + n])
         dim = int(header["dim"])
         fields = {k: header[k] for k in ("image_id", "backbone", "weights_digest", "layer")}
-    except (ValueError, KeyError, TypeError) as exc:
+        source, label = header.get("source", ""), header.get("label")
+        if not all(isinstance(v, str) for v in (*fields.values(), source)) or not isinstance(label, (str, type(None))):
+            raise TypeError("image_id, backbone, weights_digest, layer and source must be strings, label a string or null")
+        width, height = int(header.get("width", 0)), int(header.get("height", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SchemaError(f"feature header invalid: {exc}") from None
     body = value[8 + n:]
     if len(body) != 4 * dim:
@@ -170,9 +174,8 @@ def decode_features(key: bytes | None, value: bytes | None, headers: Headers | N
         raise SchemaError("vector contains NaN or infinity")
     known = {"image_id", "backbone", "weights_digest", "layer", "dim", "source", "label", "width", "height",
              "created_at"}
-    return FeatureRecord(vector=vector, source=header.get("source", ""), label=header.get("label"),
-                         width=int(header.get("width", 0)), height=int(header.get("height", 0)),
-                         created_at=header.get("created_at", ""),
+    return FeatureRecord(vector=vector, source=source, label=label, width=width, height=height,
+                         created_at=str(header.get("created_at", "")),
                          extra={k: v for k, v in header.items() if k not in known}, **fields)
 
 
