@@ -24,13 +24,40 @@ from pipeline.featurize import feature_meta
 from pipeline.inference import Featurized, ImageRecord, Inference
 from pipeline.logs import event
 from pipeline.nets.base import Backbone
-from pipeline.parquet_writer import FeatureRow, RollingParquetWriter
+from pipeline.parquet_writer import TEMP_PREFIX, FeatureRow, RollingParquetWriter
 from schemas.messages import FeatureRecord, encode_features, parse_image_message
 
 log = logging.getLogger(__name__)
 
+#: A temporary part file older than this is left over from a writer killed mid-write.
+STALE_TEMP_SECONDS = 600.0
+
+
 def features_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "features"
+
+
+def remove_stale_temp_files(root: Path, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete ``.tmp-`` part files a killed featurizer left behind; return what was removed.
+
+    A SIGKILL during a part-file write leaves its temporary file (the rename never happens, so
+    readers never see it and its rows are redone from Kafka). Only files older than
+    ``older_than_s`` go: a featurizer sharing this directory may be writing a fresh one now.
+    """
+    removed: list[Path] = []
+    if not root.exists():
+        return removed
+    cutoff = time.time() - older_than_s
+    for path in root.rglob(f"{TEMP_PREFIX}*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # renamed or removed meanwhile
+    if removed:
+        event(log, "removed stale temporary part files", files=len(removed))
+    return removed
 
 
 class Featurizer(StreamWorker):
@@ -44,6 +71,7 @@ class Featurizer(StreamWorker):
         self.inference = Inference(backbone, layer, batch_size)
         self.meta = feature_meta(backbone, layer)
         self.writer = RollingParquetWriter(features_dir(settings), self.meta, roll_rows, roll_seconds)
+        remove_stale_temp_files(features_dir(settings))
 
     # -- StreamWorker -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -150,8 +178,9 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
     setup_json_logging()
     settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir)
     model, layer = stream_backbone_and_layer(settings, args.model, args.layer)
+    precision = None if "@" in model else (getattr(args, "precision", None) or settings.precision)  # NAME@PRECISION wins
     backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
-                             progress=False, announce=lambda msg: event(log, msg))
+                             progress=False, announce=lambda msg: event(log, msg), precision=precision)
     wait_for_broker(settings, timeout=args.wait)
     ensure_topics(settings, {settings.images_topic: args.partitions, settings.features_topic: args.partitions,
                              settings.dead_letter_topic: 1})
@@ -169,6 +198,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> Parquet + features topic)")
     p.add_argument("--model", choices=MODEL_CHOICES, default=None)
     p.add_argument("--weights")
+    p.add_argument("--precision", default=None, help="fp32 (default $DEEPER_PRECISION), bf16, fp32-lite, int8")
     p.add_argument("--cache-dir")
     p.add_argument("--layer", default=None,
                    help="end point (default: the current classifier's layer, else training's default)")

@@ -46,6 +46,7 @@ class Settings:
     registry_dir: str = _setting("DEEPER_REGISTRY", "deeper-data/registry")  # follows data_dir if unset
     cache_dir: str = _setting("DEEPER_CACHE_DIR", str(Path.home() / ".cache" / "go-deeper"))
     model: str = _setting("DEEPER_MODEL", "auto")
+    precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.precision)
     metrics_port: str = _setting("DEEPER_METRICS_PORT", "0")
     metrics_addr: str = _setting("DEEPER_METRICS_ADDR", "127.0.0.1")
     max_message_bytes: str = _setting("DEEPER_MAX_MESSAGE_BYTES", "1048576")

@@ -20,6 +20,7 @@ from pipeline.errors import DeeperError
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import Failed, Featurized, ImageRecord, Inference
 from pipeline.nets.base import Backbone
+from pipeline.nets.factory import vector_source
 from pipeline.parquet_writer import FeatureMeta, FeatureRow
 from pipeline.photos import Photo
 
@@ -39,7 +40,7 @@ def feature_meta(backbone: Backbone, layer: str) -> FeatureMeta:
         real = backbone.info.resolve_layer(layer)
     except ValueError as exc:  # an unknown --layer is the user's to fix: a message, not a traceback
         raise DeeperError(str(exc)) from None
-    return FeatureMeta(backbone.info.name, backbone.weights_digest, real, backbone.info.end_points[real],
+    return FeatureMeta(vector_source(backbone), backbone.weights_digest, real, backbone.info.end_points[real],
                        backbone.info.preprocessing)
 
 

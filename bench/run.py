@@ -1,0 +1,188 @@
+"""The one benchmark runner: every speed figure of go-deeper, as JSON and a table.
+
+    python -m bench.run                 # everything (about 15 minutes on 2 cores)
+    python -m bench.run --quick         # everything, scaled down (a few minutes; noisy)
+    python -m bench.run --only model precision
+    python -m bench.run --list
+
+Writes ``bench/results/bench-<UTC date>.json`` (``-quick`` appended for --quick) and
+``bench/results/latest.json``, and prints a table. Each figure is the median of several runs
+after a warm-up; the raw runs are in the JSON, and so is the machine (CPU model, cores, flags
+such as avx512_bf16/avx512_vnni, memory, TF version, load average at start).
+
+Take real numbers on a quiet machine: other processes on the same cores change them a lot
+(the load average at start is recorded to make that visible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench import batch, precision, stream  # noqa: E402
+from bench.common import RESULTS, Context, machine, say  # noqa: E402
+
+#: name -> (what it measures, function). Order matters: later figures reuse earlier results
+#: (the stream's ratio to the model alone; latency's rate from the stream's capacity).
+FIGURES: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
+    "model": ("model alone, per backbone and batch size (fp32)", batch.model_alone),
+    "reference": ("the reference loop: one photo per sess.run, Pillow/numpy preprocessing", batch.reference_loop),
+    "decode": ("decode + preprocess alone through pipeline.inference (no model)", batch.decode_preprocess),
+    "featurize": ("`deeper featurize DIR --no-cache` on ~200 distinct photos", batch.featurize_cli),
+    "precision": ("fp32 vs bf16 / fp32-lite / int8: speed and fidelity", precision.precision_figure),
+    "stream": ("the stream end to end (broker + featurizer + scorer processes)", stream.stream_throughput),
+    "scorer": ("the scorer alone on pre-made feature records", stream.scorer_alone),
+    "latency": ("produce -> label latency at half the stream's capacity", stream.latency),
+    "memory": ("featurizer RSS over a long stream", stream.memory),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="scaled-down sizes: a sanity check, not numbers")
+    parser.add_argument("--only", nargs="+", choices=list(FIGURES), metavar="NAME",
+                        help=f"run only these figures ({', '.join(FIGURES)})")
+    parser.add_argument("--list", action="store_true", help="list the figures and exit")
+    parser.add_argument("--cache-dir", default=os.environ.get("DEEPER_CACHE_DIR",
+                                                              str(Path.home() / ".cache" / "go-deeper")),
+                        help="weights / converted models cache (default $DEEPER_CACHE_DIR or ~/.cache/go-deeper)")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the JSON goes (default bench/results)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch directory (logs of the stream)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        for name, (what, _) in FIGURES.items():
+            print(f"{name:<10} {what}")
+        return 0
+    names = args.only or list(FIGURES)
+    work = Path(tempfile.mkdtemp(prefix="deeper-bench-"))
+    ctx = Context(quick=args.quick, work=work, cache_dir=Path(args.cache_dir).expanduser())
+    report: dict[str, Any] = {"quick": args.quick, "machine": machine(), "figures": ctx.results, "errors": {},
+                              "notes": ctx.notes}
+    if args.quick:
+        ctx.notes.append("--quick: scaled-down sizes, few runs; a sanity check of the runner, not numbers to quote")
+    say(f"bench: {', '.join(names)}{' (quick)' if args.quick else ''}; scratch {work}")
+    started = time.monotonic()
+    try:
+        for name in [n for n in FIGURES if n in names]:
+            what, figure = FIGURES[name]
+            say(f"[{name}] {what}")
+            t0 = time.monotonic()
+            try:
+                ctx.results[name] = figure(ctx)
+                ctx.results[name]["seconds"] = round(time.monotonic() - t0, 1)
+            except Exception as exc:  # noqa: BLE001 - one failing figure must not lose the others
+                traceback.print_exc()
+                report["errors"][name] = f"{type(exc).__name__}: {exc}"
+    finally:
+        ctx.close()
+        if args.keep_work:
+            say(f"scratch kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    paths = _write(report, Path(args.out_dir), args.quick)
+    print(table(report))
+    say("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if report["errors"] else 0
+
+
+def _write(report: dict[str, Any], out_dir: Path, quick: bool) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    dated = out_dir / f"bench-{day}{'-quick' if quick else ''}.json"
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    for path in (dated, out_dir / "latest.json"):
+        path.write_text(text)
+    return [dated, out_dir / "latest.json"]
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def table(report: dict[str, Any]) -> str:
+    """Human-readable summary of ``report`` (everything is also in the JSON)."""
+    m = report["machine"]
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on and f.startswith(("avx512_", "amx", "avx_vnni")))
+    lines = [f"go-deeper bench {m['date']}{'  (QUICK: noisy, scaled down)' if report['quick'] else ''}",
+             f"{m['cpu_model']}, {m['usable_cpus']} CPUs, {m['memory_gib']} GiB, flags: {flags or '-'}; "
+             f"TF {m['tensorflow']}; load avg at start {m['load_average_at_start']}", ""]
+    f = report["figures"]
+    row = "{:<58}{:>14}  {}".format
+    lines.append(row("figure", "value", "notes"))
+    lines.append("-" * 100)
+    if "model" in f:
+        for r in f["model"]["rows"]:
+            lines.append(row(f"model alone {r['backbone']} bs={r['batch_size']}", f"{r['per_s']:.1f} img/s",
+                             f"runs {r['min_per_s']:.0f}..{r['max_per_s']:.0f}"))
+    if "reference" in f:
+        r = f["reference"]
+        lines.append(row("reference loop (inception_v1, 1 photo per sess.run)", f"{r['per_s']:.1f} img/s",
+                         f"ours on the same files: {r['ours_batched_same_files']['per_s']:.1f} img/s "
+                         f"(x{r['speedup_ours_vs_reference']})"))
+    if "decode" in f:
+        for r in f["decode"]["rows"]:
+            lines.append(row(f"decode+preprocess ({r['backbone_preprocess']}) parallel={r['parallel_decode']}",
+                             f"{r['per_s']:.1f} img/s", "default" if r["default"] else ""))
+            if "per_call" in r:
+                lines.append(row(f"  one Inference.run call ({r['backbone_preprocess']}), 1 / 32 photos",
+                                 f"{r['per_call']['1_images_ms']:.1f} ms", f"{r['per_call']['32_images_ms']:.1f} ms"))
+        lines.append(row("decode_image alone, one thread", f"{f['decode']['decode_image_one_thread']['per_s']:.1f} img/s", ""))
+        probe = f["decode"]["draft_probe"]
+        lines.append(row("Pillow JPEG load, full / draft 1/2 (DCT scaling)", f"{probe['full']['per_s']:.1f} img/s",
+                         f"draft: {probe['draft_half']['per_s']:.1f} img/s"))
+    if "featurize" in f:
+        for r in f["featurize"]["rows"]:
+            lines.append(row(f"deeper featurize {r['backbone']}", f"{r['featurize_per_s']:.1f} img/s",
+                             f"incl. start-up: {r['wall_per_s_incl_startup']:.1f} img/s"))
+    if "precision" in f:
+        for r in f["precision"]["speed"]:
+            lines.append(row(f"{r['backbone']} {r['precision']} bs={r['batch_size']}", f"{r['per_s']:.1f} img/s",
+                             f"x{r['speedup_vs_fp32']:.2f} vs fp32"))
+        for r in f["precision"]["fidelity"]:
+            lines.append(row(f"fidelity {r['backbone']} {r['precision']}", f"cos {r['cosine_min']:.5f}",
+                             f"mean {r['cosine_mean']:.5f}, top-1 agree {r['top1_agreement']:.3f}, "
+                             f"SVM labels same {r['svm_same_labels']}, fp32-SVM on these vectors same "
+                             f"{r['fp32_svm_same_labels']}"))
+    if "stream" in f:
+        r = f["stream"]
+        ratio = f"x{r['ratio_to_model_alone']:.2f} of model alone bs={r['batch_size']}" if r.get("ratio_to_model_alone") else ""
+        lines.append(row(f"stream end to end ({r['backbone']}, {r['images']} photos)", f"{r['per_s']:.1f} img/s",
+                         f"{ratio}; mean batch {r['featurizer']['mean_batch']:.1f}"))
+        for name, v in r.get("variants", {}).items():
+            lines.append(row(f"  proposed: {name}", f"{v['per_s']:.1f} img/s",
+                             f"mean batch {v['featurizer']['mean_batch']:.1f}"))
+    if "scorer" in f:
+        r = f["scorer"]
+        lines.append(row(f"scorer alone ({r['records']} feature records)", f"{r['per_s']:.0f} labels/s", ""))
+    if "latency" in f:
+        r = f["latency"]
+        lines.append(row(f"latency produce->label at {r['rate_per_s']:.1f} img/s", f"p50 {r['p50_ms']:.0f} ms",
+                         f"p90 {r['p90_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms"))
+    if "memory" in f:
+        r = f["memory"]
+        marks = ", ".join(f"{k} {v:.0f}" for k, v in r["rss_mb_at"].items())
+        lines.append(row(f"featurizer RSS over {r['images']} photos", f"{r['rss_mb_at']['100%']:.0f} MiB",
+                         f"at {marks} MiB; max {r['rss_mb_max']:.0f}; flat: {r['flat']}"))
+    for name, error in report["errors"].items():
+        lines.append(row(f"FAILED {name}", "", error[:120]))
+    lines.append(f"\ntotal {report['total_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""Stream figures: end-to-end throughput, the scorer alone, latency, featurizer memory.
+
+The setup is the demo's: a local Tansu broker in memory mode (``pipeline.broker``), and the
+featurizer and the scorer as separate processes (``python -m pipeline.cli featurizer|scorer``,
+JSON logs to files), so each has its own interpreter and GIL as in production. The bench
+process trains the classifier (EfficientNet-Lite0 prelogits, linear SVM, on the cars train
+photos) into a scratch registry, produces with :class:`producers.produce.ImageProducer` and
+reads the labels topic with its own consumer (receive times are what "arrived downstream"
+means here).
+
+Timing points, all wall-clock on this machine:
+- first consume: the first featurizer ``batch`` log event of the measured photos, minus its
+  ``seconds`` (the event is logged when the batch is done);
+- last label: when the bench's labels consumer received the last measured photo's label;
+- latency: label receive time minus the image message's ``produced-at`` header.
+A warm-up (16 photos, waited for) precedes every measurement, so model tracing and group joins
+are not counted. Every photo is a distinct copy (other bytes, same pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from bench.batch import model_rate
+from bench.common import (CARS, Context, car_photos, distinct_copy, iso_to_epoch, percentile, rss_mb, say,
+                          timed_runs, rate_summary, load, preprocessed, tile)
+
+MODEL = "efficientnet_lite0"
+LAYER = "prelogits"
+BATCH_SIZE = 32  # the featurizer's default
+PARTITIONS = 4
+WARMUP = 16
+
+
+# --------------------------------------------------------------------------- logs
+
+
+class LogTail:
+    """Incremental reader of a JSON-lines log: each :meth:`events` call returns the new events."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+        self.all: list[dict[str, Any]] = []
+
+    def events(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        new = []
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict):
+                item["_t"] = iso_to_epoch(item["time"]) if "time" in item else None
+                new.append(item)
+        self.all.extend(new)
+        return new
+
+    def batches(self, since: float = 0.0) -> list[dict[str, Any]]:
+        self.events()
+        return [e for e in self.all if e.get("event") == "batch" and e["_t"] is not None and e["_t"] >= since]
+
+
+# --------------------------------------------------------------------------- labels
+
+
+class LabelCollector(threading.Thread):
+    """Reads the labels topic from the beginning; first receive time per image id."""
+
+    def __init__(self, settings):
+        super().__init__(daemon=True)
+        from pipeline.kafka_io import make_consumer
+
+        self.settings = settings
+        self.consumer = make_consumer(settings, None, [])
+        self.received: dict[str, float] = {}
+        self.kafka_ts: dict[str, float] = {}
+        self._halt = threading.Event()
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self.start()
+        if not self._ready.wait(60):
+            raise RuntimeError(f"labels topic {settings.labels_topic} not found")
+
+    def run(self) -> None:
+        from kafka import TopicPartition
+
+        from schemas.messages import decode_label
+
+        try:
+            topic = self.settings.labels_topic
+            while not (found := self.consumer.partitions_for_topic(topic)):
+                time.sleep(0.2)
+            partitions = [TopicPartition(topic, p) for p in sorted(found)]
+            self.consumer.assign(partitions)
+            self.consumer.seek_to_beginning(*partitions)
+            self._ready.set()
+            while not self._halt.is_set():
+                for part in self.consumer.poll(timeout_ms=100).values():
+                    now = time.time()
+                    for m in part:
+                        record = decode_label(m.value)
+                        self.received.setdefault(record.image_id, now)
+                        self.kafka_ts.setdefault(record.image_id, m.timestamp / 1000.0)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
+            self.error = exc
+            self._ready.set()
+        finally:
+            self.consumer.close()
+
+    def count(self, ids: Iterable[str]) -> int:
+        return sum(1 for i in ids if i in self.received)
+
+    def wait(self, ids: list[str], timeout: float, procs: Iterable["Worker"] = ()) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(ids) < len(ids):
+            if self.error:
+                raise RuntimeError(f"labels consumer failed: {self.error!r}")
+            for proc in procs:
+                proc.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.count(ids)}/{len(ids)} labels within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Worker:
+    """A ``python -m pipeline.cli ROLE`` process with its JSON log in a file."""
+
+    def __init__(self, role: str, settings, args: list[str], log_path: Path, patches: dict[str, str] | None = None):
+        env = {**os.environ, **(patches or {}), "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1",
+               "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DEEPER_DATA_DIR": settings.data_dir,
+               "DEEPER_REGISTRY": settings.registry_dir, "DEEPER_CACHE_DIR": settings.cache_dir,
+               "DEEPER_IMAGES_TOPIC": settings.images_topic, "DEEPER_FEATURES_TOPIC": settings.features_topic,
+               "DEEPER_LABELS_TOPIC": settings.labels_topic, "DEEPER_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+               "DEEPER_FEATURIZER_GROUP": settings.featurizer_group, "DEEPER_SCORER_GROUP": settings.scorer_group}
+        self.role = role
+        self.log_path = log_path
+        self._log_file = open(log_path, "ab")
+        module = "bench.patched_cli" if patches else "pipeline.cli"
+        self.process = subprocess.Popen([sys.executable, "-m", module, role, *args], env=env,
+                                        stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.log = LogTail(log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the {self.role} exited ({self.process.returncode}); log {self.log_path}:\n"
+                               + self.log_path.read_text(errors="replace")[-3000:])
+
+    def wait_for(self, event: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(e.get("event") == event for e in self.log.all):
+            self.log.events()
+            self.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {self.role} did not log {event!r} within {timeout:.0f} s; log {self.log_path}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+
+# --------------------------------------------------------------------------- the rig
+
+
+class Rig:
+    """A broker, a trained registry and photos; :meth:`pipeline` starts a featurizer + scorer."""
+
+    def __init__(self, ctx: Context):
+        from pipeline import broker
+        from pipeline.config import Settings
+
+        self.ctx = ctx
+        self.root = ctx.work / "stream"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state = self.root / "broker"
+        self.info = broker.start(self.state, port=broker.free_port())
+        ctx.closers.append(lambda: broker.stop(self.state))
+        self.base = Settings.from_env(bootstrap_servers=self.info.bootstrap_servers, data_dir=str(self.root / "data"),
+                                      registry_dir=str(self.root / "registry"), cache_dir=str(ctx.cache_dir))
+        self.paths, self.source = car_photos(ctx)
+        self._datas = [p.read_bytes() for p in self.paths]
+        self._next = 0
+        self.meta, self.vectors = self._train()
+
+    def _train(self):
+        from pipeline.featurize import featurize_photos
+        from pipeline.photos import Photo
+        from pipeline.registry import Registry
+        from pipeline.training import DEFAULT_SPEC, train_and_register
+
+        backbone = load(self.ctx, MODEL)
+        train = [p for p in self.paths if "/train/" in str(p)] or self.paths
+        photos = [Photo(p, p.parent.name if CARS in p.parents else ("a" if i % 2 else "b"))
+                  for i, p in enumerate(train)]
+        result = featurize_photos(photos, backbone, LAYER, progress=False)
+        vectors = np.stack([r.vector for r in result.rows])
+        train_and_register([r.image_id for r in result.rows], [r.label for r in result.rows], vectors,
+                           result.meta, DEFAULT_SPEC, Registry(self.base.registry_dir))
+        return result.meta, vectors
+
+    def photos(self, count: int) -> list[tuple[str, bytes]]:
+        """``count`` photos never sent before (distinct bytes), as (source, data)."""
+        out = []
+        for _ in range(count):
+            i = self._next
+            self._next += 1
+            out.append((f"bench/{i:06d}-{self.paths[i % len(self.paths)].name}",
+                        distinct_copy(self._datas[i % len(self._datas)], i)))
+        return out
+
+    def settings(self, name: str):
+        from pipeline.kafka_io import ensure_topics
+
+        tag = f"{name}-{uuid.uuid4().hex[:6]}"
+        settings = dataclasses.replace(
+            self.base, images_topic=f"b-{tag}.images", features_topic=f"b-{tag}.features",
+            labels_topic=f"b-{tag}.labels", dead_letter_topic=f"b-{tag}.dead-letters",
+            featurizer_group=f"b-{tag}.featurizer", scorer_group=f"b-{tag}.scorer")
+        ensure_topics(settings, {settings.images_topic: PARTITIONS, settings.features_topic: PARTITIONS,
+                                 settings.labels_topic: PARTITIONS, settings.dead_letter_topic: 1})
+        return settings
+
+    def worker(self, role: str, settings, args: list[str], name: str, patches: dict[str, str] | None = None) -> Worker:
+        worker = Worker(role, settings, args, self.root / f"{name}-{role}.log", patches)
+        self.ctx.closers.append(worker.stop)
+        return worker
+
+    def pipeline(self, name: str, patches: dict[str, str] | None = None) -> "Pipeline":
+        return Pipeline(self, name, patches)
+
+
+def rig(ctx: Context) -> Rig:
+    """One rig per bench run, shared by the stream figures."""
+    if "rig" not in ctx.shared:
+        say("  starting a local broker and training the classifier")
+        ctx.shared["rig"] = Rig(ctx)
+    return ctx.shared["rig"]
+
+
+class Pipeline:
+    """Fresh topics, a featurizer and a scorer process, a labels reader and a producer; warmed up."""
+
+    def __init__(self, rig: Rig, name: str, patches: dict[str, str] | None = None):
+        from producers.produce import ImageProducer
+
+        self.rig = rig
+        self.settings = rig.settings(name)
+        self.featurizer = rig.worker("featurizer", self.settings, ["--model", MODEL, "--layer", LAYER,
+                                                                   "--batch-size", str(BATCH_SIZE)], name, patches)
+        self.scorer = rig.worker("scorer", self.settings, [], name)
+        self.labels = LabelCollector(self.settings)
+        self.producer = ImageProducer(self.settings)
+        for worker in (self.featurizer, self.scorer):
+            worker.wait_for("partitions assigned")
+        warm = self.produce(rig.photos(WARMUP))
+        self.labels.wait([i for i, _ in warm], timeout=180, procs=self.procs)
+        self.warm_until = time.time()
+
+    @property
+    def procs(self) -> list[Worker]:
+        return [self.featurizer, self.scorer]
+
+    def produce(self, photos: list[tuple[str, bytes]], rate: float | None = None) -> list[tuple[str, float]]:
+        """Send ``photos`` (at ``rate`` per second, else as fast as possible); (image id, produced-at epoch)."""
+        sent = []
+        started = time.monotonic()
+        for k, (source, data) in enumerate(photos):
+            if rate:
+                delay = started + k / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            message = self.producer.send(data, source)
+            if message is None:
+                raise RuntimeError(f"not produced: {self.producer.summary.failed}")
+            sent.append((message.image_id, iso_to_epoch(message.produced_at)))
+        self.producer.flush()
+        return sent
+
+    def featurizer_summary(self, since: float) -> dict[str, Any]:
+        batches = self.featurizer.log.batches(since)
+        consumed = [b["consumed"] for b in batches]
+        return {
+            "batches": len(batches),
+            "mean_batch": round(float(np.mean(consumed)), 2) if consumed else 0.0,
+            "full_batches": sum(1 for c in consumed if c >= BATCH_SIZE),
+            "sum_batch_s": round(sum(b["seconds"] for b in batches), 3),
+            "sum_model_s": round(sum(b["model_s"] for b in batches), 3),
+            "sum_decode_wait_s": round(sum(b["decode_wait_s"] for b in batches), 3),
+            "first_consume": (batches[0]["_t"] - batches[0]["seconds"]) if batches else None,
+        }
+
+    def close(self) -> None:
+        self.labels.stop()
+        self.producer.close()
+        for worker in self.procs:
+            worker.stop()
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _model_alone(ctx: Context) -> float:
+    rate = model_rate(ctx, MODEL, BATCH_SIZE)
+    if rate is not None:
+        return rate
+    backbone = load(ctx, MODEL)
+    batch = tile(preprocessed(backbone, car_photos(ctx)[0]), BATCH_SIZE)
+    return rate_summary(BATCH_SIZE, timed_runs(lambda: backbone.run(batch, [LAYER]), ctx.scale(5, 3), 2))["per_s"]
+
+
+#: Stream variants beyond the shipped code, run through bench/patched_cli.py: each is a change
+#: proposed for consumers/ (see bench/README.md), measured before anyone makes it.
+FETCH_16MB = {"BENCH_CONSUMER_OVERRIDES": json.dumps({"max_partition_fetch_bytes": 16 * 2**20})}
+TOPUP = {"BENCH_TOPUP_POLL": "1"}
+VARIANTS: dict[str, dict[str, str]] = {
+    "fetch 16 MiB/partition": FETCH_16MB,
+    "top-up polls": TOPUP,
+    "top-up + bf16": {**TOPUP, "BENCH_PRECISION": "bf16"},
+    "top-up + fp32-lite": {**TOPUP, "BENCH_PRECISION": "fp32-lite"},
+}
+QUICK_VARIANTS = ("top-up polls",)
+
+
+def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, patches: dict[str, str] | None) -> dict[str, Any]:
+    pipe = the_rig.pipeline(name, patches)
+    try:
+        produce_started = time.time()
+        sent = pipe.produce(the_rig.photos(n))
+        produced = time.time()
+        ids = [i for i, _ in sent]
+        pipe.labels.wait(ids, timeout=max(300.0, n / 2), procs=pipe.procs)
+        last_label = max(pipe.labels.received[i] for i in ids)
+        time.sleep(0.5)  # let the last batch events reach the log
+        feat = pipe.featurizer_summary(produce_started)
+        scorer_batches = pipe.scorer.log.batches(produce_started)
+    finally:
+        pipe.close()
+    start = feat["first_consume"] or produce_started
+    return {
+        "images": n, "per_s": round(n / (last_label - start), 2),
+        "produce_to_last_label_per_s": round(n / (last_label - produce_started), 2),
+        "produce_seconds": round(produced - produce_started, 2),
+        "seconds_first_consume_to_last_label": round(last_label - start, 2),
+        "featurizer": feat,
+        "featurizer_busy_per_s": round(n / feat["sum_batch_s"], 2) if feat["sum_batch_s"] else None,
+        "scorer": {"batches": len(scorer_batches), "sum_s": round(sum(b["seconds"] for b in scorer_batches), 3)},
+    }
+
+
+def stream_throughput(ctx: Context) -> dict[str, Any]:
+    """Images/s from the first consume of N photos (produced at once) to the last label."""
+    n = ctx.scale(500, 120)
+    model = _model_alone(ctx)
+    the_rig = rig(ctx)
+    shipped = _one_stream(ctx, the_rig, n, "stream", None)
+    result = {
+        "what": "photos produced at once to a fresh images topic; rate = N / (first featurizer consume -> "
+                "last label received by a downstream consumer); featurizer and scorer are separate "
+                "`python -m pipeline.cli` processes on a local Tansu broker (memory) on the same machine as "
+                "the producer and the labels reader, so all of them share its cores",
+        "backbone": MODEL, "layer": LAYER, "batch_size": BATCH_SIZE, "partitions": PARTITIONS,
+        "photos": the_rig.source, **shipped,
+        "model_alone_same_batch_per_s": model,
+        "ratio_to_model_alone": round(shipped["per_s"] / model, 3) if model else None,
+        "variants": {},
+    }
+    say(f"  stream: {shipped['per_s']} img/s (x{result['ratio_to_model_alone']} of model alone {model}); "
+        f"mean featurizer batch {shipped['featurizer']['mean_batch']}")
+    for name, patches in VARIANTS.items():
+        if ctx.quick and name not in QUICK_VARIANTS:
+            continue
+        variant = _one_stream(ctx, the_rig, n, "stream-" + "".join(c if c.isalnum() else "-" for c in name), patches)
+        variant["patches"] = patches
+        variant["ratio_to_model_alone_fp32"] = round(variant["per_s"] / model, 3) if model else None
+        result["variants"][name] = variant
+        say(f"  stream [{name}]: {variant['per_s']} img/s; mean featurizer batch {variant['featurizer']['mean_batch']}")
+    return result
+
+
+def scorer_alone(ctx: Context) -> dict[str, Any]:
+    """Labels/s of the scorer process on feature records already waiting on its topic."""
+    from pipeline.kafka_io import make_producer
+    from schemas.messages import FeatureRecord, encode_features
+
+    m = ctx.scale(5000, 1000)
+    the_rig = rig(ctx)
+    settings = the_rig.settings("scorer")
+    producer = make_producer(settings)
+    ids = []
+    for i in range(m):
+        image_id = hashlib.sha256(f"bench-scorer-{i}".encode()).hexdigest()
+        record = FeatureRecord(image_id, the_rig.vectors[i % len(the_rig.vectors)], the_rig.meta.backbone,
+                               the_rig.meta.weights_digest, the_rig.meta.layer, source=f"bench/{i}")
+        producer.send(settings.features_topic, **_kv(encode_features(record)))
+        ids.append(image_id)
+    producer.flush()
+    producer.close()
+    labels = LabelCollector(settings)
+    scorer = the_rig.worker("scorer", settings, [], "scorer-alone")
+    try:
+        labels.wait(ids, timeout=max(300.0, m / 20), procs=[scorer])
+        last = max(labels.received[i] for i in ids)
+        time.sleep(0.5)
+        batches = scorer.log.batches()
+    finally:
+        labels.stop()
+        scorer.stop()
+    start = batches[0]["_t"] - batches[0]["seconds"]
+    rate = m / (last - start)
+    say(f"  scorer alone: {rate:.0f} labels/s over {len(batches)} batches")
+    return {"what": "feature records (real cars vectors, distinct ids) produced first; then a scorer process "
+                    "starts; rate = M / (its first batch -> last label received)",
+            "records": m, "per_s": round(rate, 1), "batches": len(batches),
+            "mean_batch": round(float(np.mean([b["scored"] for b in batches])), 1),
+            "sum_score_s": round(sum(b["seconds"] for b in batches), 3)}
+
+
+def _kv(encoded):
+    key, value, headers = encoded
+    return {"key": key, "value": value, "headers": headers}
+
+
+def latency(ctx: Context) -> dict[str, Any]:
+    """Produce -> label latency at a fixed rate: half the stream's measured capacity."""
+    capacity = ctx.results.get("stream", {}).get("per_s")
+    note = "half the stream figure's capacity"
+    if not capacity:
+        capacity = 0.6 * _model_alone(ctx)
+        note = "half of 0.6 x the model alone (the stream figure did not run)"
+    rate = 0.5 * capacity
+    seconds = ctx.scale(60, 12)
+    n = max(20, int(rate * seconds))
+    the_rig = rig(ctx)
+    pipe = the_rig.pipeline("latency")
+    try:
+        sent = pipe.produce(the_rig.photos(n), rate=rate)
+        pipe.labels.wait([i for i, _ in sent], timeout=max(300.0, n / 2), procs=pipe.procs)
+        time.sleep(0.5)
+        feat = pipe.featurizer_summary(pipe.warm_until)
+        ms = [1000 * (pipe.labels.received[i] - t) for i, t in sent]
+        broker_ms = [1000 * (pipe.labels.kafka_ts[i] - t) for i, t in sent]
+    finally:
+        pipe.close()
+    result = {"what": "photos produced at a fixed rate; latency = label received downstream - produced-at header",
+              "rate_per_s": round(rate, 2), "rate_basis": note, "images": n,
+              "p50_ms": round(percentile(ms, 50), 1), "p90_ms": round(percentile(ms, 90), 1),
+              "p99_ms": round(percentile(ms, 99), 1), "max_ms": round(max(ms), 1), "mean_ms": round(float(np.mean(ms)), 1),
+              "to_label_record_timestamp_p50_ms": round(percentile(broker_ms, 50), 1),
+              "featurizer": feat}
+    say(f"  latency at {rate:.1f} img/s: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms; "
+        f"mean featurizer batch {feat['mean_batch']}")
+    return result
+
+
+def memory(ctx: Context) -> dict[str, Any]:
+    """The featurizer's RSS sampled over a long stream (backlog kept bounded); must stay flat."""
+    n = ctx.scale(10_000, 600)
+    backlog = 400
+    the_rig = rig(ctx)
+    pipe = the_rig.pipeline("memory")
+    samples: list[tuple[float, int, float]] = []  # (time, featurized so far, RSS MiB)
+    done = 0
+    try:
+        rss_start = rss_mb(pipe.featurizer.pid)
+        since = pipe.warm_until
+        sent_ids: list[str] = []
+        next_sample = 0.0
+        pending = the_rig.photos(n)
+        while done < n:
+            pipe.featurizer.check()
+            done = sum(b["featurized"] for b in pipe.featurizer.log.batches(since))
+            if pending and len(sent_ids) - done < backlog:
+                chunk, pending = pending[:100], pending[100:]
+                sent_ids += [i for i, _ in pipe.produce(chunk)]
+            if time.monotonic() >= next_sample:
+                samples.append((time.time(), done, rss_mb(pipe.featurizer.pid) or float("nan")))
+                next_sample = time.monotonic() + 0.5
+            time.sleep(0.05)
+        samples.append((time.time(), done, rss_mb(pipe.featurizer.pid) or float("nan")))
+        pipe.labels.wait(sent_ids, timeout=300, procs=pipe.procs)
+    finally:
+        pipe.close()
+    at = {}
+    for mark in (0.1, 0.5, 1.0):
+        hit = next((s for s in samples if s[1] >= mark * n), samples[-1])
+        at[f"{int(mark * 100)}%"] = round(hit[2], 1)
+    rss = [s[2] for s in samples]
+    growth = at["100%"] - at["10%"]
+    result = {"what": f"featurizer process VmRSS every 0.5 s while {n} photos stream through (producer keeps "
+                      f"<= {backlog} unfeaturized); Parquet parts roll at 5000 rows / 30 s (defaults)",
+              "images": n, "rss_mb_after_warmup": round(rss_start or float("nan"), 1), "rss_mb_at": at,
+              "rss_mb_max": round(float(np.nanmax(rss)), 1), "growth_10_to_100_mb": round(growth, 1),
+              "flat": bool(growth <= 0.10 * at["10%"]),
+              "samples": [[round(t - samples[0][0], 1), c, round(r, 1)] for t, c, r in samples]}
+    say(f"  featurizer RSS: {at} MiB (max {result['rss_mb_max']}); flat: {result['flat']}")
+    return result
