@@ -67,7 +67,9 @@ class Featurizer(StreamWorker):
                  group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = 30.0):
         super().__init__(settings, settings.images_topic, group_id or settings.featurizer_group,
                          max_poll_records=batch_size,
-                         checkpoint_seconds=min(5.0, roll_seconds))
+                         checkpoint_seconds=min(5.0, roll_seconds),
+                         # photos are ~100 KB-1 MB: kafka-python's 1 MiB per partition holds few
+                         max_partition_fetch_bytes=16 * 1024 * 1024)
         self.inference = Inference(backbone, layer, batch_size)
         self.meta = feature_meta(backbone, layer)
         self.writer = RollingParquetWriter(features_dir(settings), self.meta, roll_rows, roll_seconds)
