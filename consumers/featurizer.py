@@ -30,7 +30,7 @@ from schemas.messages import FeatureRecord, encode_features, parse_image_message
 log = logging.getLogger(__name__)
 
 #: A temporary part file older than this is left over from a writer killed mid-write.
-STALE_TEMP_SECONDS = 600.0
+STALE_TEMP_SECONDS = 120.0
 
 
 def features_dir(settings: Settings) -> Path:

@@ -25,6 +25,9 @@ from pipeline.errors import IncompatibleFeatures
 from schemas import parquet as ps
 
 TEMP_PREFIX = ".tmp-"
+#: In-progress files don't end in ``.parquet``, so DuckDB/polars/Spark globs like
+#: ``features/**/*.parquet`` never pick up a file that is still being written.
+TEMP_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def write_table_atomic(table: pa.Table, path: Path) -> Path:
     """Write ``table`` to ``path`` via a temporary file + fsync + rename (all or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}{TEMP_SUFFIX}"
     try:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as fh:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from pipeline.config import Settings
@@ -68,6 +69,7 @@ class ImageProducer:
         self.topic = topic or settings.images_topic
         self.max_bytes = int(settings.max_message_bytes)
         self.summary = ProduceSummary()
+        self._unacked: dict[str, object] = {}  # source -> future, until acked or failed
         self._producer = producer or make_producer(settings, max_request_size=self.max_bytes)
         self._started = time.monotonic()
 
@@ -80,8 +82,13 @@ class ImageProducer:
             self._fail(source, f"too large: {len(data)} bytes is over the {self.max_bytes}-byte message limit "
                                "(DEEPER_MAX_MESSAGE_BYTES; the broker's message.max.bytes must allow it too)")
             return None
-        future = self._producer.send(self.topic, key=message.key(), value=data, headers=message.headers())
-        future.add_callback(self._sent, len(data))
+        try:
+            future = self._producer.send(self.topic, key=message.key(), value=data, headers=message.headers())
+        except KafkaError as exc:  # e.g. no metadata within max_block_ms: the broker is away
+            self._fail(source, f"not sent: {exc!r}")
+            return None
+        self._unacked[source] = future
+        future.add_callback(self._sent, source, len(data))
         future.add_errback(lambda exc: self._fail(source, f"broker refused: {exc!r}"))
         return message
 
@@ -97,7 +104,12 @@ class ImageProducer:
         return self.send(data, str(path), label)
 
     def flush(self, timeout: float | None = 60) -> ProduceSummary:
-        self._producer.flush(timeout=timeout)
+        """Wait for every queued image's acknowledgement; what isn't acked in time is failed."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError as exc:
+            for source in list(self._unacked):
+                self._fail(source, f"not acknowledged within {timeout} s: {exc!r}")
         self.summary.seconds = time.monotonic() - self._started
         return self.summary
 
@@ -106,11 +118,13 @@ class ImageProducer:
 
         close_producer(self._producer)
 
-    def _sent(self, size: int, _metadata) -> None:
+    def _sent(self, source: str, size: int, _metadata) -> None:
+        self._unacked.pop(source, None)
         self.summary.sent += 1
         self.summary.bytes += size
 
     def _fail(self, source: str, reason: str) -> None:
+        self._unacked.pop(source, None)
         self.summary.failed[source] = reason
         log.warning("not produced: %s: %s", source, reason)
 
