@@ -149,6 +149,23 @@ def files_digest(photos: Iterable[str | Path]) -> str:
 # --------------------------------------------------------------------------- TF-Lite
 
 
+def lite_model_key(network: str, weights_digest: str, precision: str, names: Sequence[str],
+                   calibration_photos: Sequence[str | Path] | None) -> tuple[list[str], list[Path] | None]:
+    """The cache key of a converted TF-Lite model, and the photos int8 calibrates on (else None).
+
+    The key names everything the converted bytes depend on, the calibration photos' contents
+    included, so a cached model is never reused for another network, layer set or calibration.
+    """
+    photos = None
+    if precision == INT8:
+        photos = [Path(p) for p in calibration_photos] if calibration_photos is not None \
+            else default_calibration_photos()
+    key = [network, weights_digest, precision, ",".join(names)]
+    if photos is not None:
+        key.append(files_digest(photos))
+    return key, photos
+
+
 def quantize(converter, calibration: np.ndarray | None) -> None:
     """Configure ``converter`` for full-integer post-training quantization (float in/out)."""
     import tensorflow as tf

@@ -347,14 +347,8 @@ class EfficientNetLite0(Backbone):
     def _lite_runner(self, layers: frozenset[str]) -> precision_lib.LiteRunner:
         """The network as a TF-Lite model with ``layers`` as outputs (int8: calibrated)."""
         names = sorted(layers)
-        int8 = self.precision == precision_lib.INT8
-        photos = None
-        if int8:
-            photos = list(self._calibration_photos) if self._calibration_photos is not None \
-                else precision_lib.default_calibration_photos()
-        key = [INFO.name, self.weights_digest, self.precision, ",".join(names)]
-        if photos is not None:
-            key.append(precision_lib.files_digest(photos))
+        key, photos = precision_lib.lite_model_key(INFO.name, self.weights_digest, self.precision, names,
+                                                   self._calibration_photos)
 
         def build() -> bytes:
             module = tf.Module()
@@ -363,7 +357,7 @@ class EfficientNetLite0(Backbone):
                 input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32, name="images")])
             converter = tf.lite.TFLiteConverter.from_concrete_functions(
                 [module.serve.get_concrete_function()], module)
-            if int8:
+            if photos is not None:  # int8
                 precision_lib.quantize(converter, precision_lib.calibration_images(self.preprocess, photos))
             return converter.convert()
 

@@ -223,19 +223,13 @@ class InceptionV1(Backbone):
             if layers <= runner.layers:
                 return runner
         names = sorted(layers | frozenset(self.DEFAULT_LAYERS))
-        int8 = self.precision == precision_lib.INT8
-        photos = None
-        if int8:
-            photos = list(self._calibration_photos) if self._calibration_photos is not None \
-                else precision_lib.default_calibration_photos()
-        key = [INFO.name, self.weights_digest, self.precision, ",".join(names)]
-        if photos is not None:
-            key.append(precision_lib.files_digest(photos))
+        key, photos = precision_lib.lite_model_key(INFO.name, self.weights_digest, self.precision, names,
+                                                   self._calibration_photos)
         outputs = [self._outputs[name] for name in names]
 
         def build() -> bytes:
             converter = tf.compat.v1.lite.TFLiteConverter.from_session(self.session, [self._inputs], outputs)
-            if int8:
+            if photos is not None:  # int8
                 calibration = precision_lib.calibration_images(lambda x: preprocess(x).numpy(), photos)
                 precision_lib.quantize(converter, calibration)
             return converter.convert()
