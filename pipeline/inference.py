@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -76,7 +76,6 @@ class StageTimes:
     model: float = 0.0
     images: int = 0
     batches: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def default_parallelism() -> int:

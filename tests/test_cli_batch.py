@@ -27,7 +27,6 @@ from PIL import Image, ImageOps
 
 from pipeline.cli import main
 from pipeline.registry import Registry
-from tests.conftest import shared_path
 
 MODEL = "efficientnet_lite0"
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}

@@ -137,6 +137,16 @@ class FullTmpfs:
 # --------------------------------------------------------------------------- helpers
 
 
+def _wait_all_committed(settings, observer, partitions, n_images: int) -> None:
+    """Wait until the group's committed offset is the end of every images partition."""
+    records = read_topic(settings, settings.images_topic, lambda rs: len(rs) >= n_images)
+    ends = {p: 0 for p in range(4)}
+    for r in records:
+        ends[r.partition] = max(ends[r.partition], r.offset + 1)
+    _wait_for("every offset committed", lambda: {p: v or 0 for p, v in _committed(
+        observer, partitions).items()} == ends, timeout=60)
+
+
 def _wait_for(what: str, condition: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -218,12 +228,7 @@ def test_featurizer_pauses_on_storage_faults_commits_nothing_and_loses_nothing(
         failures = len(_events(caplog, FAILED))
         assert failures == fault.failures if fault.exact else failures >= 1, "one failed write per retry"
 
-        records = read_topic(settings, settings.images_topic, lambda rs: len(rs) >= len(photos))
-        ends = {p: 0 for p in range(4)}
-        for r in records:
-            ends[r.partition] = max(ends[r.partition], r.offset + 1)
-        _wait_for("every offset committed", lambda: {p: v or 0 for p, v in _committed(
-            observer, partitions).items()} == ends, timeout=60)
+        _wait_all_committed(settings, observer, partitions, len(photos))
         found = read_topic(settings, settings.labels_topic, lambda rs: sent <= {r.key.decode() for r in rs})
         labels = {r.key.decode(): decode_label(r.value) for r in found}
         assert featurizer.error is None and featurizer.thread.is_alive()
@@ -302,12 +307,7 @@ def test_partitions_taken_over_while_paused_are_not_skipped(kafka_settings, tmp_
         storage.broken = False
         _wait_for("recovery", lambda: _events(caplog, RECOVERED), timeout=60)
         sent |= _produce_to_every_partition(settings, photos[25:])  # the stream goes on: later offsets get committed
-        records = read_topic(settings, settings.images_topic, lambda rs: len(rs) >= len(photos))
-        ends = {p: 0 for p in range(4)}
-        for r in records:
-            ends[r.partition] = max(ends[r.partition], r.offset + 1)
-        _wait_for("every offset committed", lambda: {p: v or 0 for p, v in _committed(
-            observer, partitions).items()} == ends, timeout=60)
+        _wait_all_committed(settings, observer, partitions, len(photos))
         threads[0].stop()
         stopped[0] = True
     finally:

@@ -942,11 +942,17 @@ def featurizer_crashes(broker: LocalBroker, root: Path, cache_dir: Path, n_image
         pipe.close()
 
 
-def _bootstrap_model(pipe: Pipeline, photos: Sequence[Photo], feeder: Feeder, n_train: int) -> str:
-    """Start the featurizer, stream the first ``n_train`` photos, train on their Parquet rows."""
+def _bootstrap_model(pipe: Pipeline, photos: Sequence[Photo], feeder: Feeder, n_train: int,
+                     log: Callable[[str], None]) -> str:
+    """Start the feeder and featurizer, stream the first ``n_train`` photos, train on their
+    Parquet rows, then start the scorer on that model."""
+    feeder.start()
     pipe.featurizer.start()
     feeder.release(n_train)
-    return pipe.train(photos[:n_train])
+    version = pipe.train(photos[:n_train])
+    log(f"  classifier {version} trained from the stream's Parquet")
+    pipe.scorer.start()
+    return version
 
 
 def scorer_crashes(broker: LocalBroker, root: Path, cache_dir: Path, n_images: int, kills: int, seed: int = 2,
@@ -960,10 +966,7 @@ def scorer_crashes(broker: LocalBroker, root: Path, cache_dir: Path, n_images: i
     feeder = Feeder(pipe.settings, photos, rate=rate)
     workers = [pipe.featurizer, pipe.scorer]
     try:
-        feeder.start()
-        version = _bootstrap_model(pipe, photos, feeder, n_train)
-        log(f"  classifier {version} trained from the stream's Parquet")
-        pipe.scorer.start()
+        _bootstrap_model(pipe, photos, feeder, n_train, log)
         moments = _kill_loop(pipe.scorer, feeder, kills, n_train, n_images, rng, kill_span, "batch", log)
         feeder.finish()
         ids = {p.image_id for p in photos}
@@ -997,10 +1000,7 @@ def broker_restarts(broker: LocalBroker, root: Path, cache_dir: Path, n_images: 
     feeder = Feeder(pipe.settings, photos, rate=rate)
     workers = [pipe.featurizer, pipe.scorer]
     try:
-        feeder.start()
-        version = _bootstrap_model(pipe, photos, feeder, n_train)
-        log(f"  classifier {version} trained from the stream's Parquet")
-        pipe.scorer.start()
+        _bootstrap_model(pipe, photos, feeder, n_train, log)
         pipe.scorer.current.wait_for("batch", timeout=120)
         last = time.time()
         rest = n_images - n_train
