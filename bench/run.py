@@ -161,11 +161,16 @@ def table(report: dict[str, Any]) -> str:
     if "stream" in f:
         r = f["stream"]
         ratio = f"x{r['ratio_to_model_alone']:.2f} of model alone bs={r['batch_size']}" if r.get("ratio_to_model_alone") else ""
+        if r.get("ratio_to_reference_loop"):
+            ratio += f", x{r['ratio_to_reference_loop']:.2f} of the reference loop"
         lines.append(row(f"stream end to end ({r['backbone']}, {r['images']} photos)", f"{r['per_s']:.1f} img/s",
-                         f"{ratio}; mean batch {r['featurizer']['mean_batch']:.1f}"))
+                         f"{ratio}; mean model batch {r['featurizer']['mean_model_batch']:.1f}"))
         for name, v in r.get("variants", {}).items():
-            lines.append(row(f"  proposed: {name}", f"{v['per_s']:.1f} img/s",
-                             f"mean batch {v['featurizer']['mean_batch']:.1f}"))
+            same = v.get("ratio_to_model_alone_same_precision")
+            lines.append(row(f"  variant: {name}", f"{v['per_s']:.1f} img/s",
+                             f"x{v['ratio_to_model_alone_fp32']:.2f} of fp32 model alone"
+                             + (f", x{same:.2f} of {v['precision']} model alone" if same else "")
+                             + f"; mean model batch {v['featurizer']['mean_model_batch']:.1f}"))
     if "scorer" in f:
         r = f["scorer"]
         lines.append(row(f"scorer alone ({r['records']} feature records)", f"{r['per_s']:.0f} labels/s", ""))

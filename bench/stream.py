@@ -35,8 +35,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from bench.batch import model_rate
-from bench.common import (CARS, Context, car_photos, distinct_copy, iso_to_epoch, percentile, rss_mb, say,
-                          timed_runs, rate_summary, load, preprocessed, tile)
+from bench.common import (CARS, Context, car_photos, cpu_seconds, distinct_copy, iso_to_epoch, percentile, rss_mb,
+                          say, timed_runs, rate_summary, load, preprocessed, tile)
 
 MODEL = "efficientnet_lite0"
 LAYER = "prelogits"
@@ -221,22 +221,33 @@ class Rig:
         self.paths, self.source = car_photos(ctx)
         self._datas = [p.read_bytes() for p in self.paths]
         self._next = 0
-        self.meta, self.vectors = self._train()
+        self._registries: dict[str, str] = {}
+        self.meta, self.vectors = self._train("fp32", self.base.registry_dir)
 
-    def _train(self):
+    def registry(self, precision: str) -> str:
+        """A registry whose classifier was trained on ``precision`` vectors (the scorer refuses others)."""
+        if precision == "fp32":
+            return self.base.registry_dir
+        if precision not in self._registries:
+            path = str(self.root / f"registry-{precision}")
+            self._train(precision, path)
+            self._registries[precision] = path
+        return self._registries[precision]
+
+    def _train(self, precision: str, registry_dir: str):
         from pipeline.featurize import featurize_photos
         from pipeline.photos import Photo
         from pipeline.registry import Registry
         from pipeline.training import DEFAULT_SPEC, train_and_register
 
-        backbone = load(self.ctx, MODEL)
+        backbone = load(self.ctx, MODEL, precision)
         train = [p for p in self.paths if "/train/" in str(p)] or self.paths
         photos = [Photo(p, p.parent.name if CARS in p.parents else ("a" if i % 2 else "b"))
                   for i, p in enumerate(train)]
         result = featurize_photos(photos, backbone, LAYER, progress=False)
         vectors = np.stack([r.vector for r in result.rows])
         train_and_register([r.image_id for r in result.rows], [r.label for r in result.rows], vectors,
-                           result.meta, DEFAULT_SPEC, Registry(self.base.registry_dir))
+                           result.meta, DEFAULT_SPEC, Registry(registry_dir))
         return result.meta, vectors
 
     def photos(self, count: int) -> list[tuple[str, bytes]]:
@@ -249,12 +260,12 @@ class Rig:
                         distinct_copy(self._datas[i % len(self._datas)], i)))
         return out
 
-    def settings(self, name: str):
+    def settings(self, name: str, precision: str = "fp32"):
         from pipeline.kafka_io import ensure_topics
 
         tag = f"{name}-{uuid.uuid4().hex[:6]}"
         settings = dataclasses.replace(
-            self.base, images_topic=f"b-{tag}.images", features_topic=f"b-{tag}.features",
+            self.base, registry_dir=self.registry(precision), images_topic=f"b-{tag}.images", features_topic=f"b-{tag}.features",
             labels_topic=f"b-{tag}.labels", dead_letter_topic=f"b-{tag}.dead-letters",
             featurizer_group=f"b-{tag}.featurizer", scorer_group=f"b-{tag}.scorer")
         ensure_topics(settings, {settings.images_topic: PARTITIONS, settings.features_topic: PARTITIONS,
@@ -266,8 +277,9 @@ class Rig:
         self.ctx.closers.append(worker.stop)
         return worker
 
-    def pipeline(self, name: str, patches: dict[str, str] | None = None) -> "Pipeline":
-        return Pipeline(self, name, patches)
+    def pipeline(self, name: str, patches: dict[str, str] | None = None, precision: str = "fp32",
+                 args: list[str] | None = None) -> "Pipeline":
+        return Pipeline(self, name, patches, precision, args)
 
 
 def rig(ctx: Context) -> Rig:
@@ -281,13 +293,16 @@ def rig(ctx: Context) -> Rig:
 class Pipeline:
     """Fresh topics, a featurizer and a scorer process, a labels reader and a producer; warmed up."""
 
-    def __init__(self, rig: Rig, name: str, patches: dict[str, str] | None = None):
+    def __init__(self, rig: Rig, name: str, patches: dict[str, str] | None = None, precision: str = "fp32",
+                 args: list[str] | None = None):
         from producers.produce import ImageProducer
 
         self.rig = rig
-        self.settings = rig.settings(name)
-        self.featurizer = rig.worker("featurizer", self.settings, ["--model", MODEL, "--layer", LAYER,
-                                                                   "--batch-size", str(BATCH_SIZE)], name, patches)
+        self.settings = rig.settings(name, precision)
+        self.featurizer = rig.worker("featurizer", self.settings, ["--model", MODEL, "--precision", precision,
+                                                                   "--layer", LAYER, "--batch-size", str(BATCH_SIZE),
+                                                                   *(args or [])],
+                                     name, patches)
         self.scorer = rig.worker("scorer", self.settings, [], name)
         self.labels = LabelCollector(self.settings)
         self.producer = ImageProducer(self.settings)
@@ -324,7 +339,10 @@ class Pipeline:
             "batches": len(batches),
             "mean_batch": round(float(np.mean(consumed)), 2) if consumed else 0.0,
             "full_batches": sum(1 for c in consumed if c >= BATCH_SIZE),
-            "sum_batch_s": round(sum(b["seconds"] for b in batches), 3),
+            "model_batches": sum(b.get("model_batches", 0) for b in batches),
+            "mean_model_batch": round(sum(b.get("model_rows", 0) for b in batches)
+                                      / max(1, sum(b.get("model_batches", 0) for b in batches)), 2),
+            "mean_poll_seconds": round(float(np.mean([b["seconds"] for b in batches])), 3) if batches else None,
             "sum_model_s": round(sum(b["model_s"] for b in batches), 3),
             "sum_decode_wait_s": round(sum(b["decode_wait_s"] for b in batches), 3),
             "first_consume": (batches[0]["_t"] - batches[0]["seconds"]) if batches else None,
@@ -337,40 +355,70 @@ class Pipeline:
             worker.stop()
 
 
+class CpuMeter:
+    """CPU seconds each named process uses from construction to :meth:`used` (produce -> last label)."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def used(self) -> dict[str, float | None]:
+        out = {}
+        for name, pid in self.pids.items():
+            now, then = cpu_seconds(pid), self.start[name]
+            out[name] = round(now - then, 2) if now is not None and then is not None else None
+        return out
+
+
 # --------------------------------------------------------------------------- figures
 
 
-def _model_alone(ctx: Context) -> float:
-    rate = model_rate(ctx, MODEL, BATCH_SIZE)
+def _model_alone(ctx: Context, precision: str = "fp32") -> float:
+    """Images/s of the model alone at the stream's batch size: from the ``model``/``precision``
+    figures of this run where they ran, else measured here."""
+    rate = model_rate(ctx, MODEL, BATCH_SIZE) if precision == "fp32" else None
+    for row in ctx.results.get("precision", {}).get("speed", []):
+        if (row["backbone"], row["precision"], row["batch_size"]) == (MODEL, precision, BATCH_SIZE):
+            rate = rate or row["per_s"]
     if rate is not None:
         return rate
-    backbone = load(ctx, MODEL)
+    backbone = load(ctx, MODEL, precision)
     batch = tile(preprocessed(backbone, car_photos(ctx)[0]), BATCH_SIZE)
     return rate_summary(BATCH_SIZE, timed_runs(lambda: backbone.run(batch, [LAYER]), ctx.scale(5, 3), 2))["per_s"]
 
 
-#: Stream variants beyond the shipped code, run through bench/patched_cli.py: each is a change
-#: proposed for consumers/ (see bench/README.md), measured before anyone makes it.
-FETCH_16MB = {"BENCH_CONSUMER_OVERRIDES": json.dumps({"max_partition_fetch_bytes": 16 * 2**20})}
-TOPUP = {"BENCH_TOPUP_POLL": "1"}
-VARIANTS: dict[str, dict[str, str]] = {
-    "fetch 16 MiB/partition": FETCH_16MB,
-    "top-up polls": TOPUP,
-    "top-up + bf16": {**TOPUP, "BENCH_PRECISION": "bf16"},
-    "top-up + fp32-lite": {**TOPUP, "BENCH_PRECISION": "fp32-lite"},
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A stream run other than the default: another precision, featurizer options, or bench patches."""
+
+    precision: str = "fp32"
+    args: tuple[str, ...] = ()
+    patches: dict[str, str] | None = None
+
+
+#: Stream variants: what the featurizer's options change, and changes proposed for consumers/
+#: (``patches``, through bench/patched_cli.py) measured before anyone makes them.
+VARIANTS: dict[str, Variant] = {
+    "bf16": Variant(precision="bf16"),
+    "one model thread (TF default pools)": Variant(args=("--model-threads", "1")),
+    "bf16, one model thread": Variant(precision="bf16", args=("--model-threads", "1")),
+    "fp32-lite": Variant(precision="fp32-lite"),
 }
-QUICK_VARIANTS = ("top-up polls",)
+QUICK_VARIANTS = ("bf16",)
 
 
-def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, patches: dict[str, str] | None) -> dict[str, Any]:
-    pipe = the_rig.pipeline(name, patches)
+def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, variant: Variant = Variant()) -> dict[str, Any]:
+    pipe = the_rig.pipeline(name, variant.patches, variant.precision, list(variant.args))
     try:
+        cpu = CpuMeter({"broker": the_rig.info.pid, "featurizer": pipe.featurizer.pid, "scorer": pipe.scorer.pid,
+                        "bench (producer + labels reader)": os.getpid()})
         produce_started = time.time()
         sent = pipe.produce(the_rig.photos(n))
         produced = time.time()
         ids = [i for i, _ in sent]
         pipe.labels.wait(ids, timeout=max(300.0, n / 2), procs=pipe.procs)
         last_label = max(pipe.labels.received[i] for i in ids)
+        used = cpu.used()
         time.sleep(0.5)  # let the last batch events reach the log
         feat = pipe.featurizer_summary(produce_started)
         scorer_batches = pipe.scorer.log.batches(produce_started)
@@ -383,8 +431,10 @@ def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, patches: dict[str
         "produce_seconds": round(produced - produce_started, 2),
         "seconds_first_consume_to_last_label": round(last_label - start, 2),
         "featurizer": feat,
-        "featurizer_busy_per_s": round(n / feat["sum_batch_s"], 2) if feat["sum_batch_s"] else None,
         "scorer": {"batches": len(scorer_batches), "sum_s": round(sum(b["seconds"] for b in scorer_batches), 3)},
+        "cpu_seconds": used,
+        "cpu_ms_per_image": {k: round(1000 * v / n, 2) for k, v in used.items() if v is not None},
+        "cpu_seconds_available": round((last_label - produce_started) * (os.cpu_count() or 1), 2),
     }
 
 
@@ -392,29 +442,37 @@ def stream_throughput(ctx: Context) -> dict[str, Any]:
     """Images/s from the first consume of N photos (produced at once) to the last label."""
     n = ctx.scale(500, 120)
     model = _model_alone(ctx)
+    reference = ctx.results.get("reference", {}).get("per_s")
     the_rig = rig(ctx)
-    shipped = _one_stream(ctx, the_rig, n, "stream", None)
+    shipped = _one_stream(ctx, the_rig, n, "stream")
     result = {
         "what": "photos produced at once to a fresh images topic; rate = N / (first featurizer consume -> "
                 "last label received by a downstream consumer); featurizer and scorer are separate "
                 "`python -m pipeline.cli` processes on a local Tansu broker (memory) on the same machine as "
-                "the producer and the labels reader, so all of them share its cores",
+                "the producer and the labels reader, so all of them share its cores; cpu_seconds = what each "
+                "process used from the first produce to the last label",
         "backbone": MODEL, "layer": LAYER, "batch_size": BATCH_SIZE, "partitions": PARTITIONS,
         "photos": the_rig.source, **shipped,
         "model_alone_same_batch_per_s": model,
         "ratio_to_model_alone": round(shipped["per_s"] / model, 3) if model else None,
+        "reference_loop_per_s": reference,
+        "ratio_to_reference_loop": round(shipped["per_s"] / reference, 3) if reference else None,
         "variants": {},
     }
     say(f"  stream: {shipped['per_s']} img/s (x{result['ratio_to_model_alone']} of model alone {model}); "
-        f"mean featurizer batch {shipped['featurizer']['mean_batch']}")
-    for name, patches in VARIANTS.items():
+        f"mean model batch {shipped['featurizer']['mean_model_batch']}")
+    for name, variant in VARIANTS.items():
         if ctx.quick and name not in QUICK_VARIANTS:
             continue
-        variant = _one_stream(ctx, the_rig, n, "stream-" + "".join(c if c.isalnum() else "-" for c in name), patches)
-        variant["patches"] = patches
-        variant["ratio_to_model_alone_fp32"] = round(variant["per_s"] / model, 3) if model else None
-        result["variants"][name] = variant
-        say(f"  stream [{name}]: {variant['per_s']} img/s; mean featurizer batch {variant['featurizer']['mean_batch']}")
+        run = _one_stream(ctx, the_rig, n, "stream-" + "".join(c if c.isalnum() else "-" for c in name), variant)
+        same = _model_alone(ctx, variant.precision)
+        run.update({"precision": variant.precision, "featurizer_args": list(variant.args), "patches": variant.patches,
+                    "ratio_to_model_alone_fp32": round(run["per_s"] / model, 3) if model else None,
+                    "model_alone_same_precision_per_s": same,
+                    "ratio_to_model_alone_same_precision": round(run["per_s"] / same, 3) if same else None,
+                    "ratio_to_reference_loop": round(run["per_s"] / reference, 3) if reference else None})
+        result["variants"][name] = run
+        say(f"  stream [{name}]: {run['per_s']} img/s; mean model batch {run['featurizer']['mean_model_batch']}")
     return result
 
 

@@ -1,10 +1,12 @@
 """The featurizer consumer: images topic -> backbone -> Parquet part files + features topic.
 
 One consumer group on the images topic; run more processes with the same group to share its
-partitions. Each poll becomes one tf.data pipeline (parallel decode, batch, prefetch) through
-:class:`pipeline.inference.Inference`, the same path ``deeper featurize`` uses. Rows go to the
-rolling Parquet writer; offsets are committed only after the part file is renamed into place
-and every feature record and dead letter is acknowledged (see :mod:`consumers.worker`).
+partitions. Each poll is submitted to :class:`pipeline.inference.Inference` (the same tf.data
+path ``deeper featurize`` uses: parallel decode, batches cut by size or time, a model thread)
+and the loop goes back to polling while the model works; up to ``MAX_IN_FLIGHT_BATCHES``
+batches' worth of messages are in flight. Finished polls are collected in order: rows go to
+the rolling Parquet writer, and offsets are committed only after the part file is renamed into
+place and every feature record and dead letter is acknowledged (see :mod:`consumers.worker`).
 A message that isn't a valid image message, or an image that doesn't decode, is
 dead-lettered with its reason; its batch-mates carry on.
 """
@@ -14,21 +16,35 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
 from pipeline.errors import SchemaError
 from pipeline.featurize import feature_meta
-from pipeline.inference import Featurized, ImageRecord, Inference
+from pipeline.inference import (
+    DEFAULT_BATCH_TIMEOUT,
+    Featurized,
+    ImageRecord,
+    Inference,
+    StageTimes,
+    Submission,
+)
 from pipeline.logs import event
 from pipeline.nets.base import Backbone
 from pipeline.parquet_writer import TEMP_PREFIX, FeatureRow, RollingParquetWriter
 from schemas.messages import FeatureRecord, encode_features, parse_image_message
 
+if TYPE_CHECKING:
+    from pipeline.threads import ThreadPlan
+
 log = logging.getLogger(__name__)
 
+#: Messages in flight (submitted, not yet collected), in batches: enough that the model always
+#: has the next batch decoded while the loop polls, few enough to bound memory (raw photos).
+MAX_IN_FLIGHT_BATCHES = 3
 #: A temporary part file older than this is left over from a writer killed mid-write.
 STALE_TEMP_SECONDS = 120.0
 
@@ -64,24 +80,50 @@ class Featurizer(StreamWorker):
     stage = "featurizer"
 
     def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
-                 group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = 30.0):
+                 group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = 30.0,
+                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1):
         super().__init__(settings, settings.images_topic, group_id or settings.featurizer_group,
                          max_poll_records=batch_size,
                          checkpoint_seconds=min(5.0, roll_seconds),
+                         max_in_flight=MAX_IN_FLIGHT_BATCHES * batch_size,
                          # photos are ~100 KB-1 MB: kafka-python's 1 MiB per partition holds few
                          max_partition_fetch_bytes=16 * 1024 * 1024)
-        self.inference = Inference(backbone, layer, batch_size)
+        self.inference = Inference(backbone, layer, batch_size, batch_timeout=batch_timeout,
+                                   model_threads=model_threads)
         self.meta = feature_meta(backbone, layer)
         self.writer = RollingParquetWriter(features_dir(settings), self.meta, roll_rows, roll_seconds)
+        self._submitted: deque[tuple[Sequence[Any], Submission]] = deque()
+        self._submitted_messages = 0
+        self._logged_times = StageTimes()
         remove_stale_temp_files(features_dir(settings))
 
     # -- StreamWorker -----------------------------------------------------------------------
-    def process(self, messages: Sequence[Any]) -> None:
-        records = self._valid_records(messages)
-        times = self.inference.times
-        decode0, model0 = times.decode_wait, times.model
-        rows, started = [], time.perf_counter()
-        for result in self.inference.run(records):
+    def submit(self, messages: Sequence[Any]) -> None:
+        self._submitted.append((messages, self.inference.submit(self._valid_records(messages))))
+        self._submitted_messages += len(messages)
+
+    def collect(self, block: bool) -> list[Sequence[Any]]:
+        finished = []
+        while self._submitted and (self._submitted[0][1].done() or (block and not finished)):
+            messages, submission = self._submitted.popleft()
+            self._submitted_messages -= len(messages)
+            self._write(messages, submission)
+            finished.append(messages)
+        return finished
+
+    def in_flight(self) -> int:
+        return self._submitted_messages
+
+    def abandon(self) -> None:
+        for _, submission in self._submitted:
+            submission.cancel()
+        self._submitted.clear()
+        self._submitted_messages = 0
+
+    def _write(self, messages: Sequence[Any], submission: Submission) -> None:
+        """One poll's results: rows to the Parquet buffer, feature records and dead letters out."""
+        rows = []
+        for result in submission.wait():
             message = result.record.context
             if isinstance(result, Featurized):
                 rows.append(self._row(result, message))
@@ -90,8 +132,8 @@ class Featurizer(StreamWorker):
                 self.dead_letter(message, result.reason, result.detail)
         self.writer.add(rows)
         self.metrics.images.labels(self.stage).inc(len(rows))
-        self._log_batch(len(messages), len(rows), time.perf_counter() - started,
-                        times.decode_wait - decode0, times.model - model0)
+        self.metrics.batch_seconds.labels(self.stage).observe(submission.seconds())
+        self._log_batch(len(messages), len(rows), submission.seconds())
 
     def flush_sink(self) -> None:
         started = time.perf_counter()
@@ -133,12 +175,18 @@ class Featurizer(StreamWorker):
         return FeatureRecord(row.image_id, row.vector, self.meta.backbone, self.meta.weights_digest,
                              self.meta.layer, row.source, row.label, row.width, row.height)
 
-    def _log_batch(self, consumed: int, featurized: int, seconds: float, decode_s: float, model_s: float) -> None:
-        self.metrics.stage_seconds.labels(self.stage, "decode_wait").observe(decode_s)
+    def _log_batch(self, consumed: int, featurized: int, seconds: float) -> None:
+        """One poll done; with the model thread's work since the previous poll (its batches
+        combine polls, so they are counted apart: ``model_batches``/``model_rows``)."""
+        now, last = self.inference.times, self._logged_times
+        model_s, wait_s = now.model - last.model, now.decode_wait - last.decode_wait
+        batches, model_rows = now.batches - last.batches, now.model_rows - last.model_rows
+        self._logged_times = StageTimes(**vars(now))
+        self.metrics.stage_seconds.labels(self.stage, "decode_wait").observe(wait_s)
         self.metrics.stage_seconds.labels(self.stage, "model").observe(model_s)
         event(log, "batch", consumed=consumed, featurized=featurized, dead_letters=consumed - featurized,
-              seconds=round(seconds, 4), decode_wait_s=round(decode_s, 4), model_s=round(model_s, 4),
-              images_per_s=round(featurized / seconds, 1) if seconds else None, buffered_rows=len(self.writer))
+              seconds=round(seconds, 4), model_batches=batches, model_rows=model_rows, model_s=round(model_s, 4),
+              decode_wait_s=round(wait_s, 4), in_flight=self.in_flight(), buffered_rows=len(self.writer))
 
 
 def stream_backbone_and_layer(settings: Settings, model: str | None, layer: str | None) -> tuple[str, str]:
@@ -171,6 +219,23 @@ def gpu_batch_size(requested: int) -> int:
     return requested
 
 
+def _thread_plan(precision: str | None, model_threads: int) -> ThreadPlan:
+    """Set TensorFlow's pools for the stream before anything runs (see :mod:`pipeline.threads`)."""
+    import tensorflow as tf
+
+    from pipeline import precision as precision_lib
+    from pipeline import threads
+
+    plan = threads.stream_plan(gpu=bool(tf.config.list_physical_devices("GPU")),
+                               lite=precision_lib.is_lite(precision or precision_lib.DEFAULT_PRECISION),
+                               model_threads=model_threads)
+    if not threads.apply(plan):  # TensorFlow already running (e.g. embedded): its pools suit one model thread
+        plan = threads.ThreadPlan(1, 0, 0, "TensorFlow was already initialized: its default pools")
+    event(log, "thread plan", model_threads=plan.model_threads, intra_op=plan.intra_op, inter_op=plan.inter_op,
+          why=plan.why)
+    return plan
+
+
 def cmd_featurizer(args: argparse.Namespace) -> int:
     from pipeline.kafka_io import ensure_topics, wait_for_broker
     from pipeline.logs import setup_json_logging
@@ -181,6 +246,7 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
     settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir)
     model, layer = stream_backbone_and_layer(settings, args.model, args.layer)
     precision = None if "@" in model else (getattr(args, "precision", None) or settings.precision)  # NAME@PRECISION wins
+    plan = _thread_plan(model.partition("@")[2] or precision, args.model_threads)
     backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
                              progress=False, announce=lambda msg: event(log, msg), precision=precision)
     wait_for_broker(settings, timeout=args.wait)
@@ -188,7 +254,7 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
                              settings.dead_letter_topic: 1})
     serve(int(settings.metrics_port), settings.metrics_addr)
     worker = Featurizer(settings, backbone, layer, gpu_batch_size(args.batch_size), args.group,
-                        args.roll_rows, args.roll_seconds)
+                        args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads)
     worker.install_signal_handlers()
     worker.run(max_idle_seconds=args.exit_when_idle)
     return 0
@@ -205,6 +271,10 @@ def add_parser(sub) -> None:
     p.add_argument("--layer", default=None,
                    help="end point (default: the current classifier's layer, else training's default)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT * 1000,
+                   help="longest a partial batch waits for more photos before it runs (default %(default)g)")
+    p.add_argument("--model-threads", type=int, default=0,
+                   help="batches the model runs side by side (default 0: chosen for the machine, pipeline/threads.py)")
     p.add_argument("--group", default=None, help="consumer group id (default $DEEPER_FEATURIZER_GROUP)")
     p.add_argument("--partitions", type=int, default=4, help="partitions for topics it must create")
     p.add_argument("--roll-rows", type=int, default=5000, help="rows per Parquet part file (at most)")

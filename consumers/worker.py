@@ -46,13 +46,23 @@ class _Rebalance(ConsumerRebalanceListener):
             self.worker.consumer.pause(*assigned)
 
 
+#: Poll timeout while work is in flight: short, so finished batches are collected promptly.
+BUSY_POLL_MS = 10
+
+
 class StreamWorker:
-    """Subclasses implement :meth:`process` and may override :meth:`flush_sink`/:meth:`sink_due`."""
+    """Subclasses implement :meth:`process` and may override :meth:`flush_sink`/:meth:`sink_due`.
+
+    A stage whose work can overlap the poll loop (the featurizer's model thread) overrides
+    :meth:`submit`, :meth:`collect`, :meth:`in_flight` and :meth:`abandon` instead of
+    :meth:`process`: the loop keeps polling while at most ``max_in_flight`` messages are being
+    worked on, and marks messages done (committable) only when :meth:`collect` hands them back.
+    """
 
     stage = "worker"
 
     def __init__(self, settings: Settings, topic: str, group_id: str, max_poll_records: int = 64,
-                 checkpoint_seconds: float = 5.0, **consumer_overrides: Any):
+                 checkpoint_seconds: float = 5.0, max_in_flight: int = 0, **consumer_overrides: Any):
         self.settings = settings
         self.topic = topic
         self.group_id = group_id
@@ -67,10 +77,30 @@ class StreamWorker:
         self._last_checkpoint = time.monotonic()
         self._last_lag = 0.0
         self._paused_until = 0.0
+        self.max_in_flight = max_in_flight
+        self._finished: list[Sequence[Any]] = []
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
+        """Handle ``messages`` completely (outputs sent or buffered in the sink) before returning."""
         raise NotImplementedError
+
+    def submit(self, messages: Sequence[Any]) -> None:
+        """Start work on ``messages``; by default all of it, now (:meth:`process`)."""
+        self.process(messages)
+        self._finished.append(messages)
+
+    def collect(self, block: bool) -> list[Sequence[Any]]:
+        """Submitted batches whose outputs are sent or buffered, oldest first (``block``: at least one)."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    def in_flight(self) -> int:
+        """Messages submitted and not yet collected."""
+        return 0
+
+    def abandon(self) -> None:
+        """Drop work in flight: its messages are not marked done, so they will be consumed again."""
 
     def flush_sink(self) -> None:
         """Make buffered sink output durable (raise on failure; nothing is committed then)."""
@@ -110,14 +140,15 @@ class StreamWorker:
                 if self._paused_until and not self._retry_paused():
                     continue
                 started = time.perf_counter()
-                messages = self._poll()
+                messages = self._poll(BUSY_POLL_MS if self.in_flight() else 500)
                 if messages:
                     idle_since = time.monotonic()
                     self.metrics.messages.labels(self.stage).inc(len(messages))
                     self.metrics.stage_seconds.labels(self.stage, "consume").observe(time.perf_counter() - started)
-                    self.process(messages)
-                    self.mark_done(messages)
-                    self.metrics.batch_seconds.labels(self.stage).observe(time.perf_counter() - started)
+                    self.submit(messages)
+                self._collect(block=self.in_flight() > self.max_in_flight)
+                if self.in_flight():
+                    idle_since = time.monotonic()
                 if self._checkpoint_due():
                     self.checkpoint(reason="due")
                 self._update_lag()
@@ -126,14 +157,23 @@ class StreamWorker:
         finally:
             self.close()
 
-    def _poll(self) -> list[Any]:
-        """One batch: wait up to 0.5 s for records, then top up from what is already fetched.
+    def _collect(self, block: bool) -> None:
+        for messages in self.collect(block):
+            self.mark_done(messages)
+
+    def _collect_all(self) -> None:
+        """Wait for all work in flight (before a checkpoint: its offsets are committed with it)."""
+        while self.in_flight():
+            self._collect(block=True)
+
+    def _poll(self, timeout_ms: int = 500) -> list[Any]:
+        """One batch: wait up to ``timeout_ms`` for records, then top up from what is already fetched.
 
         kafka-python hands out one partition's buffer per poll, so with 4 partitions a busy
         topic gives batches like 32, 3, 32, 9; small batches cost the model more per image.
         The top-up never waits, so a slow stream's half-full batch goes on at once.
         """
-        batch = self.consumer.poll(timeout_ms=500)
+        batch = self.consumer.poll(timeout_ms=timeout_ms)
         messages = [m for part in batch.values() for m in part]
         limit = self.consumer.config["max_poll_records"]
         while 0 < len(messages) < limit:
@@ -154,7 +194,11 @@ class StreamWorker:
         return False
 
     def checkpoint(self, reason: str = "") -> bool:
-        """Sink durable -> produced records acked -> offsets committed. False if anything failed."""
+        """Work in flight finished -> sink durable -> produced records acked -> offsets committed.
+
+        False if anything failed.
+        """
+        self._collect_all()
         if not self._pending and not self._futures:
             return True
         started = time.perf_counter()
@@ -194,10 +238,9 @@ class StreamWorker:
 
     def rewind(self) -> None:
         """Seek back to the committed offsets and drop unflushed output: the work is redone."""
+        self.abandon()
         self.discard_sink()
-        for tp in list(self._pending):
-            if tp not in self.consumer.assignment():
-                continue
+        for tp in self.consumer.assignment():  # not only those pending: abandoned work may be anywhere
             committed = self.consumer.committed(tp)
             if committed is None:
                 self.consumer.seek_to_beginning(tp)

@@ -1,28 +1,33 @@
 """Records in, vectors out: the tf.data input pipeline shared by batch commands and the stream.
 
-``records -> queue -> tf.data: from_generator -> map(decode + preprocess, parallel) -> batch
--> prefetch -> model``.
+``submit(records) -> queue -> tf.data: from_generator -> map(decode + preprocess, parallel)
+-> batch -> prefetch -> model thread -> Submission``.
 
 Why it is shaped like this:
 - One ``tf.data`` pipeline per :class:`Inference`, built once and fed through a queue, never
   ending: building and tracing a new pipeline on every call cost ~150 ms whatever the number
   of images, which the stream (one call per Kafka poll) paid on every poll.
-- A never-ending dataset's ``batch()`` would wait forever on a half-full batch, so every call
-  pads what it feeds to a whole number of batches with empty filler records: a half-full poll
-  never waits for images that may not come. Fillers (and images that fail to decode) never
-  reach the model: each batch runs only its decoded rows.
+- The model runs in its own thread, so :meth:`Inference.submit` returns at once: the stream
+  featurizer polls Kafka, writes Parquet and produces while the model works (kafka-python
+  fetches only inside ``poll()``, so a poll loop that waits on the model leaves the network idle).
+- Batches are cut by size *or* by time: records from consecutive submissions share a batch
+  (small polls make full batches when the model is busy), and a partial batch waits at most
+  ``batch_timeout`` after its first record, then goes out completed with filler records; a
+  never-ending dataset's ``batch()`` would otherwise wait forever on a slow stream. Fillers
+  (and images that fail to decode) never reach the model: each batch runs only its decoded rows.
 - A record that fails to decode flows through as a 1x1 placeholder with its error attached,
   so tf.data never raises mid-iterator; it comes back as a :class:`Failed` in its place and its
   batch-mates go on.
 - Parallelism is fixed, not ``AUTOTUNE`` (autotune was seen to stall ~10 s at the end of finite
-  datasets); ``deterministic=True`` keeps input order, so the caller can match results to Kafka
-  offsets and commit safely. At most ``1 + PREFETCH_BATCHES`` batches are fed ahead of the
-  model, so memory stays bounded and decode of batch k+1 overlaps the model on batch k.
+  datasets); ``deterministic=True`` keeps input order, so results match submissions in order
+  and the caller can commit Kafka offsets safely. ``PREFETCH_BATCHES`` bounds what is decoded
+  ahead of the model, so decode of batch k+1 overlaps the model on batch k.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import threading
@@ -68,131 +73,265 @@ class Failed:
 Result = Featurized | Failed
 
 
-@dataclass
-class StageTimes:
-    """Seconds spent per stage, for logs and metrics (decode overlaps model time)."""
-
-    decode_wait: float = 0.0
-    model: float = 0.0
-    images: int = 0
-    batches: int = 0
-
-
 def default_parallelism() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-#: Batches fed ahead of the one the model is working on.
+#: Batches decoded ahead of the one the model is working on.
 PREFETCH_BATCHES = 1
-#: Sequence number of the padding records that complete a call's last batch.
+#: Default wait for a partial batch to fill, from its first record: short against a batch's
+#: model time (~100-200 ms for 32 photos on 2 cores), long enough that back-to-back polls meet.
+DEFAULT_BATCH_TIMEOUT = 0.02
+#: Sequence number of the padding records that complete a batch cut by time.
 _FILLER = -1
 
 
+class Submission:
+    """The results of one :meth:`Inference.submit`, filled in input order by the model thread."""
+
+    def __init__(self, records: list[ImageRecord]):
+        self.records = records
+        self.results: list[Result] = []
+        self.submitted = time.perf_counter()
+        self.completed: float | None = self.submitted if not records else None
+        self.cancelled = False
+        self._changed = threading.Condition()
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.completed is not None or self._error is not None
+
+    def wait(self, timeout: float | None = None) -> list[Result]:
+        """Every record's result, in order; raises what broke the model thread, if anything."""
+        with self._changed:
+            if not self._changed.wait_for(self.done, timeout):
+                raise TimeoutError(f"{len(self.records) - len(self.results)} of {len(self.records)} images pending")
+        self._raise()
+        return self.results
+
+    def cancel(self) -> None:
+        """The caller no longer wants these results (e.g. its Kafka offsets were rewound)."""
+        self.cancelled = True
+
+    def seconds(self) -> float:
+        """Submit to last result (so far)."""
+        return (self.completed or time.perf_counter()) - self.submitted
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the inference thread failed: {self._error!r}") from self._error
+
+    def _result(self, index: int) -> Result:
+        """Result ``index``, waiting for it."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.results) > index or self._error is not None)
+        self._raise()
+        return self.results[index]
+
+    # -- called by the model thread -----------------------------------------------------------
+    def _add(self, result: Result, last: bool) -> None:
+        with self._changed:
+            self.results.append(result)
+            if last:
+                self.completed = time.perf_counter()
+            self._changed.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+
+@dataclass
+class StageTimes:
+    """Model-thread totals, for logs and metrics (decode runs in tf.data threads, overlapping the model)."""
+
+    decode_wait: float = 0.0  # waiting for the next decoded batch: idle, or input-bound
+    model: float = 0.0
+    images: int = 0
+    batches: int = 0
+    model_rows: int = 0  # rows the model ran: decoded images, not fillers or failures
+
+
 class Inference:
-    """Runs one backbone end point over records, with one long-lived tf.data pipeline."""
+    """Runs one backbone end point over records: one long-lived tf.data pipeline and model thread."""
 
     def __init__(self, backbone: Backbone, layer: str, batch_size: int = 32,
-                 parallel_decode: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 parallel_decode: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1):
         self.backbone = backbone
         self.layer = backbone.info.resolve_layer(layer)
         self.dim = backbone.info.end_points[self.layer]
         self.batch_size = batch_size
         self.parallel_decode = parallel_decode or default_parallelism()
         self.max_pixels = max_pixels
+        self.batch_timeout = batch_timeout
+        self.model_threads = max(1, model_threads)
         self.times = StageTimes()
         self._feed: queue.Queue = queue.Queue()
+        # (submission, record, last of its submission?) fed and awaiting a result, in feed order
+        self._waiting: deque[tuple[Submission, ImageRecord, bool]] = deque()
         self._closed = threading.Event()
+        self._submit_lock = threading.Lock()  # one submitter at a time: feed order = waiting order
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
         self._batches: Iterator | None = None
-        self._lock = threading.Lock()  # one run() at a time: batches must not interleave
+        self._take_lock = threading.Lock()  # one model thread takes the next batch (and its records) at a time
+        self._turn = threading.Condition()  # results are handed out in batch order
+        self._taken = 0  # batches taken by model threads
+        self._handed = 0  # batches whose results were handed out
 
     # -- public -------------------------------------------------------------------------------
+    def submit(self, records: Iterable[ImageRecord]) -> Submission:
+        """Queue ``records`` and return at once; the model thread fills the Submission in order."""
+        submission = Submission(list(records))
+        with self._submit_lock:
+            self._start()
+            for i, record in enumerate(submission.records):
+                self._put(submission, record, last=i == len(submission.records) - 1)
+        return submission
+
     def run(self, records: Iterable[ImageRecord]) -> Iterator[Result]:
-        """Yield one result per record, in order; never raises for a bad image."""
-        with self._lock:
-            yield from self._run(iter(records))
+        """Yield one result per record, in order; never raises for a bad image.
+
+        ``records`` may be a lazy iterator: it is submitted a batch at a time, a few batches
+        ahead of the results taken, so the model never waits on the caller and memory stays
+        bounded whatever its length.
+        """
+        source = iter(records)
+        in_flight: deque[Submission] = deque()
+
+        def refill() -> None:
+            while len(in_flight) < 2 + PREFETCH_BATCHES:
+                chunk = list(itertools.islice(source, self.batch_size))
+                if not chunk:
+                    return
+                in_flight.append(self.submit(chunk))
+
+        try:
+            refill()
+            while in_flight:
+                submission = in_flight[0]
+                for i in range(len(submission.records)):
+                    yield submission._result(i)
+                in_flight.popleft()
+                refill()
+        finally:
+            for submission in in_flight:
+                submission.cancel()
 
     def close(self) -> None:
-        """End the pipeline's feeding generator (also done at interpreter exit)."""
+        """End the feeding generator and the model thread (also done at interpreter exit)."""
         self._closed.set()
 
-    # -- the loop -----------------------------------------------------------------------------
-    def _run(self, source: Iterator[ImageRecord]) -> Iterator[Result]:
-        batches = self._pipeline()
-        waiting: deque[ImageRecord] = deque()  # fed, result not yet yielded, in order
-        fed = 0  # elements fed this call (records + fillers): always drained to a batch boundary
-        exhausted = False
+    # -- feeding ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the inference thread failed earlier: {self._error!r}") from self._error
+        if not self._threads:
+            self._batches = iter(self._dataset())
+            for i in range(self.model_threads):
+                thread = threading.Thread(target=self._model_loop, name=f"deeper-inference-{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            _close_at_exit(self)
+
+    def _put(self, submission: Submission, record: ImageRecord, last: bool) -> None:
+        self._waiting.append((submission, record, last))  # first: the model thread pops in feed order
+        self._feed.put(record.data)
+
+    def _feeder(self) -> Iterator[tuple[int, bytes]]:
+        """The dataset's source: blocks on the queue; completes a batch with fillers when its time is up."""
+        count, deadline = 0, 0.0  # records in the current batch; when it must go out
+        while not self._closed.is_set():
+            wait = max(0.0, deadline - time.monotonic()) if count else 0.1
+            try:
+                data = self._feed.get(timeout=wait)
+            except queue.Empty:
+                if count:
+                    for _ in range(self.batch_size - count):
+                        yield _FILLER, b""
+                    count = 0
+                continue
+            if count == 0:
+                deadline = time.monotonic() + self.batch_timeout
+            yield 0, data
+            count = (count + 1) % self.batch_size
+
+    # -- the model threads --------------------------------------------------------------------
+    def _model_loop(self) -> None:
+        """Take a batch, run the model on its decoded rows, hand results out in batch order.
+
+        With several model threads (each op single-threaded, see :mod:`pipeline.threads`),
+        batches run side by side; a preempted op then delays only its own batch, where one
+        batch split over every core has its other threads wait for the straggler.
+        """
+        records: list[tuple[Submission, ImageRecord, bool]] = []  # taken, results not handed out yet
         try:
             while True:
-                while not exhausted and len(waiting) < self.batch_size * (1 + PREFETCH_BATCHES):
-                    record = next(source, None)
-                    if record is None:
-                        exhausted = True
-                        fed += self._pad(fed)
-                        break
-                    self._feed.put((fed, record.data))
-                    waiting.append(record)
-                    fed += 1
-                if not waiting:
-                    return
                 started = time.perf_counter()
-                batch = next(batches)
-                self.times.decode_wait += time.perf_counter() - started
-                fed -= self.batch_size
-                yield from self._run_batch(waiting, *(t.numpy() for t in batch))
-        finally:
-            self._drain(batches, fed)
+                with self._take_lock:
+                    batch = next(self._batches, None)
+                    if batch is None:  # closed
+                        return
+                    seq, pixels, width, height, error = (t.numpy() for t in batch)
+                    real = seq != _FILLER
+                    records = [self._waiting.popleft() for _ in range(int(real.sum()))]
+                    ticket = self._taken
+                    self._taken += 1
+                waited = time.perf_counter() - started
+                ok = real & (error == b"")
+                vectors, model_s = self._model(pixels, ok)
+                with self._turn:
+                    self._turn.wait_for(lambda: self._handed == ticket or self._error is not None)
+                    if self._error is not None:  # another model thread failed: the order is broken
+                        raise self._error
+                    self._hand_out(records, real, ok, vectors, width, height, error)
+                    self._account(waited, model_s, len(records), int(ok.sum()))
+                    self._handed += 1
+                    self._turn.notify_all()
+                records = []
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter, never lost in a thread
+            self._fail_all(exc, records)
 
-    def _pad(self, fed: int) -> int:
-        """Complete the last batch with fillers so a never-ending dataset's batch() returns."""
-        missing = -fed % self.batch_size
-        for _ in range(missing):
-            self._feed.put((_FILLER, b""))
-        return missing
+    def _fail_all(self, exc: BaseException, in_hand: list[tuple[Submission, ImageRecord, bool]]) -> None:
+        """Every record taken or waiting gets the error; the other model threads stop too."""
+        with self._turn:
+            self._error = self._error or exc
+            self._turn.notify_all()
+        for submission, _, _ in in_hand:
+            submission._fail(exc)
+        with self._take_lock:
+            while self._waiting:
+                self._waiting.popleft()[0]._fail(exc)
 
-    def _drain(self, batches: Iterator, fed: int) -> None:
-        """The caller stopped early: discard what is still in the pipeline for this call."""
-        if fed <= 0:
-            return
-        fed += self._pad(fed)
-        for _ in range(fed // self.batch_size):
-            next(batches)
+    def _model(self, pixels: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray | None, float]:
+        """Vectors of the decoded rows (fillers and failures never reach the model)."""
+        if not ok.any():
+            return None, 0.0
+        started = time.perf_counter()
+        rows = pixels if ok.all() else pixels[ok]
+        return self.backbone.run(rows, [self.layer])[self.layer], time.perf_counter() - started
 
-    def _run_batch(self, waiting: deque[ImageRecord], seq: np.ndarray, pixels: np.ndarray, width: np.ndarray,
-                   height: np.ndarray, error: np.ndarray) -> Iterator[Result]:
-        real = seq != _FILLER
-        ok = real & (error == b"")
-        vectors = None
-        if ok.any():
-            started = time.perf_counter()
-            vectors = self.backbone.run(pixels[ok], [self.layer])[self.layer]
-            self.times.model += time.perf_counter() - started
-        self.times.batches += 1
+    def _hand_out(self, records: list[tuple[Submission, ImageRecord, bool]], real: np.ndarray, ok: np.ndarray,
+                  vectors: np.ndarray | None, width: np.ndarray, height: np.ndarray, error: np.ndarray) -> None:
         row = 0
-        for i in np.flatnonzero(real):
-            record = waiting.popleft()
-            self.times.images += 1
+        for (submission, record, last), i in zip(records, np.flatnonzero(real)):
             if ok[i]:
-                yield Featurized(record, vectors[row], int(width[i]), int(height[i]))
+                submission._add(Featurized(record, vectors[row], int(width[i]), int(height[i])), last)
                 row += 1
             else:
                 reason, _, detail = error[i].decode().partition(":")
-                yield Failed(record, reason, detail.strip())
+                submission._add(Failed(record, reason, detail.strip()), last)
+
+    def _account(self, waited: float, model_s: float, images: int, rows: int) -> None:
+        self.times.decode_wait += waited
+        self.times.model += model_s
+        self.times.batches += 1
+        self.times.images += images
+        self.times.model_rows += rows
 
     # -- the tf.data pipeline -----------------------------------------------------------------
-    def _pipeline(self) -> Iterator:
-        if self._batches is None:
-            self._batches = iter(self._dataset())
-            _close_at_exit(self)
-        return self._batches
-
-    def _feeder(self) -> Iterator[tuple[int, bytes]]:
-        """The dataset's source: blocks on the queue, ends when the Inference is closed."""
-        while not self._closed.is_set():
-            try:
-                yield self._feed.get(timeout=0.1)
-            except queue.Empty:
-                continue
-
     def _decode(self, data: bytes) -> tuple[np.ndarray, np.int32, np.int32, bytes]:
         try:
             image = decode_image(bytes(data), self.max_pixels)
@@ -200,7 +339,7 @@ class Inference:
             return np.zeros((1, 1, 3), np.uint8), np.int32(0), np.int32(0), f"{exc.reason}: {exc.detail}".encode()
         return image.pixels, np.int32(image.width), np.int32(image.height), b""
 
-    def _dataset(self):
+    def _dataset(self) -> Any:
         import tensorflow as tf
 
         size = self.backbone.info.image_size

@@ -162,3 +162,52 @@ def test_same_image_same_vector_whatever_the_batch(effnet, good, bad, alone):
         assert [r.record for r in results] == records
         assert sum(isinstance(r, Featurized) for r in results) == 7
         _check_vectors(results, alone, atol=1e-4)
+
+
+# -- batches cut by size or time, submissions, several model threads ---------------------------
+
+
+def test_a_partial_batch_goes_out_when_its_time_is_up(effnet, good, alone):
+    """3 photos in a batch of 32 on a stream that sends nothing more: the batch must not wait forever."""
+    inference = Inference(effnet, LAYER, batch_size=32, batch_timeout=0.05)
+    submission = inference.submit(good[:3])
+    results = submission.wait(timeout=60)
+    assert [r.record for r in results] == good[:3]
+    assert inference.times.batches == 1 and inference.times.model_rows == 3
+    _check_vectors(results, alone, atol=1e-4)
+
+
+def test_consecutive_submissions_share_a_batch(effnet, good, alone):
+    """Small polls arriving back to back make one full batch, not two half-empty ones."""
+    backbone = CountingBackbone(effnet)
+    inference = Inference(backbone, LAYER, batch_size=5, batch_timeout=2.0)
+    first, second = inference.submit(good[:2]), inference.submit(good[2:5])
+    assert [r.record for r in first.wait(timeout=60)] == good[:2]
+    assert [r.record for r in second.wait(timeout=60)] == good[2:5]
+    assert backbone.calls == [5], backbone.calls
+    _check_vectors(first.results + second.results, alone, atol=1e-4)
+
+
+def test_several_model_threads_hand_results_out_in_order(effnet, mixed, alone):
+    """Batches run side by side, yet every submission gets its results in input order."""
+    inference = Inference(effnet, LAYER, batch_size=2, model_threads=2, batch_timeout=0.01)
+    submissions = [inference.submit(mixed[i:i + 3]) for i in range(0, len(mixed), 3)]
+    results = [r for s in submissions for r in s.wait(timeout=60)]
+    assert [r.record for r in results] == mixed
+    assert ["G" if isinstance(r, Featurized) else "B" for r in results] == list(LAYOUT)
+    _check_vectors(results, alone, atol=1e-4)
+    assert [r.record for r in inference.run(mixed)] == mixed
+
+
+def test_a_failing_model_reaches_the_waiting_caller(effnet, good):
+    """An exception in the model thread is raised to whoever waits, not lost in the thread."""
+
+    class Broken(CountingBackbone):
+        def run(self, batch, layers):
+            raise MemoryError("simulated: the model ran out of memory")
+
+    inference = Inference(Broken(effnet), LAYER, batch_size=2, batch_timeout=0.01)
+    with pytest.raises(RuntimeError, match="inference thread failed"):
+        inference.submit(good[:2]).wait(timeout=60)
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        inference.submit(good[:1])

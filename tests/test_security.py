@@ -250,7 +250,7 @@ def test_every_client_of_every_command_gets_the_security_settings(name, recorder
     commands = {
         "featurizer": lambda: featurizer_module.cmd_featurizer(argparse.Namespace(
             model=None, weights=None, cache_dir=None, layer=None, batch_size=8, group=None, partitions=4,
-            roll_rows=10, roll_seconds=1.0, wait=1.0, exit_when_idle=0.1)),
+            roll_rows=10, roll_seconds=1.0, wait=1.0, exit_when_idle=0.1, batch_timeout_ms=20.0, model_threads=0)),
         "scorer": lambda: scorer_module.cmd_scorer(argparse.Namespace(
             registry=None, group=None, batch_size=8, partitions=4, wait=1.0, wait_for_model=0.0, exit_when_idle=0.1)),
         "produce": lambda: produce_module.cmd_produce(argparse.Namespace(
