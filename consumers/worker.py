@@ -87,7 +87,9 @@ class StreamWorker:
 
     def submit(self, messages: Sequence[Any]) -> None:
         """Start work on ``messages``; by default all of it, now (:meth:`process`)."""
+        started = time.perf_counter()
         self.process(messages)
+        self.metrics.batch_seconds.labels(self.stage).observe(time.perf_counter() - started)
         self._finished.append(messages)
 
     def collect(self, block: bool) -> list[Sequence[Any]]:

@@ -110,7 +110,8 @@ class Submission:
         return self.results
 
     def cancel(self) -> None:
-        """The caller no longer wants these results (e.g. its Kafka offsets were rewound)."""
+        """The caller no longer wants these results (e.g. its Kafka offsets were rewound): the
+        model thread drops them instead of keeping them here."""
         self.cancelled = True
 
     def seconds(self) -> float:
@@ -318,11 +319,13 @@ class Inference:
         row = 0
         for (submission, record, last), i in zip(records, np.flatnonzero(real)):
             if ok[i]:
-                submission._add(Featurized(record, vectors[row], int(width[i]), int(height[i])), last)
+                result: Result = Featurized(record, vectors[row], int(width[i]), int(height[i]))
                 row += 1
             else:
                 reason, _, detail = error[i].decode().partition(":")
-                submission._add(Failed(record, reason, detail.strip()), last)
+                result = Failed(record, reason, detail.strip())
+            if not submission.cancelled:  # nobody waits for a cancelled submission: let its results go
+                submission._add(result, last)
 
     def _account(self, waited: float, model_s: float, images: int, rows: int) -> None:
         self.times.decode_wait += waited

@@ -22,7 +22,8 @@ class Metrics:
                               registry=registry)
         self.dead_letters = Counter("deeper_dead_letters_total", "Messages sent to the dead-letter topic",
                                     ["stage", "reason"], registry=registry)
-        self.batch_seconds = Histogram("deeper_batch_seconds", "Wall time of one batch, poll to produce",
+        self.batch_seconds = Histogram("deeper_batch_seconds",
+                                       "Wall time of one poll's messages, hand-over to outputs sent",
                                        ["stage"], buckets=_BUCKETS, registry=registry)
         self.stage_seconds = Histogram("deeper_stage_seconds", "Time per pipeline step of one batch",
                                        ["stage", "step"], buckets=_BUCKETS, registry=registry)
