@@ -226,11 +226,10 @@ def _thread_plan(precision: str | None, model_threads: int) -> ThreadPlan:
     from pipeline import precision as precision_lib
     from pipeline import threads
 
-    plan = threads.stream_plan(gpu=bool(tf.config.list_physical_devices("GPU")),
-                               lite=precision_lib.is_lite(precision or precision_lib.DEFAULT_PRECISION),
+    plan = threads.stream_plan(precision_lib.check(precision), gpu=bool(tf.config.list_physical_devices("GPU")),
                                model_threads=model_threads)
     if not threads.apply(plan):  # TensorFlow already running (e.g. embedded): its pools suit one model thread
-        plan = threads.ThreadPlan(1, 0, 0, "TensorFlow was already initialized: its default pools")
+        plan = threads.DEFAULT_POOLS
     event(log, "thread plan", model_threads=plan.model_threads, intra_op=plan.intra_op, inter_op=plan.inter_op,
           why=plan.why)
     return plan

@@ -10,11 +10,13 @@ Why it is shaped like this:
 - The model runs in its own thread, so :meth:`Inference.submit` returns at once: the stream
   featurizer polls Kafka, writes Parquet and produces while the model works (kafka-python
   fetches only inside ``poll()``, so a poll loop that waits on the model leaves the network idle).
-- Batches are cut by size *or* by time: records from consecutive submissions share a batch
-  (small polls make full batches when the model is busy), and a partial batch waits at most
-  ``batch_timeout`` after its first record, then goes out completed with filler records; a
-  never-ending dataset's ``batch()`` would otherwise wait forever on a slow stream. Fillers
-  (and images that fail to decode) never reach the model: each batch runs only its decoded rows.
+- Batches are cut by size *or* by time: records from consecutive submissions share a batch,
+  and a partial batch goes out completed with filler records once ``batch_timeout`` has passed
+  since its first record *and* a model thread is free to take it (while every model thread is
+  busy it keeps filling: a batch of 3 would waste the model's next turn, and queueing behind
+  small batches was what made latency long at moderate rates). A never-ending dataset's
+  ``batch()`` would otherwise wait forever on a slow stream. Fillers (and images that fail to
+  decode) never reach the model: each batch runs only its decoded rows.
 - A record that fails to decode flows through as a 1x1 placeholder with its error attached,
   so tf.data never raises mid-iterator; it comes back as a :class:`Failed` in its place and its
   batch-mates go on.
@@ -179,6 +181,7 @@ class Inference:
         self._batches: Iterator | None = None
         self._take_lock = threading.Lock()  # one model thread takes the next batch (and its records) at a time
         self._turn = threading.Condition()  # results are handed out in batch order
+        self._busy = 0  # model threads running the model now (a partial batch waits while all are)
         self._taken = 0  # batches taken by model threads
         self._handed = 0  # batches whose results were handed out
 
@@ -249,10 +252,12 @@ class Inference:
             try:
                 data = self._feed.get(timeout=wait)
             except queue.Empty:
-                if count:
+                if count and self._busy < self.model_threads:  # a model thread is free: don't keep it waiting
                     for _ in range(self.batch_size - count):
                         yield _FILLER, b""
                     count = 0
+                elif count:  # every model thread is busy: more photos may still join this batch
+                    deadline = time.monotonic() + min(self.batch_timeout, 0.005)
                 continue
             if count == 0:
                 deadline = time.monotonic() + self.batch_timeout
@@ -282,7 +287,13 @@ class Inference:
                     self._taken += 1
                 waited = time.perf_counter() - started
                 ok = real & (error == b"")
-                vectors, model_s = self._model(pixels, ok)
+                with self._turn:
+                    self._busy += 1
+                try:
+                    vectors, model_s = self._model(pixels, ok)
+                finally:
+                    with self._turn:
+                        self._busy -= 1
                 with self._turn:
                     self._turn.wait_for(lambda: self._handed == ticket or self._error is not None)
                     if self._error is not None:  # another model thread failed: the order is broken

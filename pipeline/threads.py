@@ -1,16 +1,17 @@
-"""How the stream featurizer spends its cores: TensorFlow's thread pools, set on purpose.
+"""How the stream featurizer spends its cores: TensorFlow's thread pools, chosen on purpose.
 
 TensorFlow's default gives every op all the cores (intra-op pool = cores) and runs one model
 call at a time. In the stream that call shares the cores with decoding (tf.data threads), the
-Kafka clients, and often the broker: when one of an op's threads is preempted, the op waits
-for that straggler and the model slows down for every batch.
+Kafka clients and often the broker; when one of an op's threads is preempted, the op waits for
+that straggler. Running ``model_threads`` batches side by side, each op on
+``cores / model_threads`` threads, lets a preempted op delay only its own batch.
 
-The plan here runs ``model_threads`` batches side by side instead, each op on
-``intra_op`` = cores / model_threads threads (one thread each on a 2-core machine), so a
-preempted op delays only its own batch. Measured on the 2-vCPU bench machine (bench/README.md,
-stream variants): +8% images/s with bf16 and within noise with fp32; the model alone is as
-fast either way. It applies to TensorFlow precisions on CPU; TF-Lite precisions have their own
-thread pool and one interpreter (one batch at a time), and a GPU runs one big batch.
+Measured on the 2-vCPU bench machine (stream of 500 photos, medians of 3 interleaved runs, two
+sessions; bench/README.md): with bf16, two batches side by side gave +5% and +7% images/s; with
+fp32, +7% once and -3% the other time, and the featurizer's memory grew by ~300-500 MiB and no
+longer stayed flat over 10,000 photos. So the plan runs two batches side by side for bf16 only;
+fp32, TF-Lite precisions (their own thread pool, one interpreter) and GPUs (one large batch)
+keep one model thread and TensorFlow's default pools. ``--model-threads`` overrides it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+#: Precisions for which two batches side by side measured faster on CPU.
+SIDE_BY_SIDE_PRECISIONS = ("bf16",)
+
 
 @dataclass(frozen=True)
 class ThreadPlan:
@@ -30,20 +34,29 @@ class ThreadPlan:
     why: str
 
 
-def stream_plan(cores: int | None = None, gpu: bool = False, lite: bool = False,
+DEFAULT_POOLS = ThreadPlan(1, 0, 0, "one model thread, TensorFlow's default pools")
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def stream_plan(precision: str = "fp32", cores: int | None = None, gpu: bool = False,
                 model_threads: int = 0) -> ThreadPlan:
-    """The featurizer's plan for this machine; ``model_threads`` > 0 overrides the choice."""
-    if not cores:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The featurizer's plan for this machine and precision; ``model_threads`` > 0 overrides the choice."""
+    cores = cores or usable_cores()
     if gpu:
         return ThreadPlan(1, 0, 0, "GPU: one large batch at a time, TensorFlow's default pools")
-    if lite:
+    if precision in ("fp32-lite", "int8"):
         return ThreadPlan(1, 0, 0, "TF-Lite precision: one interpreter with its own thread pool")
-    threads = model_threads or min(2, cores)
+    threads = model_threads or (min(2, cores) if precision in SIDE_BY_SIDE_PRECISIONS else 1)
     if threads == 1:
-        return ThreadPlan(1, 0, 0, "one model thread: TensorFlow's default pools")
-    return ThreadPlan(threads, max(1, cores // threads), threads,
-                      f"{threads} batches side by side, {max(1, cores // threads)} thread(s) per op, on {cores} cores")
+        return DEFAULT_POOLS
+    per_op = max(1, cores // threads)
+    return ThreadPlan(threads, per_op, threads, f"{threads} batches side by side, {per_op} thread(s) per op, "
+                                                f"on {cores} cores")
 
 
 def apply(plan: ThreadPlan) -> bool:

@@ -1,25 +1,30 @@
-"""The featurizer's thread plan (pipeline/threads.py): what it chooses per machine."""
+"""The featurizer's thread plan (pipeline/threads.py): what it chooses per machine and precision."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.threads import stream_plan
+from pipeline.threads import DEFAULT_POOLS, stream_plan
 
 
 @pytest.mark.parametrize("cores, expected", [(1, (1, 0, 0)), (2, (2, 1, 2)), (3, (2, 1, 2)), (16, (2, 8, 2))])
-def test_cpu_plans_run_two_batches_side_by_side_with_the_cores_split(cores, expected):
-    plan = stream_plan(cores=cores)
+def test_bf16_runs_two_batches_side_by_side_with_the_cores_split(cores, expected):
+    plan = stream_plan("bf16", cores=cores)
     assert (plan.model_threads, plan.intra_op, plan.inter_op) == expected
     assert plan.why
 
 
-def test_gpu_and_tf_lite_run_one_batch_at_a_time_with_default_pools():
-    for plan in (stream_plan(cores=8, gpu=True), stream_plan(cores=8, lite=True)):
-        assert (plan.model_threads, plan.intra_op, plan.inter_op) == (1, 0, 0)
+@pytest.mark.parametrize("precision", ["fp32", "fp32-lite", "int8"])
+def test_other_precisions_keep_one_model_thread_and_the_default_pools(precision):
+    assert (stream_plan(precision, cores=8).model_threads, stream_plan(precision, cores=8).intra_op) == (1, 0)
+
+
+def test_a_gpu_runs_one_batch_at_a_time():
+    plan = stream_plan("bf16", cores=8, gpu=True)
+    assert (plan.model_threads, plan.intra_op, plan.inter_op) == (1, 0, 0)
 
 
 def test_an_explicit_model_thread_count_wins():
-    assert stream_plan(cores=8, model_threads=1).model_threads == 1
-    plan = stream_plan(cores=8, model_threads=4)
+    assert stream_plan("bf16", cores=8, model_threads=1) == DEFAULT_POOLS
+    plan = stream_plan("fp32", cores=8, model_threads=4)
     assert (plan.model_threads, plan.intra_op, plan.inter_op) == (4, 2, 4)
