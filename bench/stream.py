@@ -399,12 +399,12 @@ class Variant:
 #: Stream variants: what the featurizer's options change, and changes proposed for consumers/
 #: (``patches``, through bench/patched_cli.py) measured before anyone makes them.
 VARIANTS: dict[str, Variant] = {
-    "bf16 (two batches side by side)": Variant(precision="bf16"),
-    "bf16, one model thread": Variant(precision="bf16", args=("--model-threads", "1")),
+    "bf16": Variant(precision="bf16"),
+    "bf16, two batches side by side": Variant(precision="bf16", args=("--model-threads", "2")),
     "fp32, two batches side by side": Variant(args=("--model-threads", "2")),
     "fp32-lite": Variant(precision="fp32-lite"),
 }
-QUICK_VARIANTS = ("bf16 (two batches side by side)",)
+QUICK_VARIANTS = ("bf16",)
 
 
 def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, variant: Variant = Variant()) -> dict[str, Any]:

@@ -6,12 +6,14 @@ Kafka clients and often the broker; when one of an op's threads is preempted, th
 that straggler. Running ``model_threads`` batches side by side, each op on
 ``cores / model_threads`` threads, lets a preempted op delay only its own batch.
 
-Measured on the 2-vCPU bench machine (stream of 500 photos, medians of 3 interleaved runs, two
-sessions; bench/README.md): with bf16, two batches side by side gave +5% and +7% images/s; with
-fp32, +7% once and -3% the other time, and the featurizer's memory grew by ~300-500 MiB and no
-longer stayed flat over 10,000 photos. So the plan runs two batches side by side for bf16 only;
-fp32, TF-Lite precisions (their own thread pool, one interpreter) and GPUs (one large batch)
-keep one model thread and TensorFlow's default pools. ``--model-threads`` overrides it.
+Measured on the 2-vCPU bench machine (stream of 500 photos, medians of 3 interleaved runs,
+three sessions' runs on 2026-11-22; bench/README.md), two batches side by side against one:
+fp32 +7%, -3%, +7%; bf16 +5%, +7%, -14%. That is within this shared host's noise, while the
+featurizer's memory grew by ~300-500 MiB and once stopped staying flat over 10,000 photos. So
+the default stays one model thread with TensorFlow's default pools (every op on all cores);
+``--model-threads N`` runs N batches side by side, cores split between them, for machines where
+it measures faster. TF-Lite precisions (their own thread pool, one interpreter) and GPUs (one
+large batch) always use one model thread.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-#: Precisions for which two batches side by side measured faster on CPU.
-SIDE_BY_SIDE_PRECISIONS = ("bf16",)
+#: Precisions for which several batches side by side measured faster on CPU by default (none yet).
+SIDE_BY_SIDE_PRECISIONS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
