@@ -273,7 +273,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT * 1000,
                    help="longest a partial batch waits for more photos before it runs (default %(default)g)")
     p.add_argument("--model-threads", type=int, default=0,
-                   help="batches the model runs side by side (default 0: chosen for the machine, pipeline/threads.py)")
+                   help="batches the model runs side by side, cores split between them "
+                        "(default 0: the plan in pipeline/threads.py, one on CPU today)")
     p.add_argument("--group", default=None, help="consumer group id (default $DEEPER_FEATURIZER_GROUP)")
     p.add_argument("--partitions", type=int, default=4, help="partitions for topics it must create")
     p.add_argument("--roll-rows", type=int, default=5000, help="rows per Parquet part file (at most)")

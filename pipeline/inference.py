@@ -157,7 +157,7 @@ class StageTimes:
 
 
 class Inference:
-    """Runs one backbone end point over records: one long-lived tf.data pipeline and model thread."""
+    """Runs one backbone end point over records: one long-lived tf.data pipeline, model thread(s)."""
 
     def __init__(self, backbone: Backbone, layer: str, batch_size: int = 32,
                  parallel_decode: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
