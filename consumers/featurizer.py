@@ -208,26 +208,20 @@ def stream_backbone_and_layer(settings: Settings, model: str | None, layer: str 
     return chosen_model, chosen_layer
 
 
-def gpu_batch_size(requested: int) -> int:
+def gpu_batch_size(requested: int, gpus: Sequence[Any]) -> int:
     """On a GPU, batches of 32 leave it idle; raise them (TF places the model there itself)."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         event(log, "GPU found; the model runs on it", gpus=[g.name for g in gpus])
         return max(requested, 128)
     return requested
 
 
-def _thread_plan(precision: str | None, model_threads: int) -> ThreadPlan:
+def _thread_plan(precision: str | None, model_threads: int, gpu: bool) -> ThreadPlan:
     """Set TensorFlow's pools for the stream before anything runs (see :mod:`pipeline.threads`)."""
-    import tensorflow as tf
-
     from pipeline import precision as precision_lib
     from pipeline import threads
 
-    plan = threads.stream_plan(precision_lib.check(precision), gpu=bool(tf.config.list_physical_devices("GPU")),
-                               model_threads=model_threads)
+    plan = threads.stream_plan(precision_lib.check(precision), gpu=gpu, model_threads=model_threads)
     if not threads.apply(plan):  # TensorFlow already running (e.g. embedded): its pools suit one model thread
         plan = threads.DEFAULT_POOLS
     event(log, "thread plan", model_threads=plan.model_threads, intra_op=plan.intra_op, inter_op=plan.inter_op,
@@ -236,6 +230,8 @@ def _thread_plan(precision: str | None, model_threads: int) -> ThreadPlan:
 
 
 def cmd_featurizer(args: argparse.Namespace) -> int:
+    import tensorflow as tf
+
     from pipeline.kafka_io import ensure_topics, wait_for_broker
     from pipeline.logs import setup_json_logging
     from pipeline.metrics import serve
@@ -245,14 +241,15 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
     settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir)
     model, layer = stream_backbone_and_layer(settings, args.model, args.layer)
     precision = None if "@" in model else (getattr(args, "precision", None) or settings.precision)  # NAME@PRECISION wins
-    plan = _thread_plan(model.partition("@")[2] or precision, args.model_threads)
+    gpus = tf.config.list_physical_devices("GPU")  # lists devices without starting TF's runtime
+    plan = _thread_plan(model.partition("@")[2] or precision, args.model_threads, bool(gpus))
     backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
                              progress=False, announce=lambda msg: event(log, msg), precision=precision)
     wait_for_broker(settings, timeout=args.wait)
     ensure_topics(settings, {settings.images_topic: args.partitions, settings.features_topic: args.partitions,
                              settings.dead_letter_topic: 1})
     serve(int(settings.metrics_port), settings.metrics_addr)
-    worker = Featurizer(settings, backbone, layer, gpu_batch_size(args.batch_size), args.group,
+    worker = Featurizer(settings, backbone, layer, gpu_batch_size(args.batch_size, gpus), args.group,
                         args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads)
     worker.install_signal_handlers()
     worker.run(max_idle_seconds=args.exit_when_idle)

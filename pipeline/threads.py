@@ -22,10 +22,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+from pipeline.precision import is_lite
 
-#: Precisions for which several batches side by side measured faster on CPU by default (none yet).
-SIDE_BY_SIDE_PRECISIONS: tuple[str, ...] = ()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,13 @@ def usable_cores() -> int:
 
 def stream_plan(precision: str = "fp32", cores: int | None = None, gpu: bool = False,
                 model_threads: int = 0) -> ThreadPlan:
-    """The featurizer's plan for this machine and precision; ``model_threads`` > 0 overrides the choice."""
+    """The featurizer's plan: one model thread unless ``model_threads`` > 0 asks for more on CPU."""
     cores = cores or usable_cores()
     if gpu:
         return ThreadPlan(1, 0, 0, "GPU: one large batch at a time, TensorFlow's default pools")
-    if precision in ("fp32-lite", "int8"):
+    if is_lite(precision):
         return ThreadPlan(1, 0, 0, "TF-Lite precision: one interpreter with its own thread pool")
-    threads = model_threads or (min(2, cores) if precision in SIDE_BY_SIDE_PRECISIONS else 1)
+    threads = model_threads or 1
     if threads == 1:
         return DEFAULT_POOLS
     per_op = max(1, cores // threads)

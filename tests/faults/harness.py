@@ -911,15 +911,21 @@ def _with_moments(rows: list[dict[str, Any]], moments: Sequence[str]) -> list[di
     return _nan_to_none(rows)
 
 
+def _scenario_pipeline(broker: LocalBroker, root: Path, cache_dir: Path, name: str, n_images: int, seed: int,
+                       rate: float) -> tuple[Pipeline, list[Photo], Feeder]:
+    """A scenario's fresh pipeline, its ``n_images`` distinct photos and the (not yet started) feeder."""
+    pipe = Pipeline(broker, root, cache_dir, name)
+    photos = synthetic_photos(n_images, seed=seed, prefix=name.split("-")[0])
+    return pipe, photos, Feeder(pipe.settings, photos, rate=rate)
+
+
 def featurizer_crashes(broker: LocalBroker, root: Path, cache_dir: Path, n_images: int, kills: int,
                        seed: int = 1, kill_span: tuple[float, float] = (0.2, 4.0), rate: float = 40.0,
                        log: Callable[[str], None] = print) -> ScenarioResult:
     """SIGKILL the featurizer ``kills`` times while images stream in; a clean run drains the rest."""
     rng = random.Random(seed)
     started = time.monotonic()
-    pipe = Pipeline(broker, root, cache_dir, "fz-crash")
-    photos = synthetic_photos(n_images, seed=seed, prefix="fz")
-    feeder = Feeder(pipe.settings, photos, rate=rate)
+    pipe, photos, feeder = _scenario_pipeline(broker, root, cache_dir, "fz-crash", n_images, seed, rate)
     stale = pipe.plant_stale_temp_file()
     try:
         pipe.featurizer.start()
@@ -961,9 +967,7 @@ def scorer_crashes(broker: LocalBroker, root: Path, cache_dir: Path, n_images: i
     """The featurizer runs steadily; the scorer is SIGKILLed ``kills`` times mid-stream."""
     rng = random.Random(seed)
     started = time.monotonic()
-    pipe = Pipeline(broker, root, cache_dir, "sc-crash")
-    photos = synthetic_photos(n_images, seed=seed, prefix="sc")
-    feeder = Feeder(pipe.settings, photos, rate=rate)
+    pipe, photos, feeder = _scenario_pipeline(broker, root, cache_dir, "sc-crash", n_images, seed, rate)
     workers = [pipe.featurizer, pipe.scorer]
     try:
         _bootstrap_model(pipe, photos, feeder, n_train, log)
@@ -995,9 +999,7 @@ def broker_restarts(broker: LocalBroker, root: Path, cache_dir: Path, n_images: 
     """
     rng = random.Random(seed)
     started = time.monotonic()
-    pipe = Pipeline(broker, root, cache_dir, "br-restart")
-    photos = synthetic_photos(n_images, seed=seed, prefix="br")
-    feeder = Feeder(pipe.settings, photos, rate=rate)
+    pipe, photos, feeder = _scenario_pipeline(broker, root, cache_dir, "br-restart", n_images, seed, rate)
     workers = [pipe.featurizer, pipe.scorer]
     try:
         _bootstrap_model(pipe, photos, feeder, n_train, log)
