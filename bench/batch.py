@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (BACKBONES, LAYERS, REPO, Context, car_photos, distinct_photos, inception_weights,
-                          interleaved_runs, load, preprocessed, rate_summary, say, tile, timed_runs)
+from bench.common import (BACKBONES, CAMERA_SIZE, LAYERS, REPO, Context, camera_jpeg, car_photos, distinct_photos,
+                          inception_weights, interleaved_runs, load, preprocessed, rate_summary, say, tile, timed_runs)
 
 
 # --------------------------------------------------------------------------- model alone
@@ -163,7 +163,45 @@ def decode_preprocess(ctx: Context) -> dict[str, Any]:
                     "backbone.preprocess in the decode thread pool, batches of 32; per_call = one run() "
                     "call on 1 or 32 records (what the stream featurizer pays per poll)",
             "photos": source, "images": len(records), "mean_bytes": int(np.mean([len(d) for _, d in photos])),
-            "rows": rows, "decode_image_one_thread": single, "draft_probe": _draft_probe(datas, runs)}
+            "rows": rows, "decode_image_one_thread": single, "draft_probe": _draft_probe(datas, runs),
+            "camera_12mp": camera_decode(ctx, paths)}
+
+
+def camera_decode(ctx: Context, paths: list[Path]) -> dict[str, Any]:
+    """decode_image on 12-MP camera JPEGs, one thread: full size vs scaled to what the backbones
+    need (``min_side=covering_side(224)``: DCT scaling, 1/8 at 4000x3000), and the Inference input
+    path (decode + preprocess, default parallelism) on the same photos."""
+    from pipeline.decode import covering_side, decode_image
+    from pipeline.inference import ImageRecord, Inference
+
+    count = ctx.scale(8, 2)
+    datas = [camera_jpeg(p.read_bytes(), seed=i) for i, p in enumerate(paths[:count])]
+    side = covering_side(224)
+    runs = ctx.scale(5, 2)
+
+    def full():
+        for data in datas:
+            decode_image(data)
+
+    def scaled():
+        for data in datas:
+            decode_image(data, min_side=side)
+
+    times = interleaved_runs({"full": full, "scaled": scaled}, runs, warmup=1)
+    one_thread = {name: {**rate_summary(len(datas), seconds),
+                         "ms_per_image": round(1000 * float(np.median(seconds)) / len(datas), 1)}
+                  for name, seconds in times.items()}
+    say(f"  decode_image 12 MP, one thread: full {one_thread['full']['ms_per_image']} ms, "
+        f"scaled {one_thread['scaled']['ms_per_image']} ms")
+    records = [ImageRecord(str(i), data, f"camera-{i}") for i, data in enumerate(datas * ctx.scale(4, 1))]
+    inference = Inference(_NoModel(load(ctx, "efficientnet_lite0")), "prelogits", batch_size=min(8, len(records)))
+    seconds = timed_runs(lambda: sum(1 for _ in inference.run(records)), runs, warmup=1)
+    pipeline = rate_summary(len(records), seconds)
+    say(f"  decode+preprocess 12 MP (efficientnet_lite0, scaled): {pipeline['per_s']} img/s")
+    return {"what": f"{len(datas)} camera JPEGs {CAMERA_SIZE[0]}x{CAMERA_SIZE[1]} (cars photos upscaled, "
+                    f"noise sd 3, q90), mean {int(np.mean([len(d) for d in datas]))} bytes; min_side={side}",
+            "decode_image_one_thread": one_thread,
+            "decode_preprocess_scaled": pipeline}
 
 
 def _draft_probe(datas: list[bytes], runs: int) -> dict[str, Any]:

@@ -205,6 +205,28 @@ def car_photos(ctx: Context) -> tuple[list[Path], str]:
     return paths, "synthetic 640x427 JPEGs (../shared/data/cars missing)"
 
 
+#: What a phone or camera saves today: 12 megapixels.
+CAMERA_SIZE = (4000, 3000)
+
+
+def camera_jpeg(data: bytes, seed: int = 0, size: tuple[int, int] = CAMERA_SIZE) -> bytes:
+    """A camera-sized JPEG from a small photo: upscaled, mild sensor noise (sd 3), quality 90.
+
+    Upscaling alone gives smooth blocks that entropy-decode faster than a real photo; the
+    noise brings the size and the decode cost to a real 12-MP photo's (~1.6 MB).
+    """
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        big = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0, 3, big.shape).astype(np.float32)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(big + noise + 0.5, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def distinct_copy(data: bytes, index: int) -> bytes:
     """The same JPEG with a COM segment after SOI holding ``index``: other bytes (other sha256,
     so no cache or key collides), the same pixels. Non-JPEG data gets trailing bytes instead."""

@@ -5,8 +5,8 @@
     python -m bench.run --only model precision
     python -m bench.run --list
 
-Writes ``bench/results/bench-<UTC date>.json`` (``-quick`` appended for --quick) and
-``bench/results/latest.json``, and prints a table. Each figure is the median of several runs
+Writes ``bench/results/bench-<UTC date>.json`` (``-quick`` appended for --quick; the newest is
+the latest, so no second copy is written) and prints a table. Each figure is the median of several runs
 after a warm-up; the raw runs are in the JSON, and so is the machine (CPU model, cores, flags
 such as avx512_bf16/avx512_vnni, memory, TF version, load average at start).
 
@@ -105,10 +105,8 @@ def _write(report: dict[str, Any], out_dir: Path, quick: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     dated = out_dir / f"bench-{day}{'-quick' if quick else ''}.json"
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    for path in (dated, out_dir / "latest.json"):
-        path.write_text(text)
-    return [dated, out_dir / "latest.json"]
+    dated.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return [dated]
 
 
 # --------------------------------------------------------------------------- the table

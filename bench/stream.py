@@ -21,20 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-import uuid
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from bench.batch import model_rate
+from pipeline.devrig import LabelCollector, Photo, WorkerProcess, photo_from_bytes, send_photos, worker_env
 from bench.common import (CARS, Context, car_photos, cpu_seconds, distinct_copy, iso_to_epoch, percentile, rss_mb,
                           say, timed_runs, rate_summary, load, preprocessed, tile)
 
@@ -45,178 +39,25 @@ PARTITIONS = 4
 WARMUP = 16
 
 
-# --------------------------------------------------------------------------- logs
-
-
-class LogTail:
-    """Incremental reader of a JSON-lines log: each :meth:`events` call returns the new events."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-        self.all: list[dict[str, Any]] = []
-
-    def events(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        new = []
-        for line in lines:
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(item, dict):
-                item["_t"] = iso_to_epoch(item["time"]) if "time" in item else None
-                new.append(item)
-        self.all.extend(new)
-        return new
-
-    def batches(self, since: float = 0.0) -> list[dict[str, Any]]:
-        self.events()
-        return [e for e in self.all if e.get("event") == "batch" and e["_t"] is not None and e["_t"] >= since]
-
-
-# --------------------------------------------------------------------------- labels
-
-
-class LabelCollector(threading.Thread):
-    """Reads the labels topic from the beginning; first receive time per image id."""
-
-    def __init__(self, settings):
-        super().__init__(daemon=True)
-        from pipeline.kafka_io import make_consumer
-
-        self.settings = settings
-        self.consumer = make_consumer(settings, None, [])
-        self.received: dict[str, float] = {}
-        self.kafka_ts: dict[str, float] = {}
-        self._halt = threading.Event()
-        self._ready = threading.Event()
-        self.error: BaseException | None = None
-        self.start()
-        if not self._ready.wait(60):
-            raise RuntimeError(f"labels topic {settings.labels_topic} not found")
-
-    def run(self) -> None:
-        from kafka import TopicPartition
-
-        from schemas.messages import decode_label
-
-        try:
-            topic = self.settings.labels_topic
-            while not (found := self.consumer.partitions_for_topic(topic)):
-                time.sleep(0.2)
-            partitions = [TopicPartition(topic, p) for p in sorted(found)]
-            self.consumer.assign(partitions)
-            self.consumer.seek_to_beginning(*partitions)
-            self._ready.set()
-            while not self._halt.is_set():
-                for part in self.consumer.poll(timeout_ms=100).values():
-                    now = time.time()
-                    for m in part:
-                        record = decode_label(m.value)
-                        self.received.setdefault(record.image_id, now)
-                        self.kafka_ts.setdefault(record.image_id, m.timestamp / 1000.0)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
-            self.error = exc
-            self._ready.set()
-        finally:
-            self.consumer.close()
-
-    def count(self, ids: Iterable[str]) -> int:
-        return sum(1 for i in ids if i in self.received)
-
-    def wait(self, ids: list[str], timeout: float, procs: Iterable["Worker"] = ()) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(ids) < len(ids):
-            if self.error:
-                raise RuntimeError(f"labels consumer failed: {self.error!r}")
-            for proc in procs:
-                proc.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {self.count(ids)}/{len(ids)} labels within {timeout:.0f} s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(10)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class Worker:
-    """A ``python -m pipeline.cli ROLE`` process with its JSON log in a file."""
-
-    def __init__(self, role: str, settings, args: list[str], log_path: Path, patches: dict[str, str] | None = None):
-        env = {**os.environ, **(patches or {}), "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1",
-               "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DEEPER_DATA_DIR": settings.data_dir,
-               "DEEPER_REGISTRY": settings.registry_dir, "DEEPER_CACHE_DIR": settings.cache_dir,
-               "DEEPER_IMAGES_TOPIC": settings.images_topic, "DEEPER_FEATURES_TOPIC": settings.features_topic,
-               "DEEPER_LABELS_TOPIC": settings.labels_topic, "DEEPER_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-               "DEEPER_FEATURIZER_GROUP": settings.featurizer_group, "DEEPER_SCORER_GROUP": settings.scorer_group}
-        self.role = role
-        self.log_path = log_path
-        self._log_file = open(log_path, "ab")
-        module = "bench.patched_cli" if patches else "pipeline.cli"
-        self.process = subprocess.Popen([sys.executable, "-m", module, role, *args], env=env,
-                                        stdout=self._log_file, stderr=subprocess.STDOUT)
-        self.log = LogTail(log_path)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the {self.role} exited ({self.process.returncode}); log {self.log_path}:\n"
-                               + self.log_path.read_text(errors="replace")[-3000:])
-
-    def wait_for(self, event: str, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e.get("event") == event for e in self.log.all):
-            self.log.events()
-            self.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {self.role} did not log {event!r} within {timeout:.0f} s; log {self.log_path}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log_file.close()
-
-
 # --------------------------------------------------------------------------- the rig
 
 
 class Rig:
-    """A broker, a trained registry and photos; :meth:`pipeline` starts a featurizer + scorer."""
+    """A broker, a trained registry and photos; :meth:`pipeline` starts a featurizer + scorer.
+
+    Brokers, worker processes, producing and the labels reader are :mod:`pipeline.devrig`'s.
+    """
 
     def __init__(self, ctx: Context):
-        from pipeline import broker
         from pipeline.config import Settings
+        from pipeline.devrig import RigBroker
 
         self.ctx = ctx
         self.root = ctx.work / "stream"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.state = self.root / "broker"
-        self.info = broker.start(self.state, port=broker.free_port())
-        ctx.closers.append(lambda: broker.stop(self.state))
-        self.base = Settings.from_env(bootstrap_servers=self.info.bootstrap_servers, data_dir=str(self.root / "data"),
+        self.broker = RigBroker(self.root / "broker", "tansu", durable=False).start()
+        ctx.closers.append(self.broker.stop)
+        self.base = Settings.from_env(bootstrap_servers=self.broker.bootstrap_servers, data_dir=str(self.root / "data"),
                                       registry_dir=str(self.root / "registry"), cache_dir=str(ctx.cache_dir))
         self.paths, self.source = car_photos(ctx)
         self._datas = [p.read_bytes() for p in self.paths]
@@ -235,51 +76,41 @@ class Rig:
         return self._registries[precision]
 
     def _train(self, precision: str, registry_dir: str):
-        from pipeline.featurize import featurize_photos
         from pipeline.photos import Photo
         from pipeline.registry import Registry
-        from pipeline.training import DEFAULT_SPEC, train_and_register
+        from pipeline.train_photos import train_from_photos
 
-        backbone = load(self.ctx, MODEL, precision)
         train = [p for p in self.paths if "/train/" in str(p)] or self.paths
         photos = [Photo(p, p.parent.name if CARS in p.parents else ("a" if i % 2 else "b"))
                   for i, p in enumerate(train)]
-        result = featurize_photos(photos, backbone, LAYER, progress=False)
-        vectors = np.stack([r.vector for r in result.rows])
-        train_and_register([r.image_id for r in result.rows], [r.label for r in result.rows], vectors,
-                           result.meta, DEFAULT_SPEC, Registry(registry_dir))
-        return result.meta, vectors
+        trained = train_from_photos(photos, load(self.ctx, MODEL, precision), Registry(registry_dir), LAYER)
+        rows = trained.features.rows
+        return trained.features.meta, np.stack([r.vector for r in rows])
 
-    def photos(self, count: int) -> list[tuple[str, bytes]]:
-        """``count`` photos never sent before (distinct bytes), as (source, data)."""
+    def photos(self, count: int) -> list[Photo]:
+        """``count`` photos never sent before (distinct bytes)."""
         out = []
         for _ in range(count):
             i = self._next
             self._next += 1
-            out.append((f"bench/{i:06d}-{self.paths[i % len(self.paths)].name}",
-                        distinct_copy(self._datas[i % len(self._datas)], i)))
+            out.append(photo_from_bytes(distinct_copy(self._datas[i % len(self._datas)], i),
+                                        f"bench/{i:06d}-{self.paths[i % len(self.paths)].name}"))
         return out
 
     def settings(self, name: str, precision: str = "fp32"):
-        from pipeline.kafka_io import ensure_topics
+        from pipeline.devrig import fresh_settings
 
-        tag = f"{name}-{uuid.uuid4().hex[:6]}"
-        settings = dataclasses.replace(
-            self.base, registry_dir=self.registry(precision), images_topic=f"b-{tag}.images", features_topic=f"b-{tag}.features",
-            labels_topic=f"b-{tag}.labels", dead_letter_topic=f"b-{tag}.dead-letters",
-            featurizer_group=f"b-{tag}.featurizer", scorer_group=f"b-{tag}.scorer")
-        ensure_topics(settings, {settings.images_topic: PARTITIONS, settings.features_topic: PARTITIONS,
-                                 settings.labels_topic: PARTITIONS, settings.dead_letter_topic: 1})
-        return settings
+        settings = fresh_settings(self.base, self.root, prefix=f"b-{name}", partitions=PARTITIONS)
+        return dataclasses.replace(settings, registry_dir=self.registry(precision))  # data dir: root/data, shared
 
-    def worker(self, role: str, settings, args: list[str], name: str, patches: dict[str, str] | None = None) -> Worker:
-        worker = Worker(role, settings, args, self.root / f"{name}-{role}.log", patches)
+    def worker(self, role: str, settings, args: list[str], name: str) -> WorkerProcess:
+        worker = WorkerProcess(role, worker_env(settings), self.root / "logs", args, name=f"{name}-{role}")
+        worker.start()
         self.ctx.closers.append(worker.stop)
         return worker
 
-    def pipeline(self, name: str, patches: dict[str, str] | None = None, precision: str = "fp32",
-                 args: list[str] | None = None) -> "Pipeline":
-        return Pipeline(self, name, patches, precision, args)
+    def pipeline(self, name: str, precision: str = "fp32", args: list[str] | None = None) -> "Pipeline":
+        return Pipeline(self, name, precision, args)
 
 
 def rig(ctx: Context) -> Rig:
@@ -293,47 +124,37 @@ def rig(ctx: Context) -> Rig:
 class Pipeline:
     """Fresh topics, a featurizer and a scorer process, a labels reader and a producer; warmed up."""
 
-    def __init__(self, rig: Rig, name: str, patches: dict[str, str] | None = None, precision: str = "fp32",
-                 args: list[str] | None = None):
+    def __init__(self, rig: Rig, name: str, precision: str = "fp32", args: list[str] | None = None):
         from producers.produce import ImageProducer
 
         self.rig = rig
         self.settings = rig.settings(name, precision)
         self.featurizer = rig.worker("featurizer", self.settings, ["--model", MODEL, "--precision", precision,
                                                                    "--layer", LAYER, "--batch-size", str(BATCH_SIZE),
-                                                                   *(args or [])],
-                                     name, patches)
+                                                                   *(args or [])], name)
         self.scorer = rig.worker("scorer", self.settings, [], name)
         self.labels = LabelCollector(self.settings)
         self.producer = ImageProducer(self.settings)
         for worker in (self.featurizer, self.scorer):
             worker.wait_for("partitions assigned")
         warm = self.produce(rig.photos(WARMUP))
-        self.labels.wait([i for i, _ in warm], timeout=180, procs=self.procs)
+        self.labels.wait([i for i, _ in warm], timeout=180, check=self.check)
         self.warm_until = time.time()
 
     @property
-    def procs(self) -> list[Worker]:
+    def procs(self) -> list[WorkerProcess]:
         return [self.featurizer, self.scorer]
 
-    def produce(self, photos: list[tuple[str, bytes]], rate: float | None = None) -> list[tuple[str, float]]:
+    def check(self) -> None:
+        for worker in self.procs:
+            worker.check()
+
+    def produce(self, photos: list[Photo], rate: float | None = None) -> list[tuple[str, float]]:
         """Send ``photos`` (at ``rate`` per second, else as fast as possible); (image id, produced-at epoch)."""
-        sent = []
-        started = time.monotonic()
-        for k, (source, data) in enumerate(photos):
-            if rate:
-                delay = started + k / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            message = self.producer.send(data, source)
-            if message is None:
-                raise RuntimeError(f"not produced: {self.producer.summary.failed}")
-            sent.append((message.image_id, iso_to_epoch(message.produced_at)))
-        self.producer.flush()
-        return sent
+        return [(image_id, iso_to_epoch(at)) for image_id, at in send_photos(self.producer, photos, rate)]
 
     def featurizer_summary(self, since: float) -> dict[str, Any]:
-        batches = self.featurizer.log.batches(since)
+        batches = self.featurizer.current.batches(since)
         consumed = [b["consumed"] for b in batches]
         return {
             "batches": len(batches),
@@ -389,15 +210,13 @@ def _model_alone(ctx: Context, precision: str = "fp32") -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A stream run other than the default: another precision, featurizer options, or bench patches."""
+    """A stream run other than the default: another precision or featurizer options."""
 
     precision: str = "fp32"
     args: tuple[str, ...] = ()
-    patches: dict[str, str] | None = None
 
 
-#: Stream variants: what the featurizer's options change, and changes proposed for consumers/
-#: (``patches``, through bench/patched_cli.py) measured before anyone makes them.
+#: Stream variants: what the featurizer's options change.
 VARIANTS: dict[str, Variant] = {
     "bf16": Variant(precision="bf16"),
     "bf16, two batches side by side": Variant(precision="bf16", args=("--model-threads", "2")),
@@ -408,20 +227,20 @@ QUICK_VARIANTS = ("bf16",)
 
 
 def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, variant: Variant = Variant()) -> dict[str, Any]:
-    pipe = the_rig.pipeline(name, variant.patches, variant.precision, list(variant.args))
+    pipe = the_rig.pipeline(name, variant.precision, list(variant.args))
     try:
-        cpu = CpuMeter({"broker": the_rig.info.pid, "featurizer": pipe.featurizer.pid, "scorer": pipe.scorer.pid,
+        cpu = CpuMeter({"broker": the_rig.broker.pid, "featurizer": pipe.featurizer.pid, "scorer": pipe.scorer.pid,
                         "bench (producer + labels reader)": os.getpid()})
         produce_started = time.time()
         sent = pipe.produce(the_rig.photos(n))
         produced = time.time()
         ids = [i for i, _ in sent]
-        pipe.labels.wait(ids, timeout=max(300.0, n / 2), procs=pipe.procs)
+        pipe.labels.wait(ids, timeout=max(300.0, n / 2), check=pipe.check)
         last_label = max(pipe.labels.received[i] for i in ids)
         used = cpu.used()
         time.sleep(0.5)  # let the last batch events reach the log
         feat = pipe.featurizer_summary(produce_started)
-        scorer_batches = pipe.scorer.log.batches(produce_started)
+        scorer_batches = pipe.scorer.current.batches(produce_started)
     finally:
         pipe.close()
     start = feat["first_consume"] or produce_started
@@ -479,7 +298,7 @@ def stream_throughput(ctx: Context) -> dict[str, Any]:
     for name, variant_runs in done.items():
         variant, run = configs[name], _median_run(variant_runs)
         same = _model_alone(ctx, variant.precision)
-        run.update({"precision": variant.precision, "featurizer_args": list(variant.args), "patches": variant.patches,
+        run.update({"precision": variant.precision, "featurizer_args": list(variant.args),
                     "ratio_to_model_alone_fp32": round(run["per_s"] / model, 3) if model else None,
                     "model_alone_same_precision_per_s": same,
                     "ratio_to_model_alone_same_precision": round(run["per_s"] / same, 3) if same else None,
@@ -535,10 +354,10 @@ def scorer_alone(ctx: Context) -> dict[str, Any]:
     labels = LabelCollector(settings)
     scorer = the_rig.worker("scorer", settings, [], "scorer-alone")
     try:
-        labels.wait(ids, timeout=max(300.0, m / 20), procs=[scorer])
+        labels.wait(ids, timeout=max(300.0, m / 20), check=scorer.check)
         last = max(labels.received[i] for i in ids)
         time.sleep(0.5)
-        batches = scorer.log.batches()
+        batches = scorer.current.batches()
     finally:
         labels.stop()
         scorer.stop()
@@ -571,7 +390,7 @@ def latency(ctx: Context) -> dict[str, Any]:
     pipe = the_rig.pipeline("latency")
     try:
         sent = pipe.produce(the_rig.photos(n), rate=rate)
-        pipe.labels.wait([i for i, _ in sent], timeout=max(300.0, n / 2), procs=pipe.procs)
+        pipe.labels.wait([i for i, _ in sent], timeout=max(300.0, n / 2), check=pipe.check)
         time.sleep(0.5)
         feat = pipe.featurizer_summary(pipe.warm_until)
         ms = [1000 * (pipe.labels.received[i] - t) for i, t in sent]
@@ -605,7 +424,7 @@ def memory(ctx: Context) -> dict[str, Any]:
         pending = the_rig.photos(n)
         while done < n:
             pipe.featurizer.check()
-            done = sum(b["featurized"] for b in pipe.featurizer.log.batches(since))
+            done = sum(b["featurized"] for b in pipe.featurizer.current.batches(since))
             if pending and len(sent_ids) - done < backlog:
                 chunk, pending = pending[:100], pending[100:]
                 sent_ids += [i for i, _ in pipe.produce(chunk)]
@@ -614,7 +433,7 @@ def memory(ctx: Context) -> dict[str, Any]:
                 next_sample = time.monotonic() + 0.5
             time.sleep(0.05)
         samples.append((time.time(), done, rss_mb(pipe.featurizer.pid) or float("nan")))
-        pipe.labels.wait(sent_ids, timeout=300, procs=pipe.procs)
+        pipe.labels.wait(sent_ids, timeout=300, check=pipe.check)
     finally:
         pipe.close()
     at = {}

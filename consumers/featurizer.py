@@ -5,10 +5,18 @@ partitions. Each poll is submitted to :class:`pipeline.inference.Inference` (the
 path ``deeper featurize`` uses: parallel decode, batches cut by size or time, a model thread)
 and the loop goes back to polling while the model works; up to ``MAX_IN_FLIGHT_BATCHES``
 batches' worth of messages are in flight. Finished polls are collected in order: rows go to
-the rolling Parquet writer, and offsets are committed only after the part file is renamed into
-place and every feature record and dead letter is acknowledged (see :mod:`consumers.worker`).
-A message that isn't a valid image message, or an image that doesn't decode, is
-dead-lettered with its reason; its batch-mates carry on.
+the Parquet sink (:mod:`pipeline.parquet_sink`, files named by topic/partition/offset), feature
+records to the features topic, and both are committed with the consumed offsets at each
+checkpoint (:mod:`consumers.worker`).
+
+Any message is an image (``DEEPER_IMAGE_CONTRACT=open``): a foreign producer's raw bytes with
+any key or none, or a claim check (:mod:`pipeline.claim_check`) naming where the bytes are. A
+message that can't be an image, an image that doesn't decode, and any error while handling one
+message become that message's dead letter; its batch-mates carry on.
+
+When the registry's current classifier needs another layer of the same backbone, the
+featurizer follows it at the next checkpoint, so a ``deeper train --reference`` never leaves
+the scorer without vectors it can use; another backbone needs a restart, said loudly.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from consumers.outputs import cap_text
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
-from pipeline.errors import SchemaError
 from pipeline.featurize import feature_meta
+from pipeline.identity import split_backbone
 from pipeline.inference import (
     DEFAULT_BATCH_TIMEOUT,
     Featurized,
@@ -34,8 +43,10 @@ from pipeline.inference import (
 )
 from pipeline.logs import event
 from pipeline.nets.base import Backbone
-from pipeline.parquet_writer import TEMP_PREFIX, FeatureRow, RollingParquetWriter
-from schemas.messages import FeatureRecord, encode_features, parse_image_message
+from pipeline.parquet_sink import ParquetSink
+from pipeline.parquet_writer import FeatureRow
+from pipeline.storage import TEMP_PREFIX, is_uri
+from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message
 
 if TYPE_CHECKING:
     from pipeline.threads import ThreadPlan
@@ -47,10 +58,12 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT_BATCHES = 3
 #: A temporary part file older than this is left over from a writer killed mid-write.
 STALE_TEMP_SECONDS = 120.0
+#: How often the featurizer looks at the registry's current model (one small file read).
+FOLLOW_SECONDS = 5.0
 
 
 def features_dir(settings: Settings) -> Path:
-    return Path(settings.data_dir) / "features"
+    return Path(settings.features_location())
 
 
 def remove_stale_temp_files(root: Path, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
@@ -81,24 +94,32 @@ class Featurizer(StreamWorker):
 
     def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
                  group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = 30.0,
-                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1):
+                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, follow_model: bool = False):
+        self.meta = feature_meta(backbone, layer)
+        self.follow_model = follow_model  # switch layers with the registry (when --layer was not given)
         super().__init__(settings, settings.images_topic, group_id or settings.featurizer_group,
                          max_poll_records=batch_size,
                          checkpoint_seconds=min(5.0, roll_seconds),
                          max_in_flight=MAX_IN_FLIGHT_BATCHES * batch_size,
+                         sink=ParquetSink(settings.features_location(), self.meta, roll_rows, roll_seconds),
+                         output_topics=[settings.features_topic],
                          # photos are ~100 KB-1 MB: kafka-python's 1 MiB per partition holds few
                          max_partition_fetch_bytes=16 * 1024 * 1024)
+        self.backbone = backbone
         self.inference = Inference(backbone, layer, batch_size, batch_timeout=batch_timeout,
                                    model_threads=model_threads)
-        self.meta = feature_meta(backbone, layer)
-        self.writer = RollingParquetWriter(features_dir(settings), self.meta, roll_rows, roll_seconds)
         self._submitted: deque[tuple[Sequence[Any], Submission]] = deque()
         self._submitted_messages = 0
         self._logged_times = StageTimes()
-        remove_stale_temp_files(features_dir(settings))
+        self._followed = time.monotonic()
+        self._followed_version: str | None = None
+        self._fetch_limits = None
+        if not is_uri(settings.features_location()):
+            remove_stale_temp_files(features_dir(settings))
 
     # -- StreamWorker -----------------------------------------------------------------------
     def submit(self, messages: Sequence[Any]) -> None:
+        self._follow_model()
         self._submitted.append((messages, self.inference.submit(self._valid_records(messages))))
         self._submitted_messages += len(messages)
 
@@ -121,59 +142,91 @@ class Featurizer(StreamWorker):
         self._submitted_messages = 0
 
     def _write(self, messages: Sequence[Any], submission: Submission) -> None:
-        """One poll's results: rows to the Parquet buffer, feature records and dead letters out."""
+        """One poll's results: rows to the sink, feature records and dead letters out.
+
+        Each result is handled on its own: whatever goes wrong with one message becomes its
+        dead letter, never its batch-mates' problem.
+        """
         rows = []
         for result in submission.wait():
             message = result.record.context
-            if isinstance(result, Featurized):
-                rows.append(self._row(result, message))
-                self.send(self.settings.features_topic, *encode_features(self._feature_record(rows[-1])))
-            else:
-                self.dead_letter(message, result.reason, result.detail)
-        self.writer.add(rows)
+            try:
+                if isinstance(result, Featurized):
+                    row = self._row(result, message)
+                    if self.send(self.settings.features_topic, *encode_features(self._feature_record(row, message)),
+                                 origin=message):
+                        rows.append(row)
+                else:
+                    self.dead_letter(message, result.reason, result.detail)
+            except Exception as exc:  # noqa: BLE001 - contained: this message's dead letter
+                self.dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
+        self.sink.add(rows)
         self.metrics.images.labels(self.stage).inc(len(rows))
         self.metrics.batch_seconds.labels(self.stage).observe(submission.seconds())
         self._log_batch(len(messages), len(rows), submission.seconds())
-
-    def flush_sink(self) -> None:
-        started = time.perf_counter()
-        path = self.writer.flush()
-        if path is not None:
-            self.metrics.flushes.inc()
-            self.metrics.stage_seconds.labels(self.stage, "write").observe(time.perf_counter() - started)
-            event(log, "parquet part written", path=str(path))
-
-    def sink_due(self) -> bool:
-        return self.writer.due()
-
-    def has_buffered_sink(self) -> bool:
-        return len(self.writer) > 0
-
-    def discard_sink(self) -> None:
-        self.writer.discard()
 
     # -- helpers ----------------------------------------------------------------------------
     def _valid_records(self, messages: Sequence[Any]) -> list[ImageRecord]:
         records = []
         for m in messages:
             try:
-                image = parse_image_message(m.key, m.value, m.headers)
-            except SchemaError as exc:
-                self.dead_letter(m, "invalid_message", str(exc))
-                continue
-            source = image.source or f"kafka://{m.topic}/{m.partition}/{m.offset}"
-            records.append(ImageRecord(image.image_id, image.data, source, image.label, context=m))
+                records.append(self._image_record(m))
+            except Exception as exc:  # noqa: BLE001 - a bad message is its own dead letter
+                reason = getattr(exc, "reason", None) or ("invalid_message" if _is_schema(exc) else "internal_error")
+                self.dead_letter(m, reason, str(exc) if _is_schema(exc) else f"{type(exc).__name__}: {exc}")
         return records
+
+    def _image_record(self, m: Any) -> ImageRecord:
+        value = self._claimed_value(m)
+        image = parse_image_message(m.key, value, m.headers, self.settings.image_contract,
+                                    self.settings.source_header, self.settings.label_header)
+        source = cap_text(image.source) or f"kafka://{m.topic}/{m.partition}/{m.offset}"
+        return ImageRecord(image.image_id, image.data, source, cap_text(image.label), context=m)
+
+    def _claimed_value(self, m: Any) -> bytes | None:
+        """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header)."""
+        from pipeline import claim_check
+
+        if m.value or claim_check.reference_uri(m.headers) is None:
+            return m.value
+        if self._fetch_limits is None:
+            self._fetch_limits = claim_check.FetchLimits.from_settings(self.settings)
+        return claim_check.resolve_value(m.key, m.value, m.headers, self._fetch_limits)
 
     @staticmethod
     def _row(result: Featurized, m: Any) -> FeatureRow:
         r = result.record
         return FeatureRow(r.image_id, r.source, r.label, result.width, result.height, result.vector,
-                          m.topic, m.partition, m.offset)
+                          m.topic, m.partition, m.offset, m.key)
 
-    def _feature_record(self, row: FeatureRow) -> FeatureRecord:
+    def _feature_record(self, row: FeatureRow, m: Any) -> FeatureRecord:
+        origin = {"precision": self.meta.precision, "origin": f"{m.topic}/{m.partition}/{m.offset}",
+                  "kafka_key": describe_key(m.key)}
         return FeatureRecord(row.image_id, row.vector, self.meta.backbone, self.meta.weights_digest,
-                             self.meta.layer, row.source, row.label, row.width, row.height)
+                             self.meta.layer, row.source, row.label, row.width, row.height, extra=origin)
+
+    def _follow_model(self) -> None:
+        """Switch to the layer the registry's current classifier needs (same backbone only)."""
+        if not self.follow_model or time.monotonic() - self._followed < FOLLOW_SECONDS:
+            return
+        self._followed = time.monotonic()
+        version, wanted = _current_model_meta(self.settings, self._followed_version)
+        if version == self._followed_version:
+            return
+        self._followed_version = version
+        if wanted is None or not wanted.differences(self.meta):
+            return
+        if any(not d.startswith("layer") and not d.startswith("dim") for d in wanted.differences(self.meta)):
+            event(log, "the current classifier needs another backbone; restart the featurizer with it",
+                  logging.ERROR, producing=self.meta.describe(), needed=wanted.describe())
+            return
+        if not self.checkpoint(reason="model change"):
+            return
+        event(log, "following the current classifier: switching layer", logging.WARNING,
+              previous=self.meta.layer, layer=wanted.layer)
+        self.meta = feature_meta(self.backbone, wanted.layer)
+        self.inference.layer = wanted.layer
+        self.sink.switch(self.meta)
 
     def _log_batch(self, consumed: int, featurized: int, seconds: float) -> None:
         """One poll done; with the model thread's work since the previous poll (its batches
@@ -186,7 +239,28 @@ class Featurizer(StreamWorker):
         self.metrics.stage_seconds.labels(self.stage, "model").observe(model_s)
         event(log, "batch", consumed=consumed, featurized=featurized, dead_letters=consumed - featurized,
               seconds=round(seconds, 4), model_batches=batches, model_rows=model_rows, model_s=round(model_s, 4),
-              decode_wait_s=round(wait_s, 4), in_flight=self.in_flight(), buffered_rows=len(self.writer))
+              decode_wait_s=round(wait_s, 4), in_flight=self.in_flight(), buffered_rows=len(self.sink))
+
+
+def _is_schema(exc: BaseException) -> bool:
+    from pipeline.errors import SchemaError
+
+    return isinstance(exc, SchemaError)
+
+
+def _current_model_meta(settings: Settings, known: str | None):
+    """(current version, its feature identity); the identity is read only for a new version."""
+    from pipeline.errors import RegistryError
+    from pipeline.registry import Registry
+
+    registry = Registry(settings.registry_dir)
+    try:
+        version = registry.current_version()
+        if version is None or version == known:
+            return version, None
+        return version, registry.load_current().feature_meta
+    except (RegistryError, OSError, ValueError):
+        return known, None
 
 
 def stream_backbone_and_layer(settings: Settings, model: str | None, layer: str | None) -> tuple[str, str]:
@@ -203,8 +277,9 @@ def stream_backbone_and_layer(settings: Settings, model: str | None, layer: str 
         current = Registry(settings.registry_dir).load_current().feature_meta
     except RegistryError:
         current = None
-    chosen_model = model or (current.backbone if current and settings.model == "auto" else settings.model)
-    chosen_layer = layer or (current.layer if current and current.backbone == chosen_model else DEFAULT_LAYER)
+    chosen_model = model or (current.qualified_name if current and settings.model == "auto" else settings.model)
+    same_backbone = current is not None and current.backbone == split_backbone(chosen_model)[0]
+    chosen_layer = layer or (current.layer if same_backbone else DEFAULT_LAYER)
     return chosen_model, chosen_layer
 
 
@@ -230,53 +305,69 @@ def _thread_plan(precision: str | None, model_threads: int, gpu: bool) -> Thread
 
 
 def cmd_featurizer(args: argparse.Namespace) -> int:
-    import tensorflow as tf
-
-    from pipeline.kafka_io import ensure_topics, wait_for_broker
+    from consumers.startup import await_broker
+    from pipeline.kafka_io import ensure_topics
     from pipeline.logs import setup_json_logging
     from pipeline.metrics import serve
     from pipeline.nets.factory import load_backbone
 
     setup_json_logging()
-    settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir)
-    model, layer = stream_backbone_and_layer(settings, args.model, args.layer)
-    precision = None if "@" in model else (getattr(args, "precision", None) or settings.precision)  # NAME@PRECISION wins
-    gpus = tf.config.list_physical_devices("GPU")  # lists devices without starting TF's runtime
-    plan = _thread_plan(model.partition("@")[2] or precision, args.model_threads, bool(gpus))
-    backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
-                             progress=False, announce=lambda msg: event(log, msg), precision=precision)
-    wait_for_broker(settings, timeout=args.wait)
+    settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir, registry_dir=args.registry,
+                                 images_topic=args.images_topic, features_topic=args.features_topic,
+                                 dead_letter_topic=args.dead_letter_topic)
+    # the cheap checks first (consumers/startup.py): loading the backbone takes seconds
+    await_broker(settings, args.wait)
     ensure_topics(settings, {settings.images_topic: args.partitions, settings.features_topic: args.partitions,
                              settings.dead_letter_topic: 1})
+    model, layer = stream_backbone_and_layer(settings, args.model, args.layer)  # reads the registry
     serve(int(settings.metrics_port), settings.metrics_addr)
+    import tensorflow as tf
+
+    named = split_backbone(model)[1] if "@" in model else None  # NAME@PRECISION wins
+    precision = None if named else (getattr(args, "precision", None) or settings.precision)
+    gpus = tf.config.list_physical_devices("GPU")  # lists devices without starting TF's runtime
+    plan = _thread_plan(named or precision, args.model_threads, bool(gpus))
+    backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
+                             progress=False, announce=lambda msg: event(log, msg), precision=precision)
     worker = Featurizer(settings, backbone, layer, gpu_batch_size(args.batch_size, gpus), args.group,
-                        args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads)
+                        args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads,
+                        follow_model=args.layer is None)
     worker.install_signal_handlers()
     worker.run(max_idle_seconds=args.exit_when_idle)
     return 0
 
 
 def add_parser(sub) -> None:
-    from pipeline.nets.factory import MODEL_CHOICES
+    from consumers.startup import add_stage_options, add_wait_option
+    from pipeline.cli_help import from_setting
+    from pipeline.nets.factory import MODEL_CHOICES, PRECISION_CHOICES
 
     p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> Parquet + features topic)")
-    p.add_argument("--model", choices=MODEL_CHOICES, default=None)
-    p.add_argument("--weights")
-    p.add_argument("--precision", default=None, help="fp32 (default $DEEPER_PRECISION), bf16, fp32-lite, int8")
-    p.add_argument("--cache-dir")
+    add_stage_options(p, {"images_topic": "topic to read photos from",
+                          "features_topic": "topic to write feature vectors to",
+                          "dead_letter_topic": "topic for photos that cannot be featurized"}, "featurizer_group")
+    p.add_argument("--model", choices=MODEL_CHOICES, default=None,
+                   help="backbone (default: the current classifier's, else $DEEPER_MODEL or auto)")
+    p.add_argument("--weights", metavar="FILE", help="explicit weights file instead of the cache or a download")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help="compute precision " + from_setting("precision"))
     p.add_argument("--layer", default=None,
                    help="end point (default: the current classifier's layer, else training's default)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT * 1000,
-                   help="longest a partial batch waits for more photos before it runs (default %(default)g)")
-    p.add_argument("--model-threads", type=int, default=0,
-                   help="batches the model runs side by side, cores split between them "
-                        "(default 0: the plan in pipeline/threads.py, one on CPU today)")
-    p.add_argument("--group", default=None, help="consumer group id (default $DEEPER_FEATURIZER_GROUP)")
-    p.add_argument("--partitions", type=int, default=4, help="partitions for topics it must create")
-    p.add_argument("--roll-rows", type=int, default=5000, help="rows per Parquet part file (at most)")
-    p.add_argument("--roll-seconds", type=float, default=30.0, help="seconds before a part file is rolled")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker")
+    p.add_argument("--cache-dir", metavar="DIR", help="weights cache " + from_setting("cache_dir"))
+    p.add_argument("--registry", metavar="DIR", help="model registry whose current classifier picks the "
+                   "backbone and layer (default: $DEEPER_REGISTRY or $DEEPER_DATA_DIR/registry)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="photos per model run; raised to 128 on a GPU")
+    p.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT * 1000, metavar="MS",
+                   help="longest a partial batch waits for more photos before it runs")
+    p.add_argument("--model-threads", type=int, default=0, metavar="N",
+                   help="batches the model runs side by side, cores split between them; "
+                        "0 = the plan in pipeline/threads.py, one on CPU today")
+    p.add_argument("--partitions", type=int, default=4, metavar="N", help="partitions for topics it must create")
+    p.add_argument("--roll-rows", type=int, default=5000, metavar="N", help="rows per Parquet part file (at most)")
+    p.add_argument("--roll-seconds", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds before a part file is rolled")
+    add_wait_option(p, 60.0)
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
-                   help="stop after this long without messages (batch jobs, tests)")
+                   help="stop after this long without messages (batch jobs, tests; default: never)")
     p.set_defaults(func=cmd_featurizer)

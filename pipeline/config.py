@@ -13,6 +13,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.errors import DeeperError
+
+GUARANTEES = ("exactly-once", "at-least-once")
+
+
+class ConfigError(DeeperError):
+    """A setting has a value the pipeline cannot use."""
+
 
 class Secret(str):
     """A secret string: the real value to the code that uses it, ``'***'`` in ``repr``.
@@ -35,29 +43,63 @@ def _setting(variable: str, default: str, secret: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
+    # -- Kafka: where, and how to authenticate (passed to every client) -------------------------
     bootstrap_servers: str = _setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-    images_topic: str = _setting("DEEPER_IMAGES_TOPIC", "deeper.images")
-    features_topic: str = _setting("DEEPER_FEATURES_TOPIC", "deeper.features")
-    labels_topic: str = _setting("DEEPER_LABELS_TOPIC", "deeper.labels")
-    dead_letter_topic: str = _setting("DEEPER_DEAD_LETTER_TOPIC", "deeper.dead-letters")
-    featurizer_group: str = _setting("DEEPER_FEATURIZER_GROUP", "deeper-featurizer")
-    scorer_group: str = _setting("DEEPER_SCORER_GROUP", "deeper-scorer")
-    data_dir: str = _setting("DEEPER_DATA_DIR", "deeper-data")
-    registry_dir: str = _setting("DEEPER_REGISTRY", "deeper-data/registry")  # follows data_dir if unset
-    cache_dir: str = _setting("DEEPER_CACHE_DIR", str(Path.home() / ".cache" / "go-deeper"))
-    model: str = _setting("DEEPER_MODEL", "auto")
-    precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.precision)
-    metrics_port: str = _setting("DEEPER_METRICS_PORT", "0")
-    metrics_addr: str = _setting("DEEPER_METRICS_ADDR", "127.0.0.1")
-    max_message_bytes: str = _setting("DEEPER_MAX_MESSAGE_BYTES", "1048576")
-    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.weights before any download
     security_protocol: str = _setting("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
     sasl_mechanism: str = _setting("KAFKA_SASL_MECHANISM", "")
     sasl_username: str = _setting("KAFKA_SASL_USERNAME", "")
     sasl_password: str = _setting("KAFKA_SASL_PASSWORD", "", secret=True)
+    # TLS files (PEM)
     ssl_cafile: str = _setting("KAFKA_SSL_CAFILE", "")
     ssl_certfile: str = _setting("KAFKA_SSL_CERTFILE", "")
     ssl_keyfile: str = _setting("KAFKA_SSL_KEYFILE", "")
+    # -- topics and consumer groups --------------------------------------------------------------
+    images_topic: str = _setting("DEEPER_IMAGES_TOPIC", "deeper.images")
+    features_topic: str = _setting("DEEPER_FEATURES_TOPIC", "deeper.features")
+    labels_topic: str = _setting("DEEPER_LABELS_TOPIC", "deeper.labels")
+    dead_letter_topic: str = _setting("DEEPER_DEAD_LETTER_TOPIC", "deeper.dead-letters")
+    # one group per stage; run more processes of a stage with the same group to share partitions
+    featurizer_group: str = _setting("DEEPER_FEATURIZER_GROUP", "deeper-featurizer")
+    scorer_group: str = _setting("DEEPER_SCORER_GROUP", "deeper-scorer")
+    # -- where things live -------------------------------------------------------------------------
+    data_dir: str = _setting("DEEPER_DATA_DIR", "deeper-data")
+    registry_dir: str = _setting("DEEPER_REGISTRY", "deeper-data/registry")  # follows data_dir if unset
+    cache_dir: str = _setting("DEEPER_CACHE_DIR", str(Path.home() / ".cache" / "go-deeper"))
+    #: where the featurizer writes Parquet: a directory or ``s3://bucket/prefix``; empty means
+    #: ``$DEEPER_DATA_DIR/features``.
+    features_uri: str = _setting("DEEPER_FEATURES_URI", "")
+    # -- the model ---------------------------------------------------------------------------------
+    model: str = _setting("DEEPER_MODEL", "auto")
+    precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.precision)
+    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.weights before any download
+    #: the label of a photo whose top probability is under the model's threshold
+    unknown_label: str = _setting("DEEPER_UNKNOWN_LABEL", "unknown")
+    # -- the stream's contract with the platform ---------------------------------------------------
+    #: exactly-once: each checkpoint is one Kafka transaction (outputs + consumed offsets), and
+    #: part files are named by topic/partition/first offset, so a replay rewrites the same file.
+    guarantee: str = _setting("DEEPER_GUARANTEE", "exactly-once")
+    #: the one message size limit of every producer in the stack
+    max_message_bytes: str = _setting("DEEPER_MAX_MESSAGE_BYTES", "1048576")
+    #: open: any message is an image (id = sha256 of its bytes, original key kept);
+    #: strict: only go-deeper's own image messages (schema-version header, sha256 key).
+    image_contract: str = _setting("DEEPER_IMAGE_CONTRACT", "open")
+    source_header: str = _setting("DEEPER_SOURCE_HEADER", "source")  # where a foreign producer names the photo
+    label_header: str = _setting("DEEPER_LABEL_HEADER", "label")  # ... and its known label, if any
+    #: runs that may die on one message before it is dead-lettered as ``poison``
+    max_attempts: str = _setting("DEEPER_MAX_ATTEMPTS", "3")
+    #: names this replica for its transactional id; empty: the host name plus a free slot number
+    instance_id: str = _setting("DEEPER_INSTANCE_ID", "")
+    # -- claim checks (pipeline/claim_check.py): messages naming where the photo's bytes are.
+    # S3 endpoint, region and credentials are the AWS SDK's own variables (pipeline/storage.py).
+    fetch_max_bytes: str = _setting("DEEPER_FETCH_MAX_BYTES", str(32 * 1024 * 1024))
+    fetch_timeout_s: str = _setting("DEEPER_FETCH_TIMEOUT_S", "5")
+    #: schemes a claim check may use; drop http,https where producers are not trusted (SSRF)
+    fetch_schemes: str = _setting("DEEPER_FETCH_SCHEMES", "s3,http,https")
+    #: ``file://`` claim checks read only under this directory; empty: ``file://`` is off
+    fetch_file_root: str = _setting("DEEPER_FETCH_FILE_ROOT", "")
+    # -- observability -----------------------------------------------------------------------------
+    metrics_port: str = _setting("DEEPER_METRICS_PORT", "0")
+    metrics_addr: str = _setting("DEEPER_METRICS_ADDR", "127.0.0.1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -83,6 +125,29 @@ class Settings:
             if getattr(self, key):
                 config[key] = getattr(self, key)
         return config
+
+    @property
+    def exactly_once(self) -> bool:
+        if self.guarantee not in GUARANTEES:
+            raise ConfigError(f"DEEPER_GUARANTEE={self.guarantee!r}: choose one of {', '.join(GUARANTEES)}")
+        return self.guarantee == "exactly-once"
+
+    @property
+    def message_limit(self) -> int:
+        """The one message size limit every producer in the stack uses (bytes)."""
+        try:
+            return int(self.max_message_bytes)
+        except ValueError:
+            raise ConfigError(f"DEEPER_MAX_MESSAGE_BYTES={self.max_message_bytes!r} is not a number of bytes") from None
+
+    def features_location(self) -> str:
+        """The featurizer's Parquet root: ``DEEPER_FEATURES_URI`` or ``$DEEPER_DATA_DIR/features``."""
+        return self.features_uri or str(Path(self.data_dir) / "features")
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables: what a child ``deeper`` process needs to
+        run with exactly these settings (``{**os.environ, **settings.to_env()}``)."""
+        return {f.metadata["env"]: str(getattr(self, f.name)) for f in fields(self)}
 
     def redacted(self) -> dict[str, str]:
         """The settings as a dict safe to log: secrets replaced by ``***``."""

@@ -1,4 +1,4 @@
-"""A cache of computed vectors keyed by (image sha256, backbone, weights digest, layer).
+"""A cache of computed vectors keyed by image sha256 and feature id (:meth:`FeatureId.cache_key`).
 
 Re-running ``deeper featurize``/``train``/``predict`` over the same photos must not run the
 network again. SQLite gives us transactions for free: a crash mid-write leaves the previous
@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.parquet_writer import FeatureMeta
+from pipeline.identity import FeatureId
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (
@@ -26,10 +26,6 @@ CREATE TABLE IF NOT EXISTS vectors (
     PRIMARY KEY (image_id, meta_key)
 )
 """
-
-
-def _meta_key(meta: FeatureMeta) -> str:
-    return f"{meta.backbone}|{meta.weights_digest}|{meta.layer}|{meta.dim}"
 
 
 class FeatureCache:
@@ -49,9 +45,9 @@ class FeatureCache:
         db.execute(SCHEMA)
         return db
 
-    def get_many(self, image_ids: Sequence[str], meta: FeatureMeta) -> dict[str, tuple[np.ndarray, int, int]]:
+    def get_many(self, image_ids: Sequence[str], meta: FeatureId) -> dict[str, tuple[np.ndarray, int, int]]:
         """Cached ``image_id -> (vector, width, height)`` for the ids that are present."""
-        key = _meta_key(meta)
+        key = meta.cache_key()
         found: dict[str, tuple[np.ndarray, int, int]] = {}
         for start in range(0, len(image_ids), 500):
             chunk = list(image_ids[start:start + 500])
@@ -65,8 +61,8 @@ class FeatureCache:
                     found[image_id] = (vector.copy(), width, height)
         return found
 
-    def put_many(self, items: Iterable[tuple[str, np.ndarray, int, int]], meta: FeatureMeta) -> None:
-        key = _meta_key(meta)
+    def put_many(self, items: Iterable[tuple[str, np.ndarray, int, int]], meta: FeatureId) -> None:
+        key = meta.cache_key()
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?)",

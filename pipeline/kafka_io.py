@@ -48,6 +48,9 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "session_timeout_ms": 6000,
     "heartbeat_interval_ms": 2000,
     "fetch_max_wait_ms": 100,
+    # Never read records of an aborted or still-open transaction: with exactly-once
+    # checkpoints, features/labels/dead letters count only once their transaction commits.
+    "isolation_level": "read_committed",
 }
 
 #: Records per poll. Image featurizing is slow per record, so a small batch keeps each poll
@@ -80,7 +83,8 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     refuse it; then we log a warning and use a plain acks=all producer rather than pretending.
     If the caller explicitly asked for ``enable_idempotence=True``, a refusal is an error instead.
     """
-    config = {**settings.kafka_client_config(), **PRODUCER_DEFAULTS, **overrides}
+    config = {**settings.kafka_client_config(), **PRODUCER_DEFAULTS,
+              "max_request_size": request_size_limit(settings), **overrides}
     strict = overrides.get("enable_idempotence") is True
     if not strict and not _idempotence_compatible(config):
         # The caller traded durability for speed (acks!=all, retries=0, >5 in flight);
@@ -99,6 +103,68 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         return producer
     close_producer(producer, timeout=5)
     return _fallback_producer(config, problem, strict)
+
+
+def request_size_limit(settings: Settings) -> int:
+    """kafka-python's ``max_request_size`` for the one message limit (a record plus its batch's
+    overhead must fit, so the largest record of ``DEEPER_MAX_MESSAGE_BYTES`` is never refused
+    by our own client before the broker sees it)."""
+    return settings.message_limit + RECORD_OVERHEAD
+
+
+#: Bytes a record batch adds around one record (v2 batch header 61 B, record framing, headers'
+#: varints): a margin, not a measurement.
+RECORD_OVERHEAD = 1024
+
+
+def make_transactional_producer(settings: Settings, transactional_id: str) -> KafkaProducer:
+    """A transactional producer, ready for ``begin_transaction`` (exactly-once checkpoints).
+
+    ``init_transactions`` fences any older producer with the same id and aborts the
+    transaction it left open, so a restarted replica that reuses its id unblocks
+    ``read_committed`` readers at once instead of after the transaction timeout.
+    """
+    producer = KafkaProducer(**{**settings.kafka_client_config(), **PRODUCER_DEFAULTS,
+                                "max_request_size": request_size_limit(settings),
+                                "transactional_id": transactional_id,
+                                "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS})
+    try:
+        producer.init_transactions()
+    except BaseException:
+        close_producer(producer, timeout=1)
+        raise
+    return producer
+
+
+#: A checkpoint's transaction lives a few seconds; if its producer dies, the broker aborts it
+#: after this long (the longest a ``read_committed`` reader can be held up by a crash whose
+#: replica does not come back under the same transactional id).
+TRANSACTION_TIMEOUT_MS = 30_000
+
+
+def topic_message_limits(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
+    """``max.message.bytes`` of each topic the broker reports (an operator may set it below
+    ours); topics or brokers that don't answer DescribeConfigs are left out."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    names = sorted(set(topics))
+    limits: dict[str, int] = {}
+    try:
+        admin = make_admin(settings, request_timeout_ms=2000)
+    except kafka_errors.KafkaError:
+        return limits
+    try:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name, ["max.message.bytes"]) for name in names]
+        answer = admin.describe_configs(resources, config_filter="all")
+        for name, entries in (answer.get("topic") or {}).items():
+            value = (entries.get("max.message.bytes") or {}).get("value")
+            if value:
+                limits[name] = int(value)
+    except Exception as exc:  # noqa: BLE001 - only a refinement (Tansu 0.6 drops the connection): the settings' limit applies
+        log.debug("topic limits unavailable: %r", exc)
+    finally:
+        admin.close()
+    return limits
 
 
 def _idempotence_compatible(config: Mapping[str, Any]) -> bool:

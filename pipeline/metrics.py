@@ -31,6 +31,9 @@ class Metrics:
                          ["stage", "topic", "partition"], registry=registry)
         self.model_version = Gauge("deeper_model_info", "The classifier version being served", ["version"],
                                    registry=registry)
+        self.fallback_scored = Counter("deeper_fallback_scored_total",
+                                       "Vectors labelled by an older model because the current one doesn't fit them",
+                                       ["version"], registry=registry)
         self.flushes = Counter("deeper_parquet_files_total", "Parquet part files written", registry=registry)
 
 

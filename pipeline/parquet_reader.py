@@ -1,79 +1,104 @@
 """Read feature files (one file, many, or a streamed dataset directory) back into arrays.
 
-Offline retraining reads what the featurizer wrote instead of re-running the network. The
-reader checks every file's metadata and refuses to mix backbones, weights or layers, and it
-drops duplicate image ids (keeping the first row in file order): the stream is
-at-least-once, so after a crash the same image can land in two part files; removing those at
-read time keeps the writer simple and never loses a row.
+Offline retraining reads what the featurizer wrote instead of re-running the network. Every
+location may be a local path or an ``s3://`` URI (:mod:`pipeline.storage`). The reader checks
+every file's feature id and refuses to mix backbones, precisions, weights or layers
+(:meth:`pipeline.identity.FeatureId.check_compatible`).
+
+It also keeps one row per image id (the first in file order), as a safety net: a stream that
+delivers at least once can land an image in two part files after a crash. How many rows it
+removed is returned (:attr:`FeatureSet.duplicates_dropped`) and logged, so a writer that claims
+exactly-once can show the number is zero.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
-from pipeline.parquet_writer import TEMP_PREFIX, FeatureMeta
+from pipeline.identity import FeatureId
+from pipeline.logs import event
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["image_id", "source", "label", "vector"]
 
 
 @dataclass
 class FeatureSet:
-    meta: FeatureMeta
+    meta: FeatureId
     image_ids: list[str]
     sources: list[str]
     labels: list[str | None]
     vectors: np.ndarray  # float32 [N, dim]
+    #: rows removed because their image id was already read (0 for an exactly-once writer)
     duplicates_dropped: int = 0
+    files: int = 0
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
 
-def feature_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and directories into the sorted list of finished Parquet files."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*.parquet") if not f.name.startswith(TEMP_PREFIX)))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise DeeperError(f"no such feature file or directory: {p}")
+def feature_files(paths: Iterable[storage.Location]) -> list[storage.Location]:
+    """Expand files, directories and S3 prefixes into the finished Parquet files (each sorted)."""
+    out: list[storage.Location] = []
+    for p in paths:
+        out.extend(storage.list_parquet(p))
     return out
 
 
-def read_meta(path: Path) -> FeatureMeta:
-    return FeatureMeta.from_metadata(pq.read_schema(path).metadata, where=str(path))
+def _read(location: storage.Location, columns: list[str] | None) -> tuple[FeatureId, pa.Table | None]:
+    """One open per file: its feature id and (when ``columns`` is given) those columns."""
+    with storage.open_input(location) as source:
+        try:
+            parquet = pq.ParquetFile(source)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise IncompatibleFeatures(f"{location} is not a readable Parquet file: {exc}") from None
+        meta = FeatureId.from_parquet_metadata(parquet.schema_arrow.metadata, where=str(location))
+        return meta, parquet.read(columns=columns) if columns else None
 
 
-def read_features(paths: Sequence[str | Path]) -> FeatureSet:
-    """Read, check and concatenate feature files; drop duplicate image ids."""
+def read_meta(location: storage.Location) -> FeatureId:
+    return _read(location, None)[0]
+
+
+def read_features(paths: Sequence[storage.Location]) -> FeatureSet:
+    """Read, check and concatenate feature files; drop (and count) duplicate image ids."""
     files = feature_files(paths)
     if not files:
         raise DeeperError(f"no Parquet feature files found in {', '.join(map(str, paths))}")
-    meta = read_meta(files[0])
+    meta: FeatureId | None = None
     tables = []
     for f in files:
-        read_meta(f).check_same(meta, what=f"({files[0]} and {f})")
-        tables.append(pq.read_table(f, columns=["image_id", "source", "label", "vector"]))
-    table = pa.concat_tables(tables)
-    return _dedupe(meta, table)
+        this, table = _read(f, COLUMNS)
+        meta = meta or this
+        this.check_compatible(meta, what=f"{f} and {files[0]}")
+        tables.append(table)
+    features = _dedupe(meta, pa.concat_tables(tables))
+    features.files = len(files)
+    event(log, "read features", logging.WARNING if features.duplicates_dropped else logging.INFO,
+          files=len(files), rows=len(features), duplicates_dropped=features.duplicates_dropped,
+          features=meta.describe())
+    return features
 
 
-def _dedupe(meta: FeatureMeta, table: pa.Table) -> FeatureSet:
+def _dedupe(meta: FeatureId, table: pa.Table) -> FeatureSet:
     ids = table.column("image_id").to_pylist()
     seen: dict[str, int] = {}
     for i, image_id in enumerate(ids):
         seen.setdefault(image_id, i)
-    keep = np.fromiter(seen.values(), dtype=np.int64)
-    table = table.take(pa.array(keep))
+    keep = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))
+    if len(keep) != len(ids):
+        table = table.take(pa.array(keep))
     vectors = table.column("vector").combine_chunks()
-    flat = vectors.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if flat.size != len(keep) * meta.dim:
         raise IncompatibleFeatures(f"vector column does not have {meta.dim} values per row")
     return FeatureSet(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import DeeperError
+from pipeline.storage import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def calibration_images(preprocess: Callable, photos: Sequence[str | Path] | None
 
 
 def files_digest(photos: Iterable[str | Path]) -> str:
+    """sha256 over the files' sha256s (in order): the calibration set's part of a cache key."""
     digest = hashlib.sha256()
     for p in photos:
-        digest.update(hashlib.sha256(Path(p).read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256_file(p)))
     return digest.hexdigest()
 
 
@@ -193,11 +194,7 @@ def cached_model(cache_dir: str | Path | None, name: str, key_parts: Sequence[st
         model = build()
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(model)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, model)
         except OSError as exc:  # a read-only cache must not stop the run
             log.warning("could not write TF-Lite cache %s: %s", path, exc)
     return model

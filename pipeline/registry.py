@@ -12,7 +12,9 @@ Why this shape: a version directory is claimed with ``mkdir`` (atomic, so two tr
 share one) and filled before the pointer moves; ``current.json`` is replaced with
 ``os.replace``, so a scorer polling it sees the old version or the new one, never a mix. Both
 files carry checksums, so a truncated or edited model is refused instead of scored, and
-nothing is ever unpickled.
+nothing is ever unpickled. Every file is written with :func:`pipeline.storage.write_bytes_atomic`
+(temporary name, fsync, rename, directory fsync). ``model.json``'s ``features`` is
+:meth:`FeatureId.to_json`; versions saved before precision had its own key still load.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ import numpy as np
 
 from pipeline.classifier import Classifier, ClassifierSpec
 from pipeline.errors import RegistryError
-from pipeline.parquet_writer import FeatureMeta
+from pipeline.identity import FeatureId
+from pipeline.storage import write_bytes_atomic
 
 CURRENT = "current.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -42,21 +43,12 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 class ModelVersion:
     version: str
     classifier: Classifier
-    feature_meta: FeatureMeta
+    feature_meta: FeatureId
     metadata: dict[str, Any]
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Registry:
@@ -74,26 +66,25 @@ class Registry:
                       key=lambda v: int(VERSION_RE.match(v).group(1)))
 
     # -- saving ----------------------------------------------------------------------------
-    def save(self, classifier: Classifier, meta: FeatureMeta, extra: dict[str, Any], make_current: bool = True) -> str:
+    def save(self, classifier: Classifier, meta: FeatureId, extra: dict[str, Any], make_current: bool = True) -> str:
         """Store a new version; move ``current`` to it when ``make_current``."""
         directory = self._claim_version_dir()
         buffer = io.BytesIO()
         np.savez(buffer, **classifier.arrays)
         model_bytes = buffer.getvalue()
-        _write_atomic(directory / "model.npz", model_bytes)
+        write_bytes_atomic(directory / "model.npz", model_bytes)
         metadata = {
             "version": directory.name,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "classes": classifier.classes,
             "classifier": classifier.spec.to_dict(),
-            "features": {"backbone": meta.backbone, "weights_digest": meta.weights_digest,
-                         "layer": meta.layer, "dim": meta.dim, "preprocessing": meta.preprocessing},
+            "features": meta.to_json(),
             "model_npz_sha256": _sha256(model_bytes),
             **extra,
         }
         model_json = json.dumps(metadata, indent=2, sort_keys=True).encode()
-        _write_atomic(directory / "model.json", model_json)
-        _write_atomic(directory / "model.json.sha256", _sha256(model_json).encode())
+        write_bytes_atomic(directory / "model.json", model_json)
+        write_bytes_atomic(directory / "model.json.sha256", _sha256(model_json).encode())
         if make_current:
             self.set_current(directory.name)
         return directory.name
@@ -115,7 +106,7 @@ class Registry:
         model_json = (self.versions_dir / version / "model.json").read_bytes()
         self.load(version)  # refuse to point at a broken version
         pointer = {"version": version, "model_json_sha256": _sha256(model_json)}
-        _write_atomic(self.root / CURRENT, json.dumps(pointer).encode())
+        write_bytes_atomic(self.root / CURRENT, json.dumps(pointer).encode())
 
     # -- loading ---------------------------------------------------------------------------
     def _pointer(self) -> dict[str, str] | None:
@@ -163,8 +154,7 @@ class Registry:
             with np.load(io.BytesIO(model_bytes), allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
             spec = ClassifierSpec(**metadata["classifier"])
-            f = metadata["features"]
-            meta = FeatureMeta(f["backbone"], f["weights_digest"], f["layer"], int(f["dim"]), f.get("preprocessing", ""))
+            meta = FeatureId.from_json(metadata["features"])
             classifier = Classifier(spec, list(metadata["classes"]), arrays)
             _check_scores(classifier, meta)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong inside a model file (a zip cut short:
@@ -174,7 +164,7 @@ class Registry:
         return ModelVersion(version, classifier, meta, metadata)
 
 
-def _check_scores(classifier: Classifier, meta: FeatureMeta) -> None:
+def _check_scores(classifier: Classifier, meta: FeatureId) -> None:
     """Score two zero vectors: arrays that don't fit the metadata fail here, not in a running scorer."""
     if classifier.dim != meta.dim:
         raise ValueError(f"its arrays take {classifier.dim}-d vectors but model.json says {meta.dim}")

@@ -17,6 +17,8 @@ from PIL import Image
 
 from pipeline.decode import decode_image
 from pipeline.errors import DecodeError
+from pipeline.photos import path_from_display
+from pipeline.scoring import Scored
 
 
 @dataclass
@@ -26,11 +28,21 @@ class Prediction:
     label: str | None
     scores: dict[str, float]
     error: str | None = None
+    probabilities: dict[str, float] | None = None  # None: the model is uncalibrated
+    confidence: float | None = None  # None: the model is uncalibrated
+    unknown: bool = False
+
+    @classmethod
+    def scored(cls, source: str, image_id: str, result: Scored) -> "Prediction":
+        return cls(source, image_id, result.label, result.scores, None, result.probabilities, result.confidence,
+                   result.unknown)
 
 
 def thumbnail_data_uri(path: str, size: int = 160) -> str:
+    """The photo at ``path`` (display text, see :func:`pipeline.photos.display_path`) as a small
+    JPEG data: URI; empty when it cannot be read or decoded (the card then says "no preview")."""
     try:
-        image = Image.fromarray(decode_image(Path(path).read_bytes()).pixels)
+        image = Image.fromarray(decode_image(path_from_display(path).read_bytes()).pixels)
     except (OSError, DecodeError):
         return ""
     image.thumbnail((size, size))
@@ -52,13 +64,21 @@ def render(predictions: Sequence[Prediction], model: dict, title: str = "go-deep
         f"model <b>{e(model.get('version', '?'))}</b> · {e(model.get('classifier', {}).get('kind', '?'))} on "
         f"<b>{e(features.get('backbone', '?'))}</b>/{e(features.get('layer', '?'))} "
         f"(dim {e(str(features.get('dim', '?')))}) · trained on {e(str(model.get('n_train', '?')))} images "
-        f"· created {e(model.get('created_at', '?'))}</p>",
+        f"· created {e(model.get('created_at', '?'))} · {e(_calibration_text(model))}</p>",
         _confusion_html(cv),
         f"<h2>Predictions ({len(predictions)})</h2><div class='grid'>",
     ]
     parts.extend(_card(p) for p in predictions)
     parts.append("</div></body></html>")
     return "\n".join(parts)
+
+
+def _calibration_text(model: dict) -> str:
+    calibration = model.get("calibration")
+    if not calibration:
+        return "uncalibrated model (trained before calibration): no confidence, never unknown"
+    return (f"unknown below {calibration['unknown_threshold']:.0%} confidence "
+            f"({calibration.get('threshold_rule', '?')})")
 
 
 def _card(p: Prediction) -> str:
@@ -68,9 +88,13 @@ def _card(p: Prediction) -> str:
     if p.error:
         body = f"<div class='label error'>error</div><div class='scores'>{e(p.error)}</div>"
     else:
-        rows = "".join(f"<tr><td>{e(c)}</td><td>{s:+.3f}</td></tr>"
+        probs = p.probabilities or {}
+        rows = "".join(f"<tr><td>{e(c)}</td><td>{s:+.3f}</td>"
+                       + (f"<td>{probs[c]:.0%}</td>" if c in probs else "") + "</tr>"
                        for c, s in sorted(p.scores.items(), key=lambda kv: -kv[1]))
-        body = f"<div class='label'>{e(p.label or '')}</div><table class='scores'>{rows}</table>"
+        confidence = "" if p.confidence is None else f"<div class='confidence'>{p.confidence:.0%} confident</div>"
+        body = (f"<div class='label{' unknown' if p.unknown else ''}'>{e(p.label or '')}</div>{confidence}"
+                f"<table class='scores'>{rows}</table>")
     return f"<div class='card'>{image}<div class='name'>{e(Path(p.source).name)}</div>{body}</div>"
 
 
@@ -83,7 +107,8 @@ def _confusion_html(cv: dict) -> str:
     rows = "".join(
         f"<tr><th>{e(c)}</th>" + "".join(f"<td class='{'hit' if i == j else ''}'>{n}</td>" for j, n in enumerate(row))
         + "</tr>" for i, (c, row) in enumerate(zip(classes, cv["confusion"])))
-    return (f"<h2>Cross-validation: {cv['accuracy']:.1%} ({e(cv['method'])})</h2>"
+    brier = f", Brier score {cv['brier']:.3f}" if "brier" in cv else ""
+    return (f"<h2>Cross-validation: {cv['accuracy']:.1%} ({e(cv['method'])}{brier})</h2>"
             f"<table class='confusion'><tr><th>true \\ predicted</th>{head}</tr>{rows}</table>")
 
 
@@ -96,6 +121,8 @@ body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 .name{font-size:11px;color:#666;word-break:break-all;margin-top:4px}
 .label{font-size:18px;font-weight:bold;margin:4px 0}
 .label.error{color:#b00}
+.label.unknown{color:#a60;font-style:italic}
+.confidence{font-size:12px;color:#555}
 .scores{font-size:12px}
 .confusion td,.confusion th{border:1px solid #ccc;padding:4px 10px;text-align:center}
 .confusion{border-collapse:collapse}

@@ -14,9 +14,10 @@ c. a download from ``spec.url``.
 
 Why it is built the way it is:
 
-* A download is written to a temporary file next to its destination and moved into place
-  with :func:`os.replace` only after the size and sha256 match, so a crash, a truncated
-  transfer or a tampered file never leaves something in the cache that looks valid.
+* A download is written through :func:`pipeline.storage.atomic_file` (a temporary file next to
+  its destination, fsync'ed, renamed into place) and the rename happens only after the size and
+  sha256 match, so a crash, a truncated transfer or a tampered file never leaves something in
+  the cache that looks valid.
 * Unpacking refuses absolute paths, ``..`` members, links and device files (a checkpoint
   archive has only regular files), extracts into a temporary directory and renames it into
   place, so a half-unpacked directory is never seen by another process.
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from pipeline.errors import WeightsUnavailable
+from pipeline.storage import TEMP_PREFIX, TEMP_SUFFIX, atomic_file, fsync_dir, sha256_file
 
 #: Seconds to wait for the TCP connection (and the response headers); short so that an
 #: offline machine fails in a few seconds instead of hanging.
@@ -72,7 +74,7 @@ class WeightsSpec:
     name: str
     url: str
     archive_name: str
-    checkpoint_name: str
+    checkpoint_name: str  # the checkpoint's file name inside the archive
     sha256: str | None = None
     size: int | None = None
 
@@ -98,15 +100,6 @@ class ResolvedWeights:
 
 
 # --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so large files don't fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_files(prefix: Path) -> list[Path]:
@@ -283,19 +276,12 @@ def download(
     :func:`resolve` turns both into :class:`WeightsUnavailable`. Nothing is left at ``dest``
     or next to it unless the file verified.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, _open_url(url, connect_timeout) as response:
+    with atomic_file(dest) as out:  # renamed onto dest only if nothing below raises
+        with _open_url(url, connect_timeout) as response:
             length = response.headers.get("Content-Length")
             announced = int(length) if length and length.isdigit() else None
             written, digest = _stream_to(response, out, announced or size, dest.name, progress)
         _check_download(written, digest, announced, size, sha256)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -318,12 +304,13 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     """Unpack ``archive`` into the new directory ``dest`` (all or nothing).
 
     Every member is checked before anything is written; extraction goes to a temporary
-    sibling directory that is renamed to ``dest`` at the end. If another process created
+    sibling directory (a :mod:`pipeline.storage` temporary name) that is renamed to ``dest`` at
+    the end, and the rename is made durable. If another process created
     ``dest`` meanwhile, its copy wins and ours is discarded. Raises ``ValueError`` for an
     unsafe member, ``tarfile.TarError``/``OSError``/``EOFError`` for a broken archive.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".unpacking"))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{TEMP_PREFIX}{dest.name}-", suffix=TEMP_SUFFIX))
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -336,6 +323,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         (tmp / SOURCE_MARKER).write_text(sha256_file(archive) + "\n")
         try:
             os.rename(tmp, dest)
+            fsync_dir(dest.parent)
         except OSError:
             if not dest.is_dir():
                 raise

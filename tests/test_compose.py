@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import apache_kafka
 from pipeline.config import ENVIRONMENT
 
 yaml = pytest.importorskip("yaml")
@@ -74,6 +75,17 @@ def test_kafka_is_a_single_node_kraft_apache_kafka(compose: dict[str, Any]) -> N
     assert kafka["healthcheck"]["test"]
     for port in kafka.get("ports", []):  # anything published must stay on the host's loopback
         assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_kafka_is_the_pinned_version_with_the_dev_brokers_settings(compose: dict[str, Any]) -> None:
+    """Same Apache Kafka as `deeper broker start --kafka` and the tests on Apache Kafka."""
+    kafka = compose["services"]["kafka"]
+    assert kafka["image"] == f"apache/kafka:{apache_kafka.KAFKA_VERSION}"
+    env = environment(kafka)
+    for name, value in apache_kafka.BROKER_SETTINGS.items():
+        variable = "KAFKA_" + name.upper().replace(".", "_")  # the apache/kafka image's mapping
+        assert env.get(variable) == value, f"{variable} should be {value!r} like {name} of the dev broker"
+    assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= 16 * 1024 * 1024  # camera photos
 
 
 def test_our_services_only_set_known_variables(compose: dict[str, Any]) -> None:

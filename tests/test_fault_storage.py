@@ -72,15 +72,15 @@ class FailingWriter:
         pass
 
     def install(self, worker: Featurizer) -> None:
-        real = worker.writer.flush
+        real = worker.sink.flush
 
-        def flush():
+        def flush(starts):
             self.calls += 1
             if self.calls <= self.failures:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(worker.writer.root))
-            return real()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(worker.sink.root))
+            return real(starts)
 
-        worker.writer.flush = flush
+        worker.sink.flush = flush
 
     def end(self) -> None:
         """Nothing to do: storage comes back by itself after ``failures`` calls."""
@@ -253,18 +253,18 @@ def test_featurizer_pauses_on_storage_faults_commits_nothing_and_loses_nothing(
 
 
 class _SwitchableWriter:
-    """``writer.flush`` raises ENOSPC while ``broken`` is set."""
+    """``sink.flush`` raises ENOSPC while ``broken`` is set."""
 
     def __init__(self, worker: Featurizer):
         self.broken = False
-        real = worker.writer.flush
+        real = worker.sink.flush
 
-        def flush():
+        def flush(starts):
             if self.broken:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(worker.writer.root))
-            return real()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(worker.sink.root))
+            return real(starts)
 
-        worker.writer.flush = flush
+        worker.sink.flush = flush
 
 
 def test_partitions_taken_over_while_paused_are_not_skipped(kafka_settings, tmp_path, effnet, trained_registry,

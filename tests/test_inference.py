@@ -199,15 +199,63 @@ def test_several_model_threads_hand_results_out_in_order(effnet, mixed, alone):
     assert [r.record for r in inference.run(mixed)] == mixed
 
 
-def test_a_failing_model_reaches_the_waiting_caller(effnet, good):
-    """An exception in the model thread is raised to whoever waits, not lost in the thread."""
+class Poisoned(CountingBackbone):
+    """The real backbone, except that any batch holding a one-colour image raises (the way a
+    model can break on one input: a NaN, an odd shape); ``broken`` makes every call raise."""
 
-    class Broken(CountingBackbone):
-        def run(self, batch, layers):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.broken = False
+
+    def run(self, batch, layers):
+        self.calls.append(len(batch))
+        if self.broken:
             raise MemoryError("simulated: the model ran out of memory")
+        pixels = np.asarray(batch).reshape(len(batch), -1, batch.shape[-1])
+        if (pixels.std(axis=1) == 0).all(axis=1).any():
+            raise FloatingPointError("simulated: the model cannot take a one-colour image")
+        return self.inner.run(batch, layers)
 
-    inference = Inference(Broken(effnet), LAYER, batch_size=2, batch_timeout=0.01)
-    with pytest.raises(RuntimeError, match="inference thread failed"):
-        inference.submit(good[:2]).wait(timeout=60)
-    with pytest.raises(RuntimeError, match="failed earlier"):
-        inference.submit(good[:1])
+
+@pytest.fixture(scope="module")
+def poison() -> ImageRecord:
+    return _record(bad_images.encode(np.full((48, 64, 3), (200, 30, 160), np.uint8), "PNG"), "one-colour")
+
+
+@pytest.mark.parametrize("batch_size", [8, 3])
+def test_an_image_that_breaks_the_model_fails_alone(effnet, good, poison, alone, batch_size):
+    """The batch is retried, then halved until the culprit is alone: only it fails, with
+    ``model_error``, and its batch-mates get the vectors they get in a clean run."""
+    backbone = Poisoned(effnet)
+    records = good[:2] + [poison] + good[2:]
+    inference = Inference(backbone, LAYER, batch_size=batch_size, batch_timeout=0.01)
+    results = inference.submit(records).wait(timeout=120)
+
+    assert [r.record for r in results] == records
+    (failed,) = [r for r in results if isinstance(r, Failed)]
+    assert failed.record is poison and failed.reason == "model_error"
+    assert "FloatingPointError" in failed.detail and "one-colour" in failed.detail
+    featurized = [r for r in results if isinstance(r, Featurized)]
+    assert len(featurized) == 5
+    _check_vectors(featurized, alone, atol=1e-4)
+    assert len(backbone.calls) > -(-len(records) // batch_size)  # the failing batch was run again, in parts
+    assert [r.record for r in inference.run(good)] == good  # and the pipeline goes on
+
+
+def test_a_model_that_always_fails_fails_every_record_and_the_stream_goes_on(effnet, good, alone):
+    backbone = Poisoned(effnet)
+    backbone.broken = True
+    inference = Inference(backbone, LAYER, batch_size=2, batch_timeout=0.01)
+    started = time.monotonic()
+    results = inference.submit(good[:3]).wait(timeout=60)
+    assert [r.record for r in results] == good[:3]
+    assert all(isinstance(r, Failed) and r.reason == "model_error" for r in results), results
+    assert all("MemoryError" in r.detail for r in results)
+    again = inference.submit(good[3:]).wait(timeout=60)  # a later submission is answered, not refused
+    assert [(r.record, r.reason) for r in again] == [(g, "model_error") for g in good[3:]]
+    assert time.monotonic() - started < 60
+
+    backbone.broken = False  # the model recovers (memory freed): the same Inference featurizes again
+    healed = inference.submit(good).wait(timeout=60)
+    assert all(isinstance(r, Featurized) for r in healed) and [r.record for r in healed] == good
+    _check_vectors(healed, alone, atol=1e-4)

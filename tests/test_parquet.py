@@ -1,4 +1,4 @@
-"""Feature files at rest: the rolling writer, the reader's checks and de-duplication, the cache.
+"""Feature files at rest: the stream's Parquet sink, the reader's checks and de-duplication, the cache.
 
 Real Parquet files and a real SQLite cache in ``tmp_path``; vectors are small and synthetic
 because what is under test is the file handling, not the network.
@@ -6,7 +6,7 @@ because what is under test is the file handling, not the network.
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -16,15 +16,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.parquet_writer as writer_module
+from kafka import TopicPartition
+
+from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.feature_cache import FeatureCache
+from pipeline.identity import FeatureId
 from pipeline.parquet_reader import feature_files, read_features
-from pipeline.parquet_writer import (TEMP_PREFIX, FeatureMeta, FeatureRow, RollingParquetWriter, rows_to_table,
-                                     write_features)
+from pipeline.parquet_sink import ParquetSink
+from pipeline.parquet_writer import FeatureRow, rows_to_table, write_features
+from tests.claim_check_servers import s3  # noqa: F401 (a fixture: the project's local S3 server)
 
 DIM = 8
-META = FeatureMeta("efficientnet_lite0", "cd" * 32, "prelogits", DIM, "central_crop(0.875)")
+META = FeatureId("efficientnet_lite0", "cd" * 32, "prelogits", DIM, "central_crop(0.875)")
+BF16 = dataclasses.replace(META, precision="bf16")
 
 
 def row(i: int, label: str | None = "cat", dim: int = DIM, offset: int | None = None) -> FeatureRow:
@@ -37,99 +42,191 @@ def parts(root: Path) -> list[Path]:
     return sorted(root.rglob("*.parquet"))
 
 
-# -- rolling writer -------------------------------------------------------------------------------
-def test_rolls_by_rows_into_partition_dirs(tmp_path):
-    w = RollingParquetWriter(tmp_path / "features", META, max_rows=3, max_seconds=3600)
-    assert not w.due() and w.flush() is None
-    w.add([row(0), row(1)])
-    assert len(w) == 2 and not w.due()
-    w.add([row(2)])
-    assert w.due()
-    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    path = w.flush()
-    assert len(w) == 0 and not w.due()
-    assert path.parent.name == "backbone=efficientnet_lite0" and path.parent.parent.name == f"date={today}"
-    assert path.parent.parent.parent == tmp_path / "features"
-    assert path.name.startswith("part-") and path.suffix == ".parquet"
-    w.add([row(3), row(4), row(5)])
-    second = w.flush()
-    assert second != path and parts(tmp_path) == sorted([path, second])
-
-    table = pq.read_table(path)
-    assert table.column("image_id").to_pylist() == [row(i).image_id for i in range(3)]
-    assert table.column("kafka_offset").to_pylist() == [0, 1, 2]
-    assert table.schema.field("vector").type == pa.list_(pa.float32(), DIM)
-    assert FeatureMeta.from_metadata(table.schema.metadata) == META
-    fs = read_features([tmp_path / "features"])
-    assert len(fs) == 6 and fs.duplicates_dropped == 0
-    np.testing.assert_array_equal(fs.vectors[fs.image_ids.index(row(4).image_id)], row(4).vector)
+# -- the stream's sink --------------------------------------------------------------------------------
+TOPIC = "deeper.images"
 
 
-def test_rolls_by_time(tmp_path):
-    w = RollingParquetWriter(tmp_path, META, max_rows=1000, max_seconds=0.3)
-    w.add([row(0)])
-    assert not w.due()
+def tp(partition: int, topic: str = TOPIC) -> TopicPartition:
+    return TopicPartition(topic, partition)
+
+
+def prow(i: int, partition: int = 0, topic: str = TOPIC, label: str | None = "cat") -> FeatureRow:
+    """Row ``i`` as read from offset ``i`` of ``topic``/``partition``."""
+    return dataclasses.replace(row(i, label), kafka_topic=topic, kafka_partition=partition, kafka_offset=i)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path, monkeypatch) -> str:
+    """Where the sink writes: a local directory, or a prefix on the project's local S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "features")
+    s3 = request.getfixturevalue("s3")
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3["endpoint"])
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    return f"s3://photos/{request.node.name.replace('[', '-').rstrip(']')}"  # the server may be shared
+
+
+def names(root: str) -> list[str]:
+    """The finished part files below ``root``, relative to it."""
+    try:
+        found = storage.list_parquet(root)
+    except storage.StorageError:
+        return []
+    return sorted(str(f)[len(str(root)):].replace("\\", "/").lstrip("/") for f in found)
+
+
+def table_at(location: str) -> pa.Table:
+    with storage.open_input(location) as f:
+        return pq.read_table(f)
+
+
+def test_sink_writes_one_file_per_partition_named_by_its_start_offset(root):
+    sink = ParquetSink(root, META, max_rows=5, max_seconds=3600)
+    assert not sink.due() and sink.flush({}) == []
+    sink.add([prow(10, 0), prow(7, 1), prow(11, 0)])
+    sink.add([prow(3, 0, topic="other")])
+    assert len(sink) == 4 and not sink.due()
+    sink.add([prow(12, 0)])
+    assert sink.due()
+    written = sink.flush({tp(0): 9, tp(1): 7})  # partition 0's first uncommitted offset is 9
+    assert len(sink) == 0 and not sink.due()
+    directory = "backbone=efficientnet_lite0/layer=prelogits"
+    expected = [f"{directory}/deeper.images+0+{9:019d}.parquet", f"{directory}/deeper.images+1+{7:019d}.parquet",
+                f"{directory}/other+0+{3:019d}.parquet"]  # no start given: its first row's offset
+    assert names(root) == expected
+    assert sorted(written) == sorted(str(storage.join(root, name)) for name in expected)
+    part0 = table_at(str(storage.join(root, expected[0])))
+    assert part0.column("kafka_offset").to_pylist() == [10, 11, 12]
+    assert part0.column("image_id").to_pylist() == [prow(i).image_id for i in (10, 11, 12)]
+    assert set(part0.column("kafka_partition").to_pylist()) == {0}
+    assert FeatureId.from_parquet_metadata(part0.schema.metadata) == META
+    fs = read_features([root])
+    assert len(fs) == 5 and fs.duplicates_dropped == 0
+    np.testing.assert_array_equal(fs.vectors[fs.image_ids.index(prow(7).image_id)], prow(7).vector)
+
+
+def test_a_replay_from_the_same_start_replaces_the_file(root):
+    """Written, then the process died before the commit: the replay writes the same name."""
+    sink = ParquetSink(root, META, max_rows=100)
+    sink.add([prow(i) for i in range(5, 8)])
+    (first,) = sink.flush({tp(0): 5})
+    replay = ParquetSink(root, META, max_rows=100)
+    replay.add([prow(i, label="dog") for i in range(5, 10)])  # the same rows and more
+    (again,) = replay.flush({tp(0): 5})
+    assert again == first and len(names(root)) == 1
+    table = table_at(first)
+    assert table.column("kafka_offset").to_pylist() == [5, 6, 7, 8, 9]
+    assert set(table.column("label").to_pylist()) == {"dog"}
+    fs = read_features([root])
+    assert len(fs) == 5 and fs.duplicates_dropped == 0
+
+
+def test_remove_uncommitted_deletes_files_at_or_after_the_committed_offset(root):
+    sink = ParquetSink(root, META, max_rows=100)
+    for start in (0, 10, 20):
+        sink.add([prow(start, 0), prow(start + 1, 0)])
+        sink.flush({tp(0): start})
+    sink.add([prow(5, 1)])
+    sink.flush({tp(1): 5})
+    before = names(root)
+    assert len(before) == 4
+    assert ParquetSink(root, META).remove_uncommitted({}) == []  # partitions not named: untouched
+    removed = sink.remove_uncommitted({tp(0): 10, tp(1): 6})
+    assert sorted(Path(r).name for r in removed) == [f"deeper.images+0+{s:019d}.parquet" for s in (10, 20)]
+    assert names(root) == [before[0], before[3]]  # partition 0 from 0 (committed), partition 1 from 5 < 6
+    assert sorted(read_features([root]).image_ids) == sorted(prow(i).image_id for i in (0, 1, 5))
+    assert sink.remove_uncommitted({tp(0): 10}) == []  # nothing left to remove
+
+
+def test_remove_uncommitted_before_anything_was_written(root):
+    assert ParquetSink(root, META).remove_uncommitted({tp(0): 0}) == []
+
+
+def test_sink_rolls_by_time(tmp_path):
+    sink = ParquetSink(str(tmp_path), META, max_rows=1000, max_seconds=0.3)
+    sink.add([prow(0)])
+    assert not sink.due()
     time.sleep(0.4)
-    assert w.due()  # a slow stream still lands on disk
-    w.add([row(1)])  # the clock runs from the oldest buffered row
-    assert w.due()
-    path = w.flush()
-    assert pq.read_table(path).num_rows == 2
-    w.add([row(2)])
-    assert not w.due()  # the clock restarted with the new buffer
+    assert sink.due()  # a slow stream still lands on disk
+    sink.add([prow(1)])  # the clock runs from the oldest buffered row
+    assert sink.due()
+    sink.flush({tp(0): 0})
+    sink.add([prow(2)])
+    assert not sink.due()  # the clock restarted with the new buffer
 
 
 def test_discard_drops_buffered_rows(tmp_path):
-    w = RollingParquetWriter(tmp_path, META, max_rows=2)
-    w.add([row(0), row(1)])
-    w.discard()
-    assert len(w) == 0 and not w.due() and w.flush() is None and parts(tmp_path) == []
+    sink = ParquetSink(str(tmp_path), META, max_rows=2)
+    sink.add([prow(0), prow(1, 1)])
+    sink.discard()
+    assert len(sink) == 0 and not sink.due() and sink.flush({}) == [] and parts(tmp_path) == []
+
+
+def test_switch_sends_new_vectors_to_their_own_directory(tmp_path):
+    sink = ParquetSink(str(tmp_path), META, max_rows=2)
+    sink.add([prow(0)])
+    with pytest.raises(AssertionError):
+        sink.switch(BF16)  # rows of the old vectors are still buffered
+    sink.flush({tp(0): 0})
+    sink.switch(BF16)
+    sink.add([prow(1)])
+    (path,) = sink.flush({tp(0): 1})
+    assert len(parts(tmp_path)) == 2 and len({p.parent for p in parts(tmp_path)}) == 2
+    assert FeatureId.from_parquet_metadata(pq.read_schema(path).metadata) == BF16
+    with pytest.raises(IncompatibleFeatures, match="precision bf16 vs fp32"):
+        read_features([tmp_path])  # fp32 and bf16 vectors are never mixed
 
 
 def test_writes_to_a_temp_name_then_renames(tmp_path, monkeypatch):
     written = []
-    real_write = writer_module.pq.write_table
+    real_write = storage.pq.write_table
 
     def spy(table, where, **kwargs):
         where = Path(where)
         written.append(where)
-        assert where.name.startswith(TEMP_PREFIX)
-        assert not list(where.parent.glob("part-*.parquet")), "final file visible before the data was written"
+        assert storage.is_temp_name(where.name)
+        assert not list(where.parent.glob("*.parquet")), "final file visible before the data was written"
         return real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(writer_module.pq, "write_table", spy)
-    w = RollingParquetWriter(tmp_path, META, max_rows=2)
-    w.add([row(0), row(1)])
-    path = w.flush()
+    monkeypatch.setattr(storage.pq, "write_table", spy)
+    sink = ParquetSink(str(tmp_path), META)
+    sink.add([prow(0), prow(1)])
+    (path,) = map(Path, sink.flush({tp(0): 0}))
     assert len(written) == 1 and written[0].parent == path.parent and not written[0].exists()
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no .tmp- left behind
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_rows(tmp_path, monkeypatch):
-    real_write = writer_module.pq.write_table
+    real_write = storage.pq.write_table
+    calls = []
 
-    def half_then_crash(table, where, **kwargs):
-        real_write(table.slice(0, 1), where, **kwargs)  # a partial file exists at the temp name...
-        raise OSError("disk full")
+    def second_one_fails(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:
+            real_write(table.slice(0, 1), where, **kwargs)  # a partial file exists at the temp name...
+            raise OSError("disk full")
+        return real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(writer_module.pq, "write_table", half_then_crash)
-    w = RollingParquetWriter(tmp_path, META, max_rows=2)
-    w.add([row(0), row(1)])
+    monkeypatch.setattr(storage.pq, "write_table", second_one_fails)
+    sink = ParquetSink(str(tmp_path), META)
+    sink.add([prow(0, 0), prow(1, 0), prow(10, 1), prow(11, 1), prow(12, 1)])
     with pytest.raises(OSError, match="disk full"):
-        w.flush()
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # ...and is removed
-    assert len(w) == 2  # nothing lost: the caller can retry
-    monkeypatch.setattr(writer_module.pq, "write_table", real_write)
-    assert pq.read_table(w.flush()).num_rows == 2
+        sink.flush({})
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"deeper.images+0+{0:019d}.parquet"]
+    assert len(sink) == 3  # ...and is removed; partition 1's rows are kept for the retry
+    monkeypatch.setattr(storage.pq, "write_table", real_write)
+    (retried,) = sink.flush({})
+    assert pq.read_table(retried).column("kafka_offset").to_pylist() == [10, 11, 12] and len(sink) == 0
+    assert len(read_features([tmp_path])) == 5
 
 
 def test_readers_skip_temp_files(tmp_path):
     root = tmp_path / "features"
-    w = RollingParquetWriter(root, META, max_rows=2)
-    w.add([row(0), row(1)])
-    path = w.flush()
-    crashed = path.parent / f"{TEMP_PREFIX}0123456789abcdef-part-crashed.parquet"
-    crashed.write_bytes(b"PAR1 half a file")
+    path = write_features([row(0), row(1)], META, root / "a.parquet")
+    for name in (f"{storage.TEMP_PREFIX}0123456789abcdef-part-crashed.parquet", "b.parquet.partial"):
+        (root / name).write_bytes(b"PAR1 half a file")
     assert feature_files([root]) == [path]
     assert len(read_features([root])) == 2
 
@@ -186,7 +283,7 @@ def test_vectors_of_the_wrong_dim_are_refused(tmp_path):
         read_features([lying])
     # two files of different dims are never mixed
     a = write_features([row(0)], META, tmp_path / "a.parquet")
-    wide = FeatureMeta(META.backbone, META.weights_digest, META.layer, 12, META.preprocessing)
+    wide = FeatureId(META.backbone, META.weights_digest, META.layer, 12, META.preprocessing)
     b = write_features([row(1, dim=12)], wide, tmp_path / "b.parquet")
     with pytest.raises(IncompatibleFeatures, match="cannot mix features"):
         read_features([a, b])
@@ -196,7 +293,7 @@ def test_vectors_of_the_wrong_dim_are_refused(tmp_path):
                                          ("layer", "logits")])
 def test_files_of_different_origin_are_never_mixed(tmp_path, field, value):
     a = write_features([row(0)], META, tmp_path / "a.parquet")
-    other = FeatureMeta(**{**META.__dict__, field: value})
+    other = FeatureId(**{**META.__dict__, field: value})
     b = write_features([row(1)], other, tmp_path / "b.parquet")
     with pytest.raises(IncompatibleFeatures, match="cannot mix features"):
         read_features([a, b])
@@ -242,7 +339,7 @@ def test_cache_is_keyed_by_backbone_digest_and_layer(tmp_path, field, value):
     assert sorted(hits) == ids[:2]  # the third was never stored: a miss
     np.testing.assert_array_equal(hits[ids[1]][0], row(1).vector)
     assert hits[ids[1]][1:] == (11, 21)
-    other = FeatureMeta(**{**META.__dict__, field: value})
+    other = FeatureId(**{**META.__dict__, field: value})
     assert cache.get_many(ids, other) == {}  # same photos, different network/weights/layer: all misses
     cache.put_many([(ids[0], np.full(other.dim, 7, np.float32), 1, 1)], other)
     np.testing.assert_array_equal(cache.get_many(ids, META)[ids[0]][0], row(0).vector)  # untouched
@@ -257,3 +354,17 @@ def test_cache_handles_many_ids(tmp_path):
     found = cache.get_many([i for i, *_ in items] + ["f" * 64], META)
     assert len(found) == 1200 and found[f"{1100:064x}"][0][0] == 1100
     cache.close()
+
+
+def test_version_1_files_without_kafka_key_are_still_read(tmp_path):
+    """Schema 2 added ``kafka_key``; a file written before it reads as it did."""
+    rows = [FeatureRow(f"{i:064x}", f"p{i}.jpg", "a", 4, 4, np.full(DIM, i, np.float32), "t", 0, i, b"k")
+            for i in range(3)]
+    table = rows_to_table(rows, META)
+    assert table.column("kafka_key").to_pylist() == [b"k"] * 3
+    old = table.drop(["kafka_key"])
+    metadata = {**old.schema.metadata, b"deeper.schema_version": b"1"}
+    pq.write_table(old.replace_schema_metadata(metadata), tmp_path / "v1.parquet")
+    write_features(rows, META, tmp_path / "v2.parquet")
+    features = read_features([tmp_path / "v1.parquet", tmp_path / "v2.parquet"])
+    assert len(features) == 3 and features.duplicates_dropped == 3

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as deeper
+from pipeline.errors import IncompatibleFeatures
 from pipeline.featurize import featurize_photos
-from pipeline.nets.factory import load_backbone, vector_source
+from pipeline.nets.factory import load_backbone
 from pipeline.photos import find_photos
 from tests.conftest import EXAMPLES
 
@@ -24,15 +25,26 @@ def photos():
 @pytest.mark.parametrize("precision, min_cosine", [("bf16", 0.998), ("fp32-lite", 0.99999)])
 def test_reduced_precision_vectors_stay_close_to_fp32(precision, min_cosine, photos, effnet, cache_dir):
     reduced = load_backbone("efficientnet_lite0", cache_dir=cache_dir, progress=False, precision=precision)
-    assert vector_source(reduced) == f"efficientnet_lite0@{precision}"
+    assert reduced.precision == precision and effnet.precision == "fp32"
     fp32 = featurize_photos(photos, effnet, "prelogits", progress=False)
     low = featurize_photos(photos, reduced, "prelogits", progress=False)
-    assert low.meta.backbone == f"efficientnet_lite0@{precision}" and fp32.meta.backbone == "efficientnet_lite0"
+    assert low.meta.backbone == "efficientnet_lite0" and low.meta.precision == precision
+    assert fp32.meta.backbone == "efficientnet_lite0" and fp32.meta.precision == "fp32"
+    assert low.meta.differences(fp32.meta) == [f"precision {precision} vs fp32"]
     cos = _cosines(np.stack([r.vector for r in fp32.rows]), np.stack([r.vector for r in low.rows]))
     assert cos.min() >= min_cosine, cos
     logits_fp32 = featurize_photos(photos, effnet, "logits", progress=False).rows
     logits_low = featurize_photos(photos, reduced, "logits", progress=False).rows
     assert [int(np.argmax(a.vector)) for a in logits_fp32] == [int(np.argmax(b.vector)) for b in logits_low]
+
+
+def test_a_recorded_name_with_its_precision_loads_that_precision(cache_dir):
+    """``NAME@PRECISION`` (how older vectors recorded it) still loads; a contradiction is refused."""
+    legacy = load_backbone("efficientnet_lite0@bf16", cache_dir=cache_dir, progress=False)
+    assert legacy is load_backbone("efficientnet_lite0", cache_dir=cache_dir, progress=False, precision="bf16")
+    assert legacy.precision == "bf16"
+    with pytest.raises(IncompatibleFeatures, match="precision"):
+        load_backbone("efficientnet_lite0@bf16", cache_dir=cache_dir, progress=False, precision="int8")
 
 
 def test_fp32_and_bf16_features_are_not_mixed(tmp_path, cache_dir, monkeypatch, capsys):

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.registry as registry_module
+import pipeline.storage as storage_module
 from pipeline.classifier import ClassifierSpec, fit
 from pipeline.errors import RegistryError
-from pipeline.parquet_writer import FeatureMeta
+from pipeline.identity import FeatureId
 from pipeline.registry import Registry
 
-META = FeatureMeta("efficientnet_lite0", "ab" * 32, "prelogits", 16, "central_crop(0.875)")
+META = FeatureId("efficientnet_lite0", "ab" * 32, "prelogits", 16, "central_crop(0.875)")
 PICKLE_MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"deeper-pickle-ran-{os.getpid()}"
 
 
@@ -97,13 +97,13 @@ def test_current_is_replaced_atomically(reg, classifier, monkeypatch):
         replaced.append((Path(src).name, Path(dst).name, Path(src).parent == Path(dst).parent))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(registry_module.os, "replace", spy)
+    monkeypatch.setattr(storage_module.os, "replace", spy)  # the registry writes through storage
     reg.save(classifier, META, {})
     reg.save(classifier, META, {})
     targets = [dst for _, dst, _ in replaced]
     assert targets.count("current.json") == 2 and targets.count("model.npz") == 2
-    assert all(src.startswith(".tmp-") and same_dir for src, _, same_dir in replaced)
-    leftovers = [p for p in reg.root.rglob("*") if p.name.startswith(".tmp-")]
+    assert all(storage_module.is_temp_name(src) and same_dir for src, _, same_dir in replaced)
+    leftovers = [p for p in reg.root.rglob("*") if storage_module.is_temp_name(p.name)]
     assert leftovers == []
 
 

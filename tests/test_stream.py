@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -260,6 +262,7 @@ def test_two_featurizers_in_one_group_share_the_partitions(cars_model, effnet, c
 
 
 def test_producer_reports_oversize_and_unreadable_files(kafka_settings, tmp_path):
+    """With ``fit_to_limit=False`` an oversize photo is refused and named, never silently dropped."""
     import dataclasses
 
     settings = dataclasses.replace(unique_settings(kafka_settings, tmp_path), max_message_bytes="200000")
@@ -268,7 +271,7 @@ def test_producer_reports_oversize_and_unreadable_files(kafka_settings, tmp_path
     assert big.stat().st_size > 200_000
     small = tmp_path / "small.png"
     Image.new("RGB", (32, 32), "red").save(small)
-    producer = ImageProducer(settings)
+    producer = ImageProducer(settings, fit_to_limit=False)
     assert producer.send_file(big) is None
     assert producer.send_file(tmp_path / "missing.jpg") is None
     assert producer.send_file(small) is not None
@@ -277,6 +280,26 @@ def test_producer_reports_oversize_and_unreadable_files(kafka_settings, tmp_path
     assert summary.sent == 1
     assert "too large" in summary.failed[str(big)]
     assert "unreadable" in summary.failed[str(tmp_path / "missing.jpg")]
+
+
+def test_producer_reencodes_oversize_photos_to_fit_by_default(kafka_settings, tmp_path):
+    import dataclasses
+
+    settings = dataclasses.replace(unique_settings(kafka_settings, tmp_path), max_message_bytes="200000")
+    big = tmp_path / "big.png"
+    Image.effect_noise((600, 600), 80).convert("RGB").save(big)
+    assert big.stat().st_size > 200_000
+    producer = ImageProducer(settings)
+    message = producer.send_file(big)
+    summary = producer.flush()
+    producer.close()
+    assert message is not None and summary.sent == 1 and not summary.failed
+    records = read_topic(settings, settings.images_topic, lambda rs: len(rs) >= 1)
+    assert [r.key.decode() for r in records] == [message.image_id]
+    arrived = records[0].value
+    assert len(arrived) <= 200_000
+    assert message.image_id == hashlib.sha256(arrived).hexdigest()  # the id names the bytes that arrived
+    assert Image.open(io.BytesIO(arrived)).size[0] > 0  # still a photo
 
 
 def test_produce_command_reads_paths_from_stdin(kafka_settings, tmp_path):

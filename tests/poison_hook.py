@@ -1,0 +1,30 @@
+"""``python -m tests.poison_hook ARGS``: the ``deeper`` command, whose decoder kills its own process
+(a real SIGKILL) on one chosen payload: a stand-in for a native decoder that segfaults or runs
+out of memory on a hostile photo. The payload's sha256 is ``$DEEPER_TEST_POISON_SHA256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+
+from pipeline import inference
+
+POISON = os.environ["DEEPER_TEST_POISON_SHA256"]
+_real = inference.decode_image
+
+
+def _decode_or_die(data: bytes, *args, **kwargs):
+    if hashlib.sha256(data).hexdigest() == POISON:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(data, *args, **kwargs)
+
+
+inference.decode_image = _decode_or_die
+
+if __name__ == "__main__":
+    from pipeline.cli import main
+
+    sys.exit(main(sys.argv[1:]))
