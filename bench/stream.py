@@ -1,7 +1,7 @@
 """Stream figures: end-to-end throughput, the scorer alone, latency, featurizer memory.
 
-The setup is the demo's: a local Tansu broker in memory mode (``pipeline.broker``), and the
-featurizer and the scorer as separate processes (``python -m pipeline.cli featurizer|scorer``,
+The setup is the demo's: a local Tansu broker in memory mode (``pipeline.kafka.broker``), and the
+featurizer and the scorer as separate processes (``python -m pipeline.app.cli featurizer|scorer``,
 JSON logs to files), so each has its own interpreter and GIL as in production. The bench
 process trains the classifier (EfficientNet-Lite0 prelogits, linear SVM, on the cars train
 photos) into a scratch registry, produces with :class:`producers.produce.ImageProducer` and
@@ -22,15 +22,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import statistics
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from bench.batch import model_rate
-from pipeline.devrig import LabelCollector, Photo, WorkerProcess, photo_from_bytes, send_photos, worker_env
-from bench.common import (CARS, Context, car_photos, cpu_seconds, distinct_copy, iso_to_epoch, percentile, rss_mb,
-                          say, timed_runs, rate_summary, load, preprocessed, tile)
+from pipeline.app.devrig import LabelCollector, Photo, WorkerProcess, photo_from_bytes, send_photos, worker_env
+from bench.common import (CARS, Context, camera_jpeg, car_photos, cpu_seconds, distinct_copy, fit_camera_jpeg,
+                          iso_to_epoch, load, percentile, preprocessed, rate_summary, rss_mb, say, tile, timed_runs)
 
 MODEL = "efficientnet_lite0"
 LAYER = "prelogits"
@@ -45,40 +47,46 @@ WARMUP = 16
 class Rig:
     """A broker, a trained registry and photos; :meth:`pipeline` starts a featurizer + scorer.
 
-    Brokers, worker processes, producing and the labels reader are :mod:`pipeline.devrig`'s.
+    Brokers, worker processes, producing and the labels reader are :mod:`pipeline.app.devrig`'s.
     """
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, kind: str = "tansu"):
         from pipeline.config import Settings
-        from pipeline.devrig import RigBroker
+        from pipeline.app.devrig import RigBroker
 
         self.ctx = ctx
-        self.root = ctx.work / "stream"
+        self.kind = kind
+        shared = ctx.work / "stream"  # registries: trained once, used by every broker's rig
+        self.root = shared / kind
         self.root.mkdir(parents=True, exist_ok=True)
-        self.broker = RigBroker(self.root / "broker", "tansu", durable=False).start()
+        # Tansu in memory (fastest); Apache Kafka always keeps its log on disk
+        self.broker = RigBroker(self.root / "broker", kind, durable=False).start()
         ctx.closers.append(self.broker.stop)
         self.base = Settings.from_env(bootstrap_servers=self.broker.bootstrap_servers, data_dir=str(self.root / "data"),
-                                      registry_dir=str(self.root / "registry"), cache_dir=str(ctx.cache_dir))
+                                      registry_dir=str(shared / "registry"), cache_dir=str(ctx.cache_dir))
         self.paths, self.source = car_photos(ctx)
         self._datas = [p.read_bytes() for p in self.paths]
+        self._camera: list[bytes] | None = None
         self._next = 0
-        self._registries: dict[str, str] = {}
-        self.meta, self.vectors = self._train("fp32", self.base.registry_dir)
+        self._registries: dict[str, str] = ctx.shared.setdefault("stream registries", {})
+        if "trained" not in ctx.shared:
+            ctx.shared["trained"] = self._train("fp32", self.base.registry_dir)
+        self.meta, self.vectors = ctx.shared["trained"]
 
     def registry(self, precision: str) -> str:
         """A registry whose classifier was trained on ``precision`` vectors (the scorer refuses others)."""
         if precision == "fp32":
             return self.base.registry_dir
         if precision not in self._registries:
-            path = str(self.root / f"registry-{precision}")
+            path = str(self.root.parent / f"registry-{precision}")
             self._train(precision, path)
             self._registries[precision] = path
         return self._registries[precision]
 
     def _train(self, precision: str, registry_dir: str):
-        from pipeline.photos import Photo
-        from pipeline.registry import Registry
-        from pipeline.train_photos import train_from_photos
+        from pipeline.model.photos import Photo
+        from pipeline.learning.registry import Registry
+        from pipeline.learning.train_photos import train_from_photos
 
         train = [p for p in self.paths if "/train/" in str(p)] or self.paths
         photos = [Photo(p, p.parent.name if CARS in p.parents else ("a" if i % 2 else "b"))
@@ -87,57 +95,80 @@ class Rig:
         rows = trained.features.rows
         return trained.features.meta, np.stack([r.vector for r in rows])
 
-    def photos(self, count: int) -> list[Photo]:
-        """``count`` photos never sent before (distinct bytes)."""
+    def photos(self, count: int, kind: str = "640px") -> list[Photo]:
+        """``count`` photos never sent before (distinct bytes): the cars photos (``640px``) or
+        12-MP camera versions of them (``12mp``, see :meth:`camera_datas`)."""
+        datas = self.camera_datas() if kind == "12mp" else self._datas
         out = []
         for _ in range(count):
             i = self._next
             self._next += 1
-            out.append(photo_from_bytes(distinct_copy(self._datas[i % len(self._datas)], i),
-                                        f"bench/{i:06d}-{self.paths[i % len(self.paths)].name}"))
+            out.append(photo_from_bytes(distinct_copy(datas[i % len(datas)], i),
+                                        f"bench/{i:06d}-{kind}-{self.paths[i % len(self.paths)].name}"))
         return out
 
+    def camera_datas(self) -> list[bytes]:
+        """12-MP camera JPEGs of the cars photos as ``deeper produce`` sends them by default:
+        re-encoded (``producers.produce.reencode``) until they fit the 1 MiB message limit.
+
+        Done once here, not in the measured window: the producer's re-encoding is the
+        producer's cost (about a second per photo on one core), not the stream's.
+        """
+        if self._camera is None:
+            self._camera = [fit_camera_jpeg(camera_jpeg(data, seed=i), self.base) for i, data in enumerate(self._datas)]
+        return self._camera
+
     def settings(self, name: str, precision: str = "fp32"):
-        from pipeline.devrig import fresh_settings
+        from pipeline.app.devrig import fresh_settings
 
         settings = fresh_settings(self.base, self.root, prefix=f"b-{name}", partitions=PARTITIONS)
         return dataclasses.replace(settings, registry_dir=self.registry(precision))  # data dir: root/data, shared
 
-    def worker(self, role: str, settings, args: list[str], name: str) -> WorkerProcess:
-        worker = WorkerProcess(role, worker_env(settings), self.root / "logs", args, name=f"{name}-{role}")
+    def worker(self, role: str, settings, args: list[str], name: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(role, worker_env(settings, **(env or {})), self.root / "logs", args,
+                               name=f"{name}-{role}")
         worker.start()
         self.ctx.closers.append(worker.stop)
         return worker
 
-    def pipeline(self, name: str, precision: str = "fp32", args: list[str] | None = None) -> "Pipeline":
-        return Pipeline(self, name, precision, args)
+    def pipeline(self, name: str, variant: "Variant | None" = None) -> "Pipeline":
+        return Pipeline(self, name, variant or Variant())
 
 
-def rig(ctx: Context) -> Rig:
-    """One rig per bench run, shared by the stream figures."""
-    if "rig" not in ctx.shared:
-        say("  starting a local broker and training the classifier")
-        ctx.shared["rig"] = Rig(ctx)
-    return ctx.shared["rig"]
+def rig(ctx: Context, kind: str | None = None) -> Rig:
+    """One rig per broker kind per bench run, shared by the stream figures (``kind``: the
+    figure's default, overridden by ``--broker``)."""
+    kind = ctx.broker or kind or "tansu"
+    key = f"rig-{kind}"
+    if key not in ctx.shared:
+        say(f"  starting a local broker ({kind}){'' if 'trained' in ctx.shared else ' and training the classifier'}")
+        ctx.shared[key] = Rig(ctx, kind)
+    return ctx.shared[key]
+
+
+def source_tree(path: str | os.PathLike) -> dict[str, str]:
+    """Environment that runs a worker from another source tree (e.g. a copy from before a
+    change): its packages first on the path, and not the repository the process starts in."""
+    return {"PYTHONPATH": str(Path(path).resolve()), "PYTHONSAFEPATH": "1"}
 
 
 class Pipeline:
     """Fresh topics, a featurizer and a scorer process, a labels reader and a producer; warmed up."""
 
-    def __init__(self, rig: Rig, name: str, precision: str = "fp32", args: list[str] | None = None):
+    def __init__(self, rig: Rig, name: str, variant: "Variant"):
         from producers.produce import ImageProducer
 
         self.rig = rig
-        self.settings = rig.settings(name, precision)
-        self.featurizer = rig.worker("featurizer", self.settings, ["--model", MODEL, "--precision", precision,
-                                                                   "--layer", LAYER, "--batch-size", str(BATCH_SIZE),
-                                                                   *(args or [])], name)
+        self.settings = dataclasses.replace(rig.settings(name, variant.precision), guarantee=variant.guarantee)
+        self.featurizer = rig.worker("featurizer", self.settings,
+                                     ["--model", MODEL, "--precision", variant.precision, "--layer", LAYER,
+                                      "--batch-size", str(BATCH_SIZE), *variant.args], name, dict(variant.env))
         self.scorer = rig.worker("scorer", self.settings, [], name)
         self.labels = LabelCollector(self.settings)
         self.producer = ImageProducer(self.settings)
         for worker in (self.featurizer, self.scorer):
             worker.wait_for("partitions assigned")
-        warm = self.produce(rig.photos(WARMUP))
+        warm = self.produce(rig.photos(WARMUP, variant.photos))
         self.labels.wait([i for i, _ in warm], timeout=180, check=self.check)
         self.warm_until = time.time()
 
@@ -167,6 +198,7 @@ class Pipeline:
             "sum_model_s": round(sum(b["model_s"] for b in batches), 3),
             "sum_decode_wait_s": round(sum(b["decode_wait_s"] for b in batches), 3),
             "first_consume": (batches[0]["_t"] - batches[0]["seconds"]) if batches else None,
+            "last_batch_done": batches[-1]["_t"] if batches else None,
         }
 
     def close(self) -> None:
@@ -210,46 +242,68 @@ def _model_alone(ctx: Context, precision: str = "fp32") -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A stream run other than the default: another precision or featurizer options."""
+    """One stream configuration: precision, featurizer options, guarantee, photos, environment."""
 
     precision: str = "fp32"
     args: tuple[str, ...] = ()
+    guarantee: str = "exactly-once"  # DEEPER_GUARANTEE of both workers (the product's default)
+    photos: str = "640px"  # or "12mp": camera photos re-encoded to fit the message limit
+    env: tuple[tuple[str, str], ...] = ()  # extra worker environment (e.g. source_tree())
 
 
-#: Stream variants: what the featurizer's options change.
+#: Stream variants: what the featurizer's options, the guarantee and the photos change.
 VARIANTS: dict[str, Variant] = {
+    "12-MP photos": Variant(photos="12mp"),
+    "at-least-once": Variant(guarantee="at-least-once"),
+    "fp32, one model thread": Variant(args=("--model-threads", "1")),
+    "fp32, two batches side by side": Variant(args=("--model-threads", "2")),
     "bf16": Variant(precision="bf16"),
     "bf16, two batches side by side": Variant(precision="bf16", args=("--model-threads", "2")),
-    "fp32, two batches side by side": Variant(args=("--model-threads", "2")),
     "fp32-lite": Variant(precision="fp32-lite"),
 }
-QUICK_VARIANTS = ("bf16",)
+QUICK_VARIANTS = ("12-MP photos",)
+
+Hook = Callable[["Pipeline"], None]
 
 
-def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, variant: Variant = Variant()) -> dict[str, Any]:
-    pipe = the_rig.pipeline(name, variant.precision, list(variant.args))
+def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, variant: Variant = Variant(),
+                on_start: Hook | None = None, on_done: Hook | None = None) -> dict[str, Any]:
+    """One measured stream of ``n`` photos on fresh topics; ``on_start``/``on_done`` run right
+    before the first produce and right after the last label (e.g. a profiler)."""
+    pipe = the_rig.pipeline(name, variant)
     try:
+        photos = the_rig.photos(n, variant.photos)
+        if on_start:
+            on_start(pipe)
         cpu = CpuMeter({"broker": the_rig.broker.pid, "featurizer": pipe.featurizer.pid, "scorer": pipe.scorer.pid,
                         "bench (producer + labels reader)": os.getpid()})
         produce_started = time.time()
-        sent = pipe.produce(the_rig.photos(n))
+        sent = pipe.produce(photos)
         produced = time.time()
         ids = [i for i, _ in sent]
         pipe.labels.wait(ids, timeout=max(300.0, n / 2), check=pipe.check)
         last_label = max(pipe.labels.received[i] for i in ids)
         used = cpu.used()
+        if on_done:
+            on_done(pipe)
         time.sleep(0.5)  # let the last batch events reach the log
         feat = pipe.featurizer_summary(produce_started)
         scorer_batches = pipe.scorer.current.batches(produce_started)
+        plan = pipe.featurizer.current.log.named("thread plan")
     finally:
         pipe.close()
     start = feat["first_consume"] or produce_started
+    featurized = feat["last_batch_done"] or last_label
     return {
         "images": n, "per_s": round(n / (last_label - start), 2),
+        "featurizer_per_s": round(n / max(1e-3, featurized - start), 2),
+        "labels_after_last_batch_s": round(last_label - featurized, 2),
         "produce_to_last_label_per_s": round(n / (last_label - produce_started), 2),
         "produce_seconds": round(produced - produce_started, 2),
         "seconds_first_consume_to_last_label": round(last_label - start, 2),
+        "mean_message_bytes": int(np.mean([len(p.data) for p in photos])),
         "featurizer": feat,
+        "thread_plan": {k: v for k, v in plan[-1].items() if not k.startswith("_")} if plan else None,
         "scorer": {"batches": len(scorer_batches), "sum_s": round(sum(b["seconds"] for b in scorer_batches), 3)},
         "cpu_seconds": used,
         "cpu_ms_per_image": {k: round(1000 * v / n, 2) for k, v in used.items() if v is not None},
@@ -257,33 +311,44 @@ def _one_stream(ctx: Context, the_rig: Rig, n: int, name: str, variant: Variant 
     }
 
 
+def _interleaved_streams(ctx: Context, the_rig: Rig, configs: dict[str, Variant], n: int, runs: int,
+                         figure: str) -> dict[str, list[dict[str, Any]]]:
+    """Every config ``runs`` times, round by round (a burst of load from elsewhere then hits all alike)."""
+    done: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    for round_ in range(runs):
+        for name, variant in configs.items():
+            tag = f"{figure}-" + "".join(c if c.isalnum() else "-" for c in name) + f"-{round_}"
+            done[name].append(_one_stream(ctx, the_rig, n, tag, variant))
+            say(f"  {figure} [{name}] run {round_ + 1}/{runs}: {done[name][-1]['per_s']} img/s")
+    return done
+
+
+def _what(the_rig: Rig) -> str:
+    broker = "a local Tansu broker (memory)" if the_rig.kind == "tansu" else "a local Apache Kafka broker (disk)"
+    return ("photos produced at once to a fresh images topic; rate = N / (first featurizer consume -> last label "
+            "received by a downstream consumer); featurizer and scorer are separate `python -m pipeline.app.cli` "
+            f"processes on {broker} on the same machine as the producer and the labels reader, so all of them "
+            "share its cores; cpu_seconds = what each process used from the first produce to the last label; the "
+            "median of `runs_per_s`, the configurations interleaved round by round")
+
+
 def stream_throughput(ctx: Context) -> dict[str, Any]:
     """Images/s from the first consume of N photos (produced at once) to the last label.
 
-    The default configuration and every variant run ``runs`` times, interleaved round by round
-    (a burst of load from elsewhere then hits all of them alike); each reports its median run.
+    The default configuration and every variant (``ctx.shared["stream variants"]`` picks some)
+    run ``runs`` times, interleaved round by round; each reports its median run.
     """
     n = ctx.scale(500, 120)
     runs = ctx.scale(3, 1)
     model = _model_alone(ctx)
     reference = ctx.results.get("reference", {}).get("per_s")
     the_rig = rig(ctx)
-    configs = {"default": Variant(), **{name: v for name, v in VARIANTS.items()
-                                        if not ctx.quick or name in QUICK_VARIANTS}}
-    done: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-    for round_ in range(runs):
-        for name, variant in configs.items():
-            tag = "stream-" + "".join(c if c.isalnum() else "-" for c in name) + f"-{round_}"
-            done[name].append(_one_stream(ctx, the_rig, n, tag, variant))
-            say(f"  stream [{name}] run {round_ + 1}/{runs}: {done[name][-1]['per_s']} img/s")
+    wanted = ctx.shared.get("stream variants", QUICK_VARIANTS if ctx.quick else tuple(VARIANTS))
+    configs = {"default": Variant(), **{name: VARIANTS[name] for name in wanted}}
+    done = _interleaved_streams(ctx, the_rig, configs, n, runs, "stream")
     shipped = _median_run(done.pop("default"))
     result = {
-        "what": "photos produced at once to a fresh images topic; rate = N / (first featurizer consume -> "
-                "last label received by a downstream consumer); featurizer and scorer are separate "
-                "`python -m pipeline.cli` processes on a local Tansu broker (memory) on the same machine as "
-                "the producer and the labels reader, so all of them share its cores; cpu_seconds = what each "
-                "process used from the first produce to the last label; the median of `runs_per_s`, the "
-                "default configuration and the variants interleaved round by round",
+        "what": _what(the_rig), "broker": the_rig.kind,
         "backbone": MODEL, "layer": LAYER, "batch_size": BATCH_SIZE, "partitions": PARTITIONS,
         "photos": the_rig.source, **shipped,
         "model_alone_same_batch_per_s": model,
@@ -299,13 +364,65 @@ def stream_throughput(ctx: Context) -> dict[str, Any]:
         variant, run = configs[name], _median_run(variant_runs)
         same = _model_alone(ctx, variant.precision)
         run.update({"precision": variant.precision, "featurizer_args": list(variant.args),
+                    "guarantee": variant.guarantee, "photo_kind": variant.photos,
+                    "ratio_to_default_same_run": round(run["per_s"] / shipped["per_s"], 3),
                     "ratio_to_model_alone_fp32": round(run["per_s"] / model, 3) if model else None,
                     "model_alone_same_precision_per_s": same,
                     "ratio_to_model_alone_same_precision": round(run["per_s"] / same, 3) if same else None,
                     "ratio_to_reference_loop": round(run["per_s"] / reference, 3) if reference else None})
         result["variants"][name] = run
-        say(f"  stream [{name}]: {run['per_s']} img/s; mean model batch {run['featurizer']['mean_model_batch']}")
+        say(f"  stream [{name}]: {run['per_s']} img/s (x{run['ratio_to_default_same_run']} of the default); "
+            f"mean model batch {run['featurizer']['mean_model_batch']}")
     return result
+
+
+#: What exactly-once may cost against at-least-once for it to stay the default.
+GUARANTEE_MAX_COST = 0.15
+
+
+def guarantee_cost(ctx: Context) -> dict[str, Any]:
+    """The stream with ``DEEPER_GUARANTEE=exactly-once`` vs ``at-least-once``, on Apache Kafka.
+
+    Apache Kafka (what users run; ``--broker tansu`` overrides it) is started by the rig. The
+    configurations alternate run by run, so their ratios are of one run's conditions. Two
+    rates each: end to end (to the last label a ``read_committed`` reader gets: with
+    exactly-once, outputs become visible only when the checkpoint commits, which waits for the
+    Parquet part to roll, ``--roll-seconds`` 30 by default) and the featurizer's own (first
+    consume to last batch done: its capacity). ``exactly-once, roll 5 s`` shows the first
+    is the commit cadence, not the work.
+    """
+    n = ctx.scale(500, 120)
+    runs = ctx.scale(3, 1)
+    the_rig = rig(ctx, "kafka")
+    configs = {"exactly-once": Variant(), "at-least-once": Variant(guarantee="at-least-once"),
+               "exactly-once, roll 5 s": Variant(args=("--roll-seconds", "5"))}
+    done = _interleaved_streams(ctx, the_rig, configs, n, runs, "guarantee")
+    medians = {name: _median_run(runs_) for name, runs_ in done.items()}
+    alos = medians["at-least-once"]
+    rows = {}
+    for name, run in medians.items():
+        rows[name] = {"per_s": run["per_s"], "featurizer_per_s": run["featurizer_per_s"],
+                      "runs_per_s": run["runs_per_s"],
+                      "featurizer_runs_per_s": [r["featurizer_per_s"] for r in done[name]],
+                      "labels_after_last_batch_s": [r["labels_after_last_batch_s"] for r in done[name]],
+                      "featurizer_cpu_ms_per_image": [r["cpu_ms_per_image"].get("featurizer") for r in done[name]],
+                      "ratio_to_at_least_once": round(run["per_s"] / alos["per_s"], 3),
+                      "featurizer_ratio_to_at_least_once": round(
+                          statistics.median(r["featurizer_per_s"] for r in done[name])
+                          / statistics.median(r["featurizer_per_s"] for r in done["at-least-once"]), 3)}
+        say(f"  guarantee [{name}] on {the_rig.kind}: {run['per_s']} img/s end to end "
+            f"(x{rows[name]['ratio_to_at_least_once']}), featurizer {run['featurizer_per_s']} img/s "
+            f"(x{rows[name]['featurizer_ratio_to_at_least_once']})")
+    eos = rows["exactly-once"]
+    return {"what": _what(the_rig) + "; featurizer_per_s = N / (first consume -> last featurizer batch done)",
+            "broker": the_rig.kind, "backbone": MODEL, "batch_size": BATCH_SIZE, "images": n, "configs": rows,
+            "runs": {name: runs_ for name, runs_ in done.items()},
+            "exactly_once_per_s": eos["per_s"], "at_least_once_per_s": alos["per_s"],
+            "ratio_exactly_once_to_at_least_once": eos["ratio_to_at_least_once"],
+            "featurizer_ratio_exactly_once_to_at_least_once": eos["featurizer_ratio_to_at_least_once"],
+            "max_cost": GUARANTEE_MAX_COST,
+            "within_budget_end_to_end": bool(1 - eos["ratio_to_at_least_once"] <= GUARANTEE_MAX_COST),
+            "within_budget_featurizer": bool(1 - eos["featurizer_ratio_to_at_least_once"] <= GUARANTEE_MAX_COST)}
 
 
 def _cpu_budget(run: dict[str, Any], model_per_s: float) -> dict[str, Any]:
@@ -335,7 +452,7 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def scorer_alone(ctx: Context) -> dict[str, Any]:
     """Labels/s of the scorer process on feature records already waiting on its topic."""
-    from pipeline.kafka_io import make_producer
+    from pipeline.kafka.kafka_io import make_producer
     from schemas.messages import FeatureRecord, encode_features
 
     m = ctx.scale(5000, 1000)
@@ -387,7 +504,7 @@ def latency(ctx: Context) -> dict[str, Any]:
     seconds = ctx.scale(60, 12)
     n = max(20, int(rate * seconds))
     the_rig = rig(ctx)
-    pipe = the_rig.pipeline("latency")
+    pipe = the_rig.pipeline("latency", Variant())
     try:
         sent = pipe.produce(the_rig.photos(n), rate=rate)
         pipe.labels.wait([i for i, _ in sent], timeout=max(300.0, n / 2), check=pipe.check)
@@ -413,7 +530,7 @@ def memory(ctx: Context) -> dict[str, Any]:
     n = ctx.scale(10_000, 600)
     backlog = 400
     the_rig = rig(ctx)
-    pipe = the_rig.pipeline("memory")
+    pipe = the_rig.pipeline("memory", Variant())
     samples: list[tuple[float, int, float]] = []  # (time, featurized so far, RSS MiB)
     done = 0
     try:

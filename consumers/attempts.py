@@ -86,9 +86,14 @@ class LocalCounts:
         return int(entry[1]) if entry and int(entry[0]) == offset else None
 
     def put(self, tp: TopicPartition, offset: int, attempts: int) -> None:
+        """Record a count; a full or read-only disk costs the poison protection, never the stream."""
         data = self._read()
         data[f"{tp.topic}/{tp.partition}"] = [offset, attempts]
-        write_bytes_atomic(self.path, json.dumps(data).encode())
+        try:
+            write_bytes_atomic(self.path, json.dumps(data).encode())
+        except OSError as exc:
+            event(log, "cannot keep poison counts on disk; a message that kills the process may be retried "
+                       "without limit", logging.ERROR, path=str(self.path), error=repr(exc))
 
 
 class Attempts:

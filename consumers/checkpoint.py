@@ -16,7 +16,7 @@ exactly-once (the default)
     ``commit_transaction`` makes records and offsets visible together. A crash before that
     aborts all of it: ``read_committed`` readers never see the outputs, and the replay writes
     them again, once. Parquet is kept to the same rule by the sink's names (see
-    :mod:`pipeline.parquet_writer`).
+    :mod:`pipeline.storage.parquet_writer`).
 
 Either way a failure raises :class:`CheckpointFailed` after dropping what the checkpoint held,
 and the worker rewinds to the committed offsets: nothing is committed before its output is
@@ -33,7 +33,7 @@ from kafka import errors as kafka_errors
 
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
-from pipeline.kafka_io import close_producer, make_producer, make_transactional_producer
+from pipeline.kafka.kafka_io import close_producer, make_producer, make_transactional_producer
 from pipeline.logs import event
 
 log = logging.getLogger(__name__)

@@ -1,16 +1,16 @@
 """The featurizer consumer: images topic -> backbone -> Parquet part files + features topic.
 
 One consumer group on the images topic; run more processes with the same group to share its
-partitions. Each poll is submitted to :class:`pipeline.inference.Inference` (the same tf.data
+partitions. Each poll is submitted to :class:`pipeline.model.inference.Inference` (the same tf.data
 path ``deeper featurize`` uses: parallel decode, batches cut by size or time, a model thread)
 and the loop goes back to polling while the model works; up to ``MAX_IN_FLIGHT_BATCHES``
 batches' worth of messages are in flight. Finished polls are collected in order: rows go to
-the Parquet sink (:mod:`pipeline.parquet_sink`, files named by topic/partition/offset), feature
+the Parquet sink (:mod:`pipeline.storage.parquet_sink`, files named by topic/partition/offset), feature
 records to the features topic, and both are committed with the consumed offsets at each
 checkpoint (:mod:`consumers.worker`).
 
 Any message is an image (``DEEPER_IMAGE_CONTRACT=open``): a foreign producer's raw bytes with
-any key or none, or a claim check (:mod:`pipeline.claim_check`) naming where the bytes are. A
+any key or none, or a claim check (:mod:`pipeline.kafka.claim_check`) naming where the bytes are. A
 message that can't be an image, an image that doesn't decode, and any error while handling one
 message become that message's dead letter; its batch-mates carry on.
 
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 from consumers.outputs import cap_text
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
-from pipeline.featurize import feature_meta
-from pipeline.identity import split_backbone
-from pipeline.inference import (
+from pipeline.model.featurize import feature_meta
+from pipeline.storage.identity import split_backbone
+from pipeline.model.inference import (
     DEFAULT_BATCH_TIMEOUT,
     Featurized,
     ImageRecord,
@@ -42,14 +42,14 @@ from pipeline.inference import (
     Submission,
 )
 from pipeline.logs import event
-from pipeline.nets.base import Backbone
-from pipeline.parquet_sink import ParquetSink
-from pipeline.parquet_writer import FeatureRow
+from pipeline.model.nets.base import Backbone
+from pipeline.storage.parquet_sink import ParquetSink
+from pipeline.storage.parquet_writer import FeatureRow
 from pipeline.storage import TEMP_PREFIX, is_uri
 from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message
 
 if TYPE_CHECKING:
-    from pipeline.threads import ThreadPlan
+    from pipeline.model.threads import ThreadPlan
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Featurizer(StreamWorker):
 
     def _claimed_value(self, m: Any) -> bytes | None:
         """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header)."""
-        from pipeline import claim_check
+        from pipeline.kafka import claim_check
 
         if m.value or claim_check.reference_uri(m.headers) is None:
             return m.value
@@ -251,7 +251,7 @@ def _is_schema(exc: BaseException) -> bool:
 def _current_model_meta(settings: Settings, known: str | None):
     """(current version, its feature identity); the identity is read only for a new version."""
     from pipeline.errors import RegistryError
-    from pipeline.registry import Registry
+    from pipeline.learning.registry import Registry
 
     registry = Registry(settings.registry_dir)
     try:
@@ -270,8 +270,8 @@ def stream_backbone_and_layer(settings: Settings, model: str | None, layer: str 
     layer are used.
     """
     from pipeline.errors import RegistryError
-    from pipeline.registry import Registry
-    from pipeline.training import DEFAULT_LAYER
+    from pipeline.learning.registry import Registry
+    from pipeline.learning.training import DEFAULT_LAYER
 
     try:
         current = Registry(settings.registry_dir).load_current().feature_meta
@@ -292,9 +292,9 @@ def gpu_batch_size(requested: int, gpus: Sequence[Any]) -> int:
 
 
 def _thread_plan(precision: str | None, model_threads: int, gpu: bool) -> ThreadPlan:
-    """Set TensorFlow's pools for the stream before anything runs (see :mod:`pipeline.threads`)."""
-    from pipeline import precision as precision_lib
-    from pipeline import threads
+    """Set TensorFlow's pools for the stream before anything runs (see :mod:`pipeline.model.threads`)."""
+    from pipeline.model import precision as precision_lib
+    from pipeline.model import threads
 
     plan = threads.stream_plan(precision_lib.check(precision), gpu=gpu, model_threads=model_threads)
     if not threads.apply(plan):  # TensorFlow already running (e.g. embedded): its pools suit one model thread
@@ -306,10 +306,10 @@ def _thread_plan(precision: str | None, model_threads: int, gpu: bool) -> Thread
 
 def cmd_featurizer(args: argparse.Namespace) -> int:
     from consumers.startup import await_broker
-    from pipeline.kafka_io import ensure_topics
+    from pipeline.kafka.kafka_io import ensure_topics
     from pipeline.logs import setup_json_logging
     from pipeline.metrics import serve
-    from pipeline.nets.factory import load_backbone
+    from pipeline.model.nets.factory import load_backbone
 
     setup_json_logging()
     settings = Settings.from_env(model=args.model, cache_dir=args.cache_dir, registry_dir=args.registry,
@@ -340,7 +340,7 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     from consumers.startup import add_stage_options, add_wait_option
     from pipeline.cli_help import from_setting
-    from pipeline.nets.factory import MODEL_CHOICES, PRECISION_CHOICES
+    from pipeline.model.nets.factory import MODEL_CHOICES, PRECISION_CHOICES
 
     p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> Parquet + features topic)")
     add_stage_options(p, {"images_topic": "topic to read photos from",
@@ -362,7 +362,7 @@ def add_parser(sub) -> None:
                    help="longest a partial batch waits for more photos before it runs")
     p.add_argument("--model-threads", type=int, default=0, metavar="N",
                    help="batches the model runs side by side, cores split between them; "
-                        "0 = the plan in pipeline/threads.py, one on CPU today")
+                        "0 = the plan in pipeline/model/threads.py, one on CPU today")
     p.add_argument("--partitions", type=int, default=4, metavar="N", help="partitions for topics it must create")
     p.add_argument("--roll-rows", type=int, default=5000, metavar="N", help="rows per Parquet part file (at most)")
     p.add_argument("--roll-seconds", type=float, default=30.0, metavar="SECONDS",

@@ -28,7 +28,7 @@ def follow_labels(settings: Settings, expected_ids: Iterable[str] | None = None,
     ``version`` keeps only labels from that classifier version (older runs' labels for the
     same photos are still on the topic).
     """
-    from pipeline.kafka_io import make_consumer
+    from pipeline.kafka.kafka_io import make_consumer
 
     topic = topic or settings.labels_topic
     wanted = set(expected_ids) if expected_ids is not None else None

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from kafka import errors as kafka_errors
 
 from pipeline.config import Settings
-from pipeline.kafka_io import topic_message_limits
+from pipeline.kafka.kafka_io import topic_message_limits
 from pipeline.logs import event
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ import numpy as np
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
 from pipeline.errors import IncompatibleFeatures, RegistryError, SchemaError
-from pipeline.identity import FeatureId
+from pipeline.storage.identity import FeatureId
 from pipeline.logs import event
-from pipeline.registry import ModelVersion, Registry
-from pipeline.scoring import score
+from pipeline.learning.registry import ModelVersion, Registry
+from pipeline.learning.scoring import score
 from schemas.messages import FeatureRecord, LabelRecord, decode_features, encode_label
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Scorer(StreamWorker):
 
 def cmd_scorer(args: argparse.Namespace) -> int:
     from consumers.startup import await_broker
-    from pipeline.kafka_io import ensure_topics
+    from pipeline.kafka.kafka_io import ensure_topics
     from pipeline.logs import setup_json_logging
     from pipeline.metrics import serve
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def await_broker(settings: Settings, timeout: float) -> None:
     """Return once a broker answers; log that it waits (and how long) if the first try fails."""
-    from pipeline.kafka_io import broker_answers, wait_for_broker
+    from pipeline.kafka.kafka_io import broker_answers, wait_for_broker
 
     if broker_answers(settings, timeout_s=min(2.0, max(0.2, timeout))):
         return

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import signal
 import socket
 import threading
@@ -41,10 +42,10 @@ from consumers.attempts import Attempts
 from consumers.checkpoint import Checkpoint, CheckpointFailed
 from consumers.outputs import OutputLimits, Unreadable, fit_dead_letter
 from pipeline.config import Settings
-from pipeline.kafka_io import consumer_lag, make_consumer
+from pipeline.kafka.kafka_io import consumer_lag, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
-from pipeline.parquet_sink import Sink
+from pipeline.storage.parquet_sink import Sink
 from schemas.messages import dead_letter_headers
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,14 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked):
-        if revoked:
+        if not revoked:
+            return
+        try:
             self.worker.checkpoint(reason="rebalance", clean=True)
-            self.worker.attempts.forget(list(revoked))
+        except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
+            event(log, "checkpoint before a rebalance failed; the next owner redoes the work", logging.ERROR,
+                  error=repr(exc))
+        self.worker.attempts.forget(list(revoked))
 
     def on_partitions_assigned(self, assigned):
         event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
@@ -444,9 +450,17 @@ class StreamWorker:
             instance = f"{socket.gethostname()}.{self._claim_slot()}"
         return f"{self.group_id}.{instance}"
 
-    def _claim_slot(self) -> int:
+    def _claim_slot(self) -> str:
         directory = Path(self.settings.data_dir) / "instances"
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return str(self._lock_free_slot(directory))
+        except OSError as exc:  # no local disk to coordinate on: unique, but not stable across restarts
+            event(log, "no data directory for a stable instance id; set DEEPER_INSTANCE_ID", logging.WARNING,
+                  error=repr(exc))
+            return f"pid{os.getpid()}"
+
+    def _lock_free_slot(self, directory: Path) -> int:
         slot = 0
         while True:
             handle = open(directory / f"{_safe(self.group_id)}.{slot}.lock", "w")
@@ -473,6 +487,7 @@ class StreamWorker:
         try:
             if checkpoint:
                 self.checkpoint(reason="shutdown", clean=True)
+                self.attempts.forget(list(self.attempts.armed))  # leaving the group has nothing more to say
             else:
                 self.abandon()
                 event(log, f"{self.stage} stopping on an error; committing nothing more", logging.ERROR)

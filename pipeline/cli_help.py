@@ -1,6 +1,6 @@
 """How every ``deeper`` command explains itself: one formatter, one way to show defaults.
 
-Used by ``pipeline/cli.py`` for the top-level parser and every subcommand (including those that
+Used by ``pipeline/app/cli.py`` for the top-level parser and every subcommand (including those that
 register themselves from ``producers/`` and ``consumers/``), so ``--help`` reads the same
 everywhere: each option says what it does, and an option with a default shows it as
 ``(default: X)``. Options whose default comes from the environment say so in their own text

@@ -70,8 +70,8 @@ class Settings:
     features_uri: str = _setting("DEEPER_FEATURES_URI", "")
     # -- the model ---------------------------------------------------------------------------------
     model: str = _setting("DEEPER_MODEL", "auto")
-    precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.precision)
-    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.weights before any download
+    precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.model.precision)
+    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.model.weights before any download
     #: the label of a photo whose top probability is under the model's threshold
     unknown_label: str = _setting("DEEPER_UNKNOWN_LABEL", "unknown")
     # -- the stream's contract with the platform ---------------------------------------------------
@@ -89,8 +89,8 @@ class Settings:
     max_attempts: str = _setting("DEEPER_MAX_ATTEMPTS", "3")
     #: names this replica for its transactional id; empty: the host name plus a free slot number
     instance_id: str = _setting("DEEPER_INSTANCE_ID", "")
-    # -- claim checks (pipeline/claim_check.py): messages naming where the photo's bytes are.
-    # S3 endpoint, region and credentials are the AWS SDK's own variables (pipeline/storage.py).
+    # -- claim checks (pipeline/kafka/claim_check.py): messages naming where the photo's bytes are.
+    # S3 endpoint, region and credentials are the AWS SDK's own variables (pipeline/storage/__init__.py).
     fetch_max_bytes: str = _setting("DEEPER_FETCH_MAX_BYTES", str(32 * 1024 * 1024))
     fetch_timeout_s: str = _setting("DEEPER_FETCH_TIMEOUT_S", "5")
     #: schemes a claim check may use; drop http,https where producers are not trusted (SSRF)

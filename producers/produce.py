@@ -10,16 +10,16 @@ The bytes are the file's, untouched, unless the photo must change to be sent:
 - A photo over the message limit (``DEEPER_MAX_MESSAGE_BYTES``) is re-encoded, smaller until it
   fits (``fit_to_limit``, the default; each such photo is named in the summary), or, with a
   ``claim_check_prefix``, uploaded to S3 untouched and sent as a claim check (an empty value and
-  an ``image-uri`` header, :mod:`pipeline.claim_check`) that the featurizer redeems.
+  an ``image-uri`` header, :mod:`pipeline.kafka.claim_check`) that the featurizer redeems.
 
-Re-encoding decodes through :func:`pipeline.decode.decode_image`, the featurizer's own decoder, so
+Re-encoding decodes through :func:`pipeline.model.decode.decode_image`, the featurizer's own decoder, so
 EXIF orientation is applied first and the pixels are the ones the featurizer would have seen;
 a JPEG (or HEIF/AVIF) stays JPEG at quality 90, a WebP stays WebP, lossless formats become PNG.
 EXIF (GPS included) is not carried over. The message id is the sha256 of the bytes actually
 sent; the source stays the original file's path.
 
 Sources and labels are text: file names that aren't UTF-8 are shown with ``\\xNN`` escapes
-(:func:`pipeline.photos.display_path`), so they can be sent, logged and written anywhere.
+(:func:`pipeline.model.photos.display_path`), so they can be sent, logged and written anywhere.
 
 Nothing is dropped silently: a file that can't be read, or is over the limit and can't be made to
 fit, or whose send the broker rejects, is counted and reported by name, and the command exits
@@ -43,11 +43,11 @@ from typing import Iterable, Iterator
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
-from pipeline.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, upload_s3
+from pipeline.kafka.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, upload_s3
 from pipeline.cli_help import from_setting
 from pipeline.config import Settings
 from pipeline.errors import DecodeError, DeeperError
-from pipeline.photos import display_path
+from pipeline.model.photos import display_path
 from schemas.messages import IMAGE_CONTENT_TYPES, ImageMessage, make_image_message, now_iso
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def sniff_content_type(data: bytes) -> str:
 
 
 def source_text(source: str | bytes | os.PathLike) -> str:
-    """A source or label as UTF-8-safe text (see :func:`pipeline.photos.display_path`)."""
+    """A source or label as UTF-8-safe text (see :func:`pipeline.model.photos.display_path`)."""
     try:
         return display_path(source) if not isinstance(source, bytes) else source.decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file name produced
@@ -131,7 +131,7 @@ def reencode(data: bytes, max_side: int | None = None, budget: int | None = None
     """
     from PIL import Image
 
-    from pipeline.decode import decode_image
+    from pipeline.model.decode import decode_image
 
     stored = _header_size(data)
     long_side = max(stored) if stored else None
@@ -217,7 +217,7 @@ class ImageProducer:
     def __init__(self, settings: Settings, topic: str | None = None, producer=None, *, max_side: int | None = None,
                  fit_to_limit: bool = True, claim_check_prefix: str | None = None,
                  fetch_limits: FetchLimits | None = None):
-        from pipeline.kafka_io import make_producer
+        from pipeline.kafka.kafka_io import make_producer
 
         if max_side is not None and max_side < MIN_FIT_SIDE:
             raise DeeperError(f"--max-side {max_side}: at least {MIN_FIT_SIDE} px (a backbone needs that much detail)")
@@ -298,7 +298,7 @@ class ImageProducer:
         return self.summary
 
     def close(self) -> None:
-        from pipeline.kafka_io import close_producer
+        from pipeline.kafka.kafka_io import close_producer
 
         close_producer(self._producer)
 
@@ -383,7 +383,7 @@ class ImageProducer:
 
 def _paths(inputs: list[str], labels_from_folders: bool) -> Iterator[tuple[Path, str | None]]:
     """Files, directories, or '-' (one path per line on stdin, any bytes a file name may hold), lazily."""
-    from pipeline.photos import find_photos
+    from pipeline.model.photos import find_photos
 
     for item in inputs:
         if item == "-":
@@ -407,7 +407,7 @@ def produce_paths(producer: ImageProducer, paths: Iterable[tuple[Path, str | Non
 
 def cmd_produce(args: argparse.Namespace) -> int:
     settings = Settings.from_env(images_topic=args.topic)
-    from pipeline.kafka_io import ensure_topics, wait_for_broker
+    from pipeline.kafka.kafka_io import ensure_topics, wait_for_broker
 
     options = vars(args)  # callers building a Namespace by hand may omit the newer options
     wait_for_broker(settings, timeout=args.wait)

@@ -1,7 +1,7 @@
 """Bad and unusual image files, made in code at test time (nothing binary is committed).
 
 :func:`cases` returns one :class:`Case` per kind of file, each with the outcome
-:func:`pipeline.decode.decode_image` must give it: ``"ok"`` (an upright RGB image of ``size``)
+:func:`pipeline.model.decode.decode_image` must give it: ``"ok"`` (an upright RGB image of ``size``)
 or ``"dead_letter"`` with a reason code. Every case says *why* in one line, and the
 expectations were checked against what Pillow 13 / libjpeg-turbo 3 actually do, not what we
 hoped they do (see the module notes on silent concealment below).
@@ -11,7 +11,7 @@ Notes on what decoders do with damaged files (measured, and why some expectation
 - A JPEG cut anywhere (even just its 2-byte EOI) is refused by Pillow as truncated, because
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is off. But a JPEG cut mid-scan *with an EOI marker put
   back* decodes "fine" in both Pillow and ``tf.io.decode_jpeg``: libjpeg warns, stops and fills
-  the missing blocks with flat grey (128, 128, 128). ``pipeline.decode`` looks for that fill
+  the missing blocks with flat grey (128, 128, 128). ``pipeline.model.decode`` looks for that fill
   itself (``_check_jpeg_padding``), so a baseline file cut that way comes back ``truncated``.
 - Known gaps (``Case.gap`` names the reason they *should* get; ``expect`` records what decode
   really does, and test_decode keeps a strict xfail on each): garbled entropy-coded data in an
@@ -497,7 +497,7 @@ def _cases() -> tuple[Case, ...]:
              "StripOffsets typed DOUBLE: Pillow raised TypeError from load()"),
     ]
 
-    # -- wide samples: scaled to 0..255, never clipped (see pipeline.decode._wide_to_rgb)
+    # -- wide samples: scaled to 0..255, never clipped (see pipeline.model.decode._wide_to_rgb)
     ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
     nan = ramp.copy()
     nan[0, 0] = np.nan

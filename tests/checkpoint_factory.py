@@ -86,7 +86,7 @@ def make_checkpoint(path: Path, seed: int = SEED) -> tuple[str, ...]:
     """Write an inception_v1 V1 checkpoint with the official variable names to ``path``."""
     import tensorflow as tf
 
-    from pipeline.nets.slim_compat import slim
+    from pipeline.model.nets.slim_compat import slim
     from tf_slim.nets import inception
 
     rng = np.random.default_rng(seed)

@@ -1,5 +1,5 @@
 """Real servers for claim-check tests: an http.server with misbehaving routes and the project's
-local S3 (pipeline/local_s3.py, i.e. localbucket) on a free loopback port.
+local S3 (pipeline/kafka/local_s3.py, i.e. localbucket) on a free loopback port.
 
 ``from tests.claim_check_servers import http_url, s3`` in a test module makes them fixtures.
 """
@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from pipeline.broker import free_port
+from pipeline.kafka.broker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = next((REPO / "examples" / "test").glob("*.jpg")).read_bytes()
@@ -111,7 +111,7 @@ def http_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[dict]:
-    """The project's local S3 server (pipeline/local_s3.py, localbucket) on a free loopback port."""
+    """The project's local S3 server (pipeline/kafka/local_s3.py, localbucket) on a free loopback port."""
     pytest.importorskip("localbucket")
     root = tmp_path_factory.mktemp("s3")
     (root / "photos").mkdir()
@@ -121,7 +121,7 @@ def s3(tmp_path_factory) -> Iterator[dict]:
     port = free_port()
     log = root.parent / f"{root.name}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "local_s3.py"), "--host", "127.0.0.1",
+        process = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "kafka" / "local_s3.py"), "--host", "127.0.0.1",
                                     "--port", str(port), str(root)], stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_http(f"http://127.0.0.1:{port}/", process)

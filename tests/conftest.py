@@ -37,7 +37,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def effnet(cache_dir):
     """The real EfficientNet-Lite0 backbone with its ImageNet weights."""
-    from pipeline.nets.factory import load_backbone
+    from pipeline.model.nets.factory import load_backbone
 
     return load_backbone("efficientnet_lite0", cache_dir=cache_dir, progress=False)
 

@@ -22,7 +22,7 @@ from kafka import TopicPartition
 
 from pipeline import storage
 from pipeline.config import Settings
-from pipeline.kafka_io import make_consumer
+from pipeline.kafka.kafka_io import make_consumer
 from schemas.messages import decode_features, decode_label
 
 Offset = tuple[str, int, int]

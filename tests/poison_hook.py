@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from pipeline import inference
+from pipeline.model import inference
 
 POISON = os.environ["DEEPER_TEST_POISON_SHA256"]
 _real = inference.decode_image
@@ -25,6 +25,6 @@ def _decode_or_die(data: bytes, *args, **kwargs):
 inference.decode_image = _decode_or_die
 
 if __name__ == "__main__":
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     sys.exit(main(sys.argv[1:]))

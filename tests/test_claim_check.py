@@ -15,9 +15,9 @@ from typing import Iterator
 
 import pytest
 
-from pipeline import claim_check
-from pipeline.broker import free_port
-from pipeline.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, resolve_value
+from pipeline.kafka import claim_check
+from pipeline.kafka.broker import free_port
+from pipeline.kafka.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, resolve_value
 from tests.claim_check_servers import BIG, PHOTO, Handler, http_url, s3  # noqa: F401 (fixtures)
 
 

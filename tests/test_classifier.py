@@ -1,6 +1,6 @@
 """The numpy scorer must agree with scikit-learn, and cross-validation must pick the right scheme.
 
-A saved model is scored with plain numpy (:class:`pipeline.classifier.Classifier`) so the
+A saved model is scored with plain numpy (:class:`pipeline.learning.classifier.Classifier`) so the
 registry never unpickles anything; these tests fit the same estimators directly with
 scikit-learn (their own normalisation, not ours) and require identical decisions.
 """
@@ -14,7 +14,7 @@ from sklearn.model_selection import LeaveOneOut, StratifiedKFold
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline.classifier import KINDS, NORMALIZATIONS, ClassifierSpec, cross_validate, fit
+from pipeline.learning.classifier import KINDS, NORMALIZATIONS, ClassifierSpec, cross_validate, fit
 from pipeline.errors import DeeperError
 
 CLASS_NAMES = ["bird", "cat", "dog", "eel"]

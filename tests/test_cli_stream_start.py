@@ -1,6 +1,6 @@
 """Stream consumers check the cheap things first: no broker means a quick, clear failure.
 
-Real processes (``python -m pipeline.cli ...``) against a loopback port nobody listens on.
+Real processes (``python -m pipeline.app.cli ...``) against a loopback port nobody listens on.
 Before this, the featurizer imported TensorFlow and loaded its backbone (seconds) and only then
 found out that no broker answered.
 """
@@ -26,7 +26,7 @@ def _run(tmp_path, *argv: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{_closed_port()}", "DEEPER_OFFLINE": "1",
            "DEEPER_DATA_DIR": str(tmp_path / "data"), "DEEPER_CACHE_DIR": str(tmp_path / "cache")}
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv, "--wait", "1"], env=env,
+    run = subprocess.run([sys.executable, "-m", "pipeline.app.cli", *argv, "--wait", "1"], env=env,
                          capture_output=True, text=True, timeout=120)
     return run, time.monotonic() - started
 

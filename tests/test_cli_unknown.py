@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.registry import Registry
+from pipeline.app.cli import main
+from pipeline.learning.registry import Registry
 from tests.conftest import EXAMPLES
 
 MODEL = "efficientnet_lite0"

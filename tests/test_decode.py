@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline import decode
-from pipeline.decode import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, DecodedImage, covering_side, decode_image, image_id
+from pipeline.model import decode
+from pipeline.model.decode import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, DecodedImage, covering_side, decode_image, image_id
 from pipeline.errors import DecodeError
 from tests import bad_images
 from tests.bad_images import Case, cases

@@ -1,7 +1,7 @@
 """Scaled decoding (``min_side``) keeps what the model sees: the real EfficientNet-Lite0 on 12-MP photos.
 
 The stream decodes camera JPEGs by DCT scaling to the smallest scale that covers the backbone's
-central crop (:func:`pipeline.decode.covering_side`). These tests check, on 12-MP versions of
+central crop (:func:`pipeline.model.decode.covering_side`). These tests check, on 12-MP versions of
 the cars photos (upscaled, mild noise, quality 90, as ``bench`` makes them):
 
 - the scaled decode gives the vector of an exact box downscale of the full decode (DCT
@@ -22,12 +22,12 @@ import pytest
 from PIL import Image
 
 from bench.common import camera_jpeg
-from pipeline.classifier import fit
-from pipeline.decode import CENTRAL_FRACTION, covering_side, decode_image
-from pipeline.featurize import featurize_photos
-from pipeline.inference import ImageRecord, Inference
-from pipeline.photos import find_photos
-from pipeline.training import DEFAULT_LAYER, DEFAULT_SPEC
+from pipeline.learning.classifier import fit
+from pipeline.model.decode import CENTRAL_FRACTION, covering_side, decode_image
+from pipeline.model.featurize import featurize_photos
+from pipeline.model.inference import ImageRecord, Inference
+from pipeline.model.photos import find_photos
+from pipeline.learning.training import DEFAULT_LAYER, DEFAULT_SPEC
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +41,7 @@ def camera_photos(cars) -> list[bytes]:
 
 def test_covering_side_matches_every_backbone():
     """decode.CENTRAL_FRACTION stands for the nets' own: a smaller crop would make scaled decodes too small."""
-    from pipeline.nets import efficientnet_lite0, inception_v1
+    from pipeline.model.nets import efficientnet_lite0, inception_v1
 
     for net in (efficientnet_lite0, inception_v1):
         assert net.CENTRAL_FRACTION >= CENTRAL_FRACTION, net.__name__

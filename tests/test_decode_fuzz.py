@@ -5,7 +5,7 @@ every accepted format made here, with EXIF where the format carries it. Each exa
 few byte mutations (bit flips, byte sets, truncation, deletion, duplication, splices from
 another seed) and decodes at full size and shrunk (``min_side``: the JPEG DCT-scaling and
 reduce paths). Derandomized, so CI always runs the same examples; the deadline bounds the time
-of one decode. What it finds is fixed in pipeline/decode.py and kept as a named case in
+of one decode. What it finds is fixed in pipeline/model/decode.py and kept as a named case in
 tests/bad_images.py.
 """
 
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.decode import DecodedImage, decode_image
+from pipeline.model.decode import DecodedImage, decode_image
 from pipeline.errors import DecodeError
 from tests import bad_images
 
@@ -112,7 +112,7 @@ def test_damaged_bytes_give_an_image_or_a_decode_error(corpus, seed, donor, muta
 
 def test_seeds_cover_every_accepted_format():
     """The fuzz test starts from valid files of every format, or it fuzzes less than it claims."""
-    from pipeline.decode import ACCEPTED_FORMATS
+    from pipeline.model.decode import ACCEPTED_FORMATS
 
     found = set()
     for data in seeds():

@@ -1,6 +1,6 @@
 """``deeper demo`` shows one review round: least-confident labels corrected, retrained, served.
 
-The demo runs as a user runs it (``python -m pipeline.cli demo``, its featurizer and scorer as
+The demo runs as a user runs it (``python -m pipeline.app.cli demo``, its featurizer and scorer as
 separate processes) against the session's broker with fresh topics. What it says is checked
 against what it left behind: the corrections CSV, the registry's new version and the exact
 training set it saw, the labels topic, and the HTML report.
@@ -13,15 +13,14 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from consumers.labels import follow_labels
-from pipeline.decode import image_id
-from pipeline.photos import find_photos
-from pipeline.registry import Registry
-from pipeline.training import training_set_hash
+from pipeline.model.decode import image_id
+from pipeline.model.photos import find_photos
+from pipeline.learning.registry import Registry
+from pipeline.learning.training import training_set_hash
 from tests.conftest import EXAMPLES, REPO
 from tests.stream_helpers import unique_settings
 
@@ -49,7 +48,7 @@ def demo(kafka_settings, tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("demo")
     settings = unique_settings(kafka_settings, tmp)
     data = tmp / "demo"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--data-dir", str(data)],
+    done = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "demo", "--data-dir", str(data)],
                           env=_env(settings, cache_dir), capture_output=True, text=True, timeout=400, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout, data, settings

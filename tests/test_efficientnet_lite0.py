@@ -23,9 +23,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline.errors import WeightsUnavailable
-from pipeline.nets import efficientnet_lite0 as lite0
-from pipeline.nets import torch_state
-from pipeline.nets.torch_state import LEGACY_MAGIC, LEGACY_PROTOCOL, load_state_dict
+from pipeline.model.nets import efficientnet_lite0 as lite0
+from pipeline.model.nets import torch_state
+from pipeline.model.nets.torch_state import LEGACY_MAGIC, LEGACY_PROTOCOL, load_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.cli import main as deeper
-from pipeline.parquet_reader import read_features
+from pipeline.app.cli import main as deeper
+from pipeline.storage.parquet_reader import read_features
 from producers.produce import ImageProducer
 from tests import bad_images
 from tests.broker_fixture import session_broker_kind
@@ -45,7 +45,7 @@ N_PHOTOS = 60
 
 def _start(settings) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env(), "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1"}
-    code = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from pipeline.app.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, "featurizer", "--model", "efficientnet_lite0",
                              "--layer", "prelogits", "--batch-size", "8", "--roll-seconds", "1",
                              "--exit-when-idle", "25", "--partitions", "2"],

@@ -29,10 +29,10 @@ import pytest
 
 from consumers.featurizer import Featurizer, features_dir
 from consumers.scorer import Scorer
-from pipeline.featurize import default_cache
-from pipeline.kafka_io import make_producer
-from pipeline.parquet_reader import read_features
-from pipeline.registry import Registry
+from pipeline.model.featurize import default_cache
+from pipeline.kafka.kafka_io import make_producer
+from pipeline.storage.parquet_reader import read_features
+from pipeline.learning.registry import Registry
 from producers.produce import ImageProducer
 from schemas.messages import FEATURE_MAGIC, FeatureRecord, LabelRecord, decode_label, encode_features, encode_label
 from tests import bad_images

@@ -25,15 +25,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pytest
 
 from consumers.scorer import Scorer
-from pipeline.classifier import ClassifierSpec, fit
-from pipeline.featurize import default_cache
-from pipeline.kafka_io import make_producer
+from pipeline.learning.classifier import ClassifierSpec, fit
+from pipeline.model.featurize import default_cache
+from pipeline.kafka.kafka_io import make_producer
 from pipeline.logs import JsonFormatter
-from pipeline.registry import Registry
+from pipeline.learning.registry import Registry
 from schemas.messages import FeatureRecord, decode_label, encode_features
 from tests.stream_helpers import WorkerThread, read_topic, train_model, unique_settings
+
+pytestmark = pytest.mark.stream
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -232,7 +235,7 @@ def test_scorer_refuses_broken_models_keeps_serving_v1_then_switches(kafka_setti
 #: pickles is fine: tests/test_efficientnet_lite0.py builds malicious files that way).
 _UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve"}
 #: The one place allowed to touch pickle: a restricted Unpickler that resolves only allow-listed globals.
-_ALLOWED = {"pipeline/nets/torch_state.py"}
+_ALLOWED = {"pipeline/model/nets/torch_state.py"}
 _SKIP_DIRS = {"__pycache__", "node_modules", "build", "dist", "deeper-data"}
 
 
@@ -294,10 +297,10 @@ def test_the_unpickling_check_catches_every_form():
 
 
 def test_no_python_code_in_the_repo_unpickles():
-    """Only pipeline/nets/torch_state.py's restricted unpickler may touch pickle; everything else
+    """Only pipeline/model/nets/torch_state.py's restricted unpickler may touch pickle; everything else
     (pipeline, consumers, producers, bench, tests, scripts, new files) must not load pickles at all."""
     files = list(_python_files())
-    assert len(files) > 40 and REPO / "pipeline" / "registry.py" in files
+    assert len(files) > 40 and REPO / "pipeline" / "learning" / "registry.py" in files
     found = []
     for path in files:
         rel = path.relative_to(REPO).as_posix()

@@ -27,7 +27,7 @@ import pytest
 
 from consumers.featurizer import Featurizer
 from consumers.scorer import Scorer
-from pipeline.kafka_io import make_admin
+from pipeline.kafka.kafka_io import make_admin
 from producers.produce import ImageProducer
 from tests import bad_images
 from tests.invariant import assert_stream_invariant, featurizer_outcomes, read_all
@@ -117,7 +117,7 @@ def _send_ours(settings, expected: dict[str, str]) -> None:
             expected[_sha(case.data)] = "ok"
     assert producer.flush().failed == {}
     producer.close()
-    from pipeline.kafka_io import make_producer
+    from pipeline.kafka.kafka_io import make_producer
 
     raw = make_producer(settings)
     data = bad_images.jpeg(seed=104)

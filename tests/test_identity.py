@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from consumers.scorer import Scorer
-from pipeline.classifier import ClassifierSpec, fit
+from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.errors import IncompatibleFeatures
-from pipeline.feature_cache import FeatureCache
-from pipeline.identity import FeatureId, split_backbone
-from pipeline.parquet_reader import read_features, read_meta
-from pipeline.parquet_writer import FeatureMeta, FeatureRow, rows_to_table, write_features
-from pipeline.registry import ModelVersion, Registry
+from pipeline.storage.feature_cache import FeatureCache
+from pipeline.storage.identity import FeatureId, split_backbone
+from pipeline.storage.parquet_reader import read_features, read_meta
+from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
+from pipeline.learning.registry import ModelVersion, Registry
 from schemas.messages import FeatureRecord, decode_features, encode_features
 
 DIM = 8
@@ -56,7 +56,6 @@ def test_legacy_combined_name_is_split_into_backbone_and_precision():
         FeatureId("efficientnet_lite0@bf16", "cd" * 32, "prelogits", DIM, precision="int8")
     with pytest.raises(IncompatibleFeatures, match="not NAME or NAME@PRECISION"):
         FeatureId("efficientnet_lite0@", "cd" * 32, "prelogits", DIM)
-    assert FeatureMeta is FeatureId  # the old name keeps working until callers switch
 
 
 def test_check_names_every_difference_and_ignores_unrecorded_preprocessing():

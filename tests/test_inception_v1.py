@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import weights
+from pipeline.model import weights
 from pipeline.errors import WeightsUnavailable
-from pipeline.nets import inception_v1
-from pipeline.nets.slim_compat import slim
+from pipeline.model.nets import inception_v1
+from pipeline.model.nets.slim_compat import slim
 from tests.checkpoint_factory import (  # noqa: F401  (official_like is a fixture)
     ARCHIVE_NAME,
     OfficialLike,

@@ -1,7 +1,7 @@
 """Multi-level layer specs (``prelogits+block_14+block_15``) through the backbone contract.
 
 The real EfficientNet-Lite0: a spec must resolve, size and compute the same way on every path
-(``Backbone.run``, the batch featurizer, the stream's :class:`~pipeline.inference.Inference`).
+(``Backbone.run``, the batch featurizer, the stream's :class:`~pipeline.model.inference.Inference`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DeeperError
-from pipeline.featurize import featurize_photos
-from pipeline.inference import Inference
-from pipeline.nets import efficientnet_lite0 as lite0
-from pipeline.nets import inception_v1
-from pipeline.nets.base import combine_levels
-from pipeline.photos import find_photos
+from pipeline.model.featurize import featurize_photos
+from pipeline.model.inference import Inference
+from pipeline.model.nets import efficientnet_lite0 as lite0
+from pipeline.model.nets import inception_v1
+from pipeline.model.nets.base import combine_levels
+from pipeline.model.photos import find_photos
 from tests.conftest import EXAMPLES
 
 SPEC = "prelogits+block_14+block_15"

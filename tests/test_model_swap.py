@@ -15,9 +15,9 @@ import pytest
 
 from consumers.featurizer import FOLLOW_SECONDS, Featurizer
 from consumers.scorer import Scorer
-from pipeline.cli import main as deeper
-from pipeline.registry import Registry
-from pipeline.train_photos import train_from_photos
+from pipeline.app.cli import main as deeper
+from pipeline.learning.registry import Registry
+from pipeline.learning.train_photos import train_from_photos
 from producers.produce import ImageProducer
 from schemas.messages import decode_label
 from tests import bad_images

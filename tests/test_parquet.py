@@ -20,11 +20,11 @@ from kafka import TopicPartition
 
 from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
-from pipeline.feature_cache import FeatureCache
-from pipeline.identity import FeatureId
-from pipeline.parquet_reader import feature_files, read_features
-from pipeline.parquet_sink import ParquetSink
-from pipeline.parquet_writer import FeatureRow, rows_to_table, write_features
+from pipeline.storage.feature_cache import FeatureCache
+from pipeline.storage.identity import FeatureId
+from pipeline.storage.parquet_reader import feature_files, read_features
+from pipeline.storage.parquet_sink import ParquetSink
+from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
 from tests.claim_check_servers import s3  # noqa: F401 (a fixture: the project's local S3 server)
 
 DIM = 8

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.cli import main as deeper
+from pipeline.app.cli import main as deeper
 from pipeline.errors import IncompatibleFeatures
-from pipeline.featurize import featurize_photos
-from pipeline.nets.factory import load_backbone
-from pipeline.photos import find_photos
+from pipeline.model.featurize import featurize_photos
+from pipeline.model.nets.factory import load_backbone
+from pipeline.model.photos import find_photos
 from tests.conftest import EXAMPLES
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.claim_check import IMAGE_URI_HEADER, FetchLimits, resolve_value
-from pipeline.decode import decode_image
+from pipeline.kafka.claim_check import IMAGE_URI_HEADER, FetchLimits, resolve_value
+from pipeline.model.decode import decode_image
 from pipeline.errors import DeeperError
-from pipeline.kafka_io import ensure_topics
+from pipeline.kafka.kafka_io import ensure_topics
 from producers.produce import MIN_FIT_SIDE, ImageProducer, main, reencode
 from schemas.messages import parse_image_message
 from tests.broker_fixture import make_unique_topic_name

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import pipeline.storage as storage_module
-from pipeline.classifier import ClassifierSpec, fit
+from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.errors import RegistryError
-from pipeline.identity import FeatureId
-from pipeline.registry import Registry
+from pipeline.storage.identity import FeatureId
+from pipeline.learning.registry import Registry
 
 META = FeatureId("efficientnet_lite0", "ab" * 32, "prelogits", 16, "central_crop(0.875)")
 PICKLE_MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"deeper-pickle-ran-{os.getpid()}"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 CHROMIUM = os.environ.get("DEEPER_TEST_CHROMIUM", "/usr/bin/chromium")
 MODEL = "efficientnet_lite0"

@@ -1,6 +1,6 @@
 """Feature files in object storage: write, list, read and train from ``s3://`` locations.
 
-Against a real S3 server: the one the durable broker uses (``pipeline/local_s3.py``, localbucket),
+Against a real S3 server: the one the durable broker uses (``pipeline/kafka/local_s3.py``, localbucket),
 started on a free loopback port and reached through the usual AWS variables.
 """
 
@@ -19,20 +19,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.broker import free_port
-from pipeline.cli import main as deeper
+from pipeline.kafka.broker import free_port
+from pipeline.app.cli import main as deeper
 from pipeline.errors import DeeperError, IncompatibleFeatures
-from pipeline.identity import FeatureId
-from pipeline.parquet_reader import feature_files, read_features
-from pipeline.parquet_writer import FeatureRow, rows_to_table, write_features
-from pipeline.registry import Registry
+from pipeline.storage.identity import FeatureId
+from pipeline.storage.parquet_reader import feature_files, read_features
+from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
+from pipeline.learning.registry import Registry
 
 pytest.importorskip("localbucket")
 
 BUCKET = "features-bucket"
 DIM = 8
 META = FeatureId("efficientnet_lite0", "cd" * 32, "prelogits", DIM, "central_crop(0.875)", precision="bf16")
-LOCAL_S3 = Path(__file__).resolve().parent.parent / "pipeline" / "local_s3.py"
+LOCAL_S3 = Path(__file__).resolve().parent.parent / "pipeline" / "kafka" / "local_s3.py"
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_write_list_read_delete(s3, s3_server):
 def test_duplicates_across_objects_are_counted(s3, caplog):
     a = write_features([row(0), row(1)], META, storage.join(s3, "a.parquet"))
     b = write_features([row(1), row(2)], META, storage.join(s3, "b.parquet"))
-    with caplog.at_level("INFO", logger="pipeline.parquet_reader"):
+    with caplog.at_level("INFO", logger="pipeline.storage.parquet_reader"):
         fs = read_features([a, b])
     assert len(fs) == 3 and fs.duplicates_dropped == 1
     logged = [r for r in caplog.records if r.getMessage() == "read features"]

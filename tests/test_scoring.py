@@ -11,13 +11,13 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.classifier import (ClassifierSpec, brier_score, calibrate, choose_unknown_threshold, cross_validate,
+from pipeline.learning.classifier import (ClassifierSpec, brier_score, calibrate, choose_unknown_threshold, cross_validate,
                                  fit, fit_platt, platt_probabilities, top_probability)
 from pipeline.errors import DeeperError, SchemaError
-from pipeline.identity import FeatureId
-from pipeline.registry import Registry
-from pipeline.scoring import UNKNOWN_LABEL, score
-from pipeline.training import train_and_register
+from pipeline.storage.identity import FeatureId
+from pipeline.learning.registry import Registry
+from pipeline.learning.scoring import UNKNOWN_LABEL, score
+from pipeline.learning.training import train_and_register
 from schemas.messages import LabelRecord, decode_label, encode_label
 
 DIM = 12

@@ -4,7 +4,7 @@
   admin client, including the ones the ``deeper featurizer``/``scorer``/``produce``/``labels``
   commands build (the kafka-python classes are swapped for recorders there, so nothing connects),
   and kafka-python itself accepts them (real clients, configured without a broker to talk to).
-* No Kafka client is built anywhere but :mod:`pipeline.kafka_io` (so none can skip the settings).
+* No Kafka client is built anywhere but :mod:`pipeline.kafka.kafka_io` (so none can skip the settings).
 * The SASL password never shows up in a log line, an exception, ``repr``/``str`` of the settings or
   :meth:`Settings.redacted`, with every logger at DEBUG, through a real worker start and through
   failing SASL connections.
@@ -15,7 +15,6 @@ That the local broker listens on 127.0.0.1 only is checked on real sockets by
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -30,15 +29,15 @@ import numpy as np
 import pytest
 from kafka import errors as kafka_errors
 
-import pipeline.kafka_io as kafka_io
+import pipeline.kafka.kafka_io as kafka_io
 from consumers.scorer import Scorer
 from consumers.worker import StreamWorker
-from pipeline import broker
-from pipeline.classifier import ClassifierSpec, fit
+from pipeline.kafka import broker
+from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.config import ENVIRONMENT, Settings
 from pipeline.logs import JsonFormatter
-from pipeline.parquet_writer import FeatureMeta
-from pipeline.registry import Registry
+from pipeline.storage.identity import FeatureId
+from pipeline.learning.registry import Registry
 from schemas.messages import FeatureRecord, encode_features
 from tests.stream_helpers import WorkerThread, read_topic, unique_settings
 
@@ -137,6 +136,9 @@ class _Recorder:
                 recorder.built.append(("producer", config))
                 self.config = config
 
+            def init_transactions(self):  # exactly-once workers' transactional producer
+                pass
+
             def send(self, *args, **kwargs):
                 return _Future()
 
@@ -217,7 +219,7 @@ def recorder(monkeypatch) -> _Recorder:
 
 def _tiny_registry(root: Path, backbone: str = "efficientnet_lite0") -> str:
     rng = np.random.default_rng(0)
-    meta = FeatureMeta(backbone, "ab" * 32, "prelogits", 16)
+    meta = FeatureId(backbone, "ab" * 32, "prelogits", 16)
     x = np.concatenate([rng.normal(i, 1.0, (6, 16)) for i in range(2)])
     Registry(root).save(fit(x, ["a"] * 6 + ["b"] * 6, ClassifierSpec()), meta, {})
     return str(root)
@@ -227,10 +229,7 @@ def _tiny_registry(root: Path, backbone: str = "efficientnet_lite0") -> str:
 def test_every_client_of_every_command_gets_the_security_settings(name, recorder, monkeypatch, tmp_path, effnet,
                                                                     caplog):
     """The commands read the environment themselves; each client they build must carry it."""
-    from consumers import featurizer as featurizer_module
-    from consumers import labels as labels_module
-    from consumers import scorer as scorer_module
-    from producers import produce as produce_module
+    from pipeline.app.cli import build_parser
 
     caplog.set_level(logging.DEBUG)
     env = {**SECURE_ENVIRONMENTS[name], "KAFKA_BOOTSTRAP_SERVERS": _closed_port(),
@@ -242,28 +241,32 @@ def test_every_client_of_every_command_gets_the_security_settings(name, recorder
         monkeypatch.setenv(var, value)
     monkeypatch.setattr("pipeline.logs.setup_json_logging", lambda *a, **k: None)  # leave pytest's logging be
     monkeypatch.setattr(StreamWorker, "install_signal_handlers", lambda self: None)
-    monkeypatch.setattr("pipeline.nets.factory.load_backbone", lambda *a, **k: effnet)
+    monkeypatch.setattr("pipeline.model.nets.factory.load_backbone", lambda *a, **k: effnet)
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"\x89PNG\r\n\x1a\n not really a png, the producer doesn't care")
 
     built: dict[str, list[str]] = {}
+    def deeper(*argv: str) -> int:  # the real command line, parsed as a user's would be
+        args = build_parser().parse_args(list(argv))
+        return args.func(args)
+
     commands = {
-        "featurizer": lambda: featurizer_module.cmd_featurizer(argparse.Namespace(
-            model=None, weights=None, cache_dir=None, layer=None, batch_size=8, group=None, partitions=4,
-            roll_rows=10, roll_seconds=1.0, wait=1.0, exit_when_idle=0.1, batch_timeout_ms=20.0, model_threads=0)),
-        "scorer": lambda: scorer_module.cmd_scorer(argparse.Namespace(
-            registry=None, group=None, batch_size=8, partitions=4, wait=1.0, wait_for_model=0.0, exit_when_idle=0.1)),
-        "produce": lambda: produce_module.cmd_produce(argparse.Namespace(
-            topic=None, inputs=[str(photo)], labels_from_folders=False, partitions=4, wait=1.0, quiet=True)),
-        "labels": lambda: labels_module.cmd_labels(argparse.Namespace(timeout=0.2, format="json", wait=1.0)),
+        "featurizer": lambda: deeper("featurizer", "--batch-size", "8", "--roll-rows", "10", "--roll-seconds", "1",
+                                     "--wait", "1", "--exit-when-idle", "0.1"),
+        "scorer": lambda: deeper("scorer", "--batch-size", "8", "--wait", "1", "--wait-for-model", "0",
+                                 "--exit-when-idle", "0.1"),
+        "produce": lambda: deeper("produce", str(photo), "--wait", "1", "-q"),
+        "labels": lambda: deeper("labels", "--timeout", "0.2", "--format", "json", "--wait", "1"),
     }
     for command, run in commands.items():
         before = len(recorder.built)
         assert run() == 0, command
         built[command] = recorder.kinds()[before:]
     assert built == {
-        "featurizer": ["admin", "admin", "producer", "consumer"],  # wait for broker, topics, then the worker
-        "scorer": ["admin", "admin", "producer", "consumer"],
+        # wait for the broker, topics, then the worker: its consumer, its (transactional) producer
+        # and one admin asking its output topics' size limits
+        "featurizer": ["admin", "admin", "consumer", "producer", "admin"],
+        "scorer": ["admin", "admin", "consumer", "producer", "admin"],
         "produce": ["admin", "admin", "producer"],
         "labels": ["admin", "consumer"],  # wait_for_broker, then the reader
     }
@@ -298,7 +301,7 @@ def test_every_client_factory_passes_the_security_settings(recorder, tmp_path, e
     Scorer(settings, wait_for_model=0).close()
     follow_labels(settings, set(), timeout=0.1)
     assert recorder.kinds().count("producer") == 5 and recorder.kinds().count("consumer") == 5
-    assert recorder.kinds().count("admin") == 3
+    assert recorder.kinds().count("admin") == 5  # + one per worker asking its output topics' size limits
     expected = _expected_client_config(env)
     for kind, config in recorder.built:
         assert {k: config.get(k) for k in expected} == expected, kind
@@ -347,7 +350,7 @@ def test_no_kafka_client_is_built_outside_kafka_io():
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"__pycache__", "tests", "deeper-data"}]
         for f in (Path(root) / name for name in files if name.endswith(".py")):
             rel = f.relative_to(REPO).as_posix()
-            if rel == "pipeline/kafka_io.py":
+            if rel == "pipeline/kafka/kafka_io.py":
                 continue
             for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"), rel)):
                 if isinstance(node, ast.Call):
@@ -355,7 +358,7 @@ def test_no_kafka_client_is_built_outside_kafka_io():
                     called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
                     if called in classes:
                         found.append(f"{rel}:{node.lineno}: {called}(...)")
-    assert found == [], "build Kafka clients with pipeline.kafka_io.make_*:\n" + "\n".join(found)
+    assert found == [], "build Kafka clients with pipeline.kafka.kafka_io.make_*:\n" + "\n".join(found)
 
 
 # --------------------------------------------------------------------------- logs

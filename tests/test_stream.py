@@ -20,13 +20,15 @@ from PIL import Image
 
 from consumers.featurizer import Featurizer, features_dir
 from consumers.scorer import Scorer
-from pipeline.featurize import default_cache
-from pipeline.kafka_io import make_producer
-from pipeline.parquet_reader import read_features
-from pipeline.registry import Registry
+from pipeline.model.featurize import default_cache
+from pipeline.kafka.kafka_io import make_producer
+from pipeline.storage.parquet_reader import read_features
+from pipeline.learning.registry import Registry
 from producers.produce import ImageProducer
 from schemas.messages import (FeatureRecord, decode_label, encode_features, make_image_message)
 from tests.stream_helpers import WorkerThread, header, read_topic, train_model, unique_settings
+
+pytestmark = pytest.mark.stream
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,7 +116,7 @@ def test_corrupt_photo_is_dead_lettered_while_batch_mates_are_labelled(cars_mode
     settings, _ = cars_model
     good = sorted((cars / "test").glob("*.jpg"))[:3]
     bad = {"truncated": _truncated_jpeg(good[0]), "html": b"<html><body>not a photo</body></html>"}
-    from pipeline import broker
+    from pipeline.kafka import broker
     from pipeline.metrics import serve
 
     port = broker.free_port()
@@ -158,8 +160,8 @@ def test_corrupt_photo_is_dead_lettered_while_batch_mates_are_labelled(cars_mode
 
 def test_offline_retraining_from_stream_parquet_is_hot_reloaded(cars_model, effnet, cars, tmp_path):
     """Stream -> Parquet -> ``deeper train --features --labels CSV`` -> the running scorer switches."""
-    from pipeline.cli import main as deeper
-    from pipeline.parquet_reader import feature_files
+    from pipeline.app.cli import main as deeper
+    from pipeline.storage.parquet_reader import feature_files
 
     settings, v1 = cars_model
     featurizer = WorkerThread(Featurizer(settings, effnet, "prelogits", batch_size=8, roll_seconds=1))
@@ -312,7 +314,7 @@ def test_produce_command_reads_paths_from_stdin(kafka_settings, tmp_path):
     paths.append(str(tmp_path / "nope.jpg"))
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "DEEPER_IMAGES_TOPIC": settings.images_topic}
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "produce", "-", "-q"], input="\n".join(paths),
+    done = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "produce", "-", "-q"], input="\n".join(paths),
                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 1, done.stderr  # one path failed, and the command says so
     assert "produced 3 images" in done.stderr and "nope.jpg" in done.stderr
@@ -323,22 +325,3 @@ def test_produce_command_reads_paths_from_stdin(kafka_settings, tmp_path):
         assert r.key.decode() == message.image_id
         assert header(r, "content-type") == "image/png"
         assert header(r, "schema-version") == "1"
-
-
-def test_demo_command_runs_end_to_end(kafka_settings, tmp_path, cache_dir):
-    """The Quickstart's main command, against the session broker (as with any external broker)."""
-    settings = unique_settings(kafka_settings, tmp_path)
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DEEPER_CACHE_DIR": str(cache_dir),
-           "DEEPER_IMAGES_TOPIC": settings.images_topic, "DEEPER_FEATURES_TOPIC": settings.features_topic,
-           "DEEPER_LABELS_TOPIC": settings.labels_topic, "DEEPER_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-           "DEEPER_FEATURIZER_GROUP": settings.featurizer_group, "DEEPER_SCORER_GROUP": settings.scorer_group,
-           "DEEPER_MODEL": "efficientnet_lite0"}
-    env.pop("DEEPER_REGISTRY", None)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--data-dir", str(tmp_path / "demo")],
-                          env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
-    assert "[6/6] done" in out
-    assert "9/9 match examples/test_labels.csv" in out or "8/9 match" in out, out
-    assert len(read_features([tmp_path / "demo" / "features"])) == 9
-    assert Registry(tmp_path / "demo" / "registry").current_version() is not None

@@ -1,10 +1,10 @@
-"""The featurizer's thread plan (pipeline/threads.py): what it chooses per machine and precision."""
+"""The featurizer's thread plan (pipeline/model/threads.py): what it chooses per machine and precision."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.threads import DEFAULT_POOLS, stream_plan
+from pipeline.model.threads import DEFAULT_POOLS, stream_plan
 
 
 @pytest.mark.parametrize("cores, expected", [(1, (2, 1, 2)), (2, (2, 1, 2)), (3, (2, 1, 2)), (16, (2, 8, 2))])

@@ -21,18 +21,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.kafka_io import close_producer, make_producer
-from pipeline.parquet_writer import FeatureMeta, FeatureRow, write_features
-from pipeline.registry import Registry
-from pipeline.training import DEFAULT_SPEC, labels_from_csv, train_and_register, training_set_hash
-from pipeline.ui import (DEFAULT_PORT, THUMB_SIZE, Corrections, UiApp, add_parser, confidence_of,
+from pipeline.kafka.kafka_io import close_producer, make_producer
+from pipeline.storage.identity import FeatureId
+from pipeline.storage.parquet_writer import FeatureRow, write_features
+from pipeline.learning.registry import Registry
+from pipeline.learning.training import DEFAULT_SPEC, labels_from_csv, train_and_register, training_set_hash
+from pipeline.app.ui import (DEFAULT_PORT, THUMB_SIZE, Corrections, UiApp, add_parser, confidence_of,
                          serve_in_thread)
 from producers.produce import ImageProducer
 from schemas.messages import LabelRecord, dead_letter_headers, encode_label
 from tests.stream_helpers import read_topic, unique_settings
 
 COLOURS = {"red-1": (220, 30, 30), "red-2": (200, 40, 20), "blue-1": (30, 40, 220), "blue-2": (20, 60, 200)}
-META = FeatureMeta("synthetic", "0" * 64, "prelogits", 4, "")
+META = FeatureId("synthetic", "0" * 64, "prelogits", 4, "")
 
 
 def _jpeg(rgb: tuple[int, int, int]) -> bytes:

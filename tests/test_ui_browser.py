@@ -29,10 +29,10 @@ from PIL import Image
 
 from consumers.featurizer import Featurizer
 from consumers.scorer import Scorer
-from pipeline.featurize import default_cache
-from pipeline.registry import Registry
-from pipeline.training import labels_from_csv
-from pipeline.ui import UiApp, serve_in_thread
+from pipeline.model.featurize import default_cache
+from pipeline.learning.registry import Registry
+from pipeline.learning.training import labels_from_csv
+from pipeline.app.ui import UiApp, serve_in_thread
 from producers.produce import ImageProducer
 from tests.stream_helpers import WorkerThread, train_model, unique_settings
 

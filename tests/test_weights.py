@@ -1,4 +1,4 @@
-"""pipeline.weights: download with progress, size + sha256 check, safe unpack, cache, offline."""
+"""pipeline.model.weights: download with progress, size + sha256 check, safe unpack, cache, offline."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage, weights
+from pipeline import storage
+from pipeline.model import weights
 from pipeline.errors import WeightsUnavailable
 from tests.checkpoint_factory import (  # noqa: F401  (official_like is a fixture)
     ARCHIVE_NAME,

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import GUARANTEES
-from pipeline.devrig import RigBroker, broker_unavailable
+from pipeline.app.devrig import RigBroker, broker_unavailable
 from tests.faults.scenarios import SCENARIOS, Plan
 from tests.faults.summary import format_summary, summarize
 

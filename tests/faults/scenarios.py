@@ -1,8 +1,8 @@
 """The fault scenarios: SIGKILL the featurizer, SIGKILL the scorer, kill and restart the broker.
 
-Each runs one :class:`pipeline.devrig.StreamRun` (fresh topics, groups, data dir, registry)
-on a shared :class:`pipeline.devrig.RigBroker` while a :class:`pipeline.devrig.Feeder`
-streams distinct synthetic photos, then reads everything back (:func:`pipeline.devrig.count_outcomes`).
+Each runs one :class:`pipeline.app.devrig.StreamRun` (fresh topics, groups, data dir, registry)
+on a shared :class:`pipeline.app.devrig.RigBroker` while a :class:`pipeline.app.devrig.Feeder`
+streams distinct synthetic photos, then reads everything back (:func:`pipeline.app.devrig.count_outcomes`).
 Photos are released in shares, one share before each fault, so every fault lands mid-stream.
 
 What must hold (a scenario is "clean" only if all do): nothing missing, one row per id through
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.devrig import Feeder, RigBroker, StreamRun, WorkerProcess, synthetic_photos
+from pipeline.app.devrig import Feeder, RigBroker, StreamRun, WorkerProcess, synthetic_photos
 from tests.faults.recovery import kill_recoveries, restart_recoveries, workers_report
 
 Log = Callable[[str], None]

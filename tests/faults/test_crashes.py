@@ -2,7 +2,7 @@
 
 Everything is real: a private broker of the session's kind (``DEEPER_TEST_BROKER``: Apache
 Kafka, or a durable Tansu), ``deeper featurizer``/``deeper scorer`` subprocesses with
-EfficientNet-Lite0, Parquet part files and kafka-python clients (:mod:`pipeline.devrig`).
+EfficientNet-Lite0, Parquet part files and kafka-python clients (:mod:`pipeline.app.devrig`).
 Each scenario streams ``N_IMAGES`` distinct synthetic photos and reads everything back.
 
 What is expected depends on the broker: on Apache Kafka the stream runs exactly-once and must
@@ -18,10 +18,12 @@ import uuid
 
 import pytest
 
-from pipeline.devrig import RigBroker, broker_unavailable, read_records
+from pipeline.app.devrig import RigBroker, broker_unavailable, read_records
 from tests.broker_fixture import session_broker_kind
 from tests.faults.scenarios import Plan, ScenarioResult, broker_restarts, featurizer_crashes, scorer_crashes
 from tests.faults.summary import format_summary, summarize
+
+pytestmark = pytest.mark.stream
 
 N_IMAGES = 120
 
@@ -109,7 +111,7 @@ def test_worker_replaces_a_fatally_failed_producer(kafka_settings, tmp_path):
     from kafka.errors import KafkaError
 
     from consumers.worker import StreamWorker
-    from pipeline.kafka_io import close_producer, ensure_topics
+    from pipeline.kafka.kafka_io import close_producer, ensure_topics
 
     tag = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(kafka_settings, data_dir=str(tmp_path))

@@ -1,0 +1,197 @@
+"""Reading what the stream produced: topics (``read_committed``) and Parquet part files on disk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from pipeline.config import Settings
+
+#: Readers see only committed transactions, as every consumer of the pipeline does: records of
+#: an aborted checkpoint (exactly-once) must never be counted as output.
+ISOLATION = "read_committed"
+
+
+def _assigned_consumer(settings: Settings, topic: str, timeout: float):
+    """A group-less consumer assigned to every partition of ``topic`` from the beginning (None: no topic)."""
+    from kafka import TopicPartition
+
+    from pipeline.kafka.kafka_io import make_consumer
+
+    consumer = make_consumer(settings, None, [], isolation_level=ISOLATION)
+    deadline = time.monotonic() + timeout
+    partitions = None
+    while not partitions and time.monotonic() < deadline:
+        found = consumer.partitions_for_topic(topic)
+        partitions = [TopicPartition(topic, p) for p in sorted(found)] if found else None
+        if not partitions:
+            time.sleep(0.2)
+    if not partitions:
+        consumer.close()
+        return None
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    return consumer
+
+
+def read_records(settings: Settings, topic: str, until: Callable[[list[Any]], bool] | None = None,
+                 timeout: float = 120.0, quiet_s: float = 4.0, tick: Callable[[], Any] | None = None,
+                 drain: bool = False) -> list[Any]:
+    """Every committed record of ``topic`` from the beginning (assign, no group).
+
+    Stops when ``until(records)`` holds (with ``drain``: and then nothing new arrived for
+    ``quiet_s`` seconds, so repeats in partitions read last are counted too), or, without
+    ``until``, when nothing new arrived for ``quiet_s`` seconds; at ``timeout`` either way. End offsets are not used: Tansu
+    under-reports them (docs/broker.md). ``tick`` is called between polls.
+    """
+    consumer = _assigned_consumer(settings, topic, min(timeout, 60.0))
+    if consumer is None:
+        return []
+    try:
+        deadline = time.monotonic() + timeout
+        records: list[Any] = []
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            if tick is not None:
+                tick()
+            got = [r for part in consumer.poll(timeout_ms=300).values() for r in part]
+            if got:
+                records.extend(got)
+                last_new = time.monotonic()
+            quiet = time.monotonic() - last_new > quiet_s
+            if until is not None and until(records) and (quiet or not drain):
+                return records
+            if until is None and quiet:
+                return records
+        return records
+    finally:
+        consumer.close()
+
+
+def header(record: Any, name: str) -> str | None:
+    """A record header's value as text (None if absent)."""
+    for k, v in record.headers or []:
+        if k == name:
+            return v.decode()
+    return None
+
+
+class LabelCollector(threading.Thread):
+    """Reads the labels topic from the beginning in the background: first receive time per id.
+
+    Receive times are what "arrived downstream" means in the benchmarks; ``kafka_ts`` is the
+    label record's own timestamp.
+    """
+
+    def __init__(self, settings: Settings):
+        super().__init__(daemon=True, name="labels")
+        self.settings = settings
+        self.received: dict[str, float] = {}
+        self.kafka_ts: dict[str, float] = {}
+        self.records = 0
+        self._halt = threading.Event()
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self.start()
+        if not self._ready.wait(60):
+            raise RuntimeError(f"labels topic {settings.labels_topic} not found")
+
+    def run(self) -> None:
+        from schemas.messages import decode_label
+
+        consumer = None
+        try:
+            consumer = _assigned_consumer(self.settings, self.settings.labels_topic, 60.0)
+            if consumer is None:
+                raise RuntimeError(f"labels topic {self.settings.labels_topic} not found")
+            self._ready.set()
+            while not self._halt.is_set():
+                for part in consumer.poll(timeout_ms=100).values():
+                    now = time.time()
+                    for m in part:
+                        record = decode_label(m.value)
+                        self.records += 1
+                        self.received.setdefault(record.image_id, now)
+                        self.kafka_ts.setdefault(record.image_id, m.timestamp / 1000.0)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
+            self.error = exc
+            self._ready.set()
+        finally:
+            if consumer is not None:
+                consumer.close()
+
+    def count(self, ids: Iterable[str]) -> int:
+        return sum(1 for i in ids if i in self.received)
+
+    def wait(self, ids: list[str], timeout: float, check: Callable[[], Any] | None = None) -> None:
+        """Until every id has a label; ``check`` (e.g. "are the workers alive?") runs meanwhile."""
+        deadline = time.monotonic() + timeout
+        while self.count(ids) < len(ids):
+            if self.error:
+                raise RuntimeError(f"labels consumer failed: {self.error!r}")
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.count(ids)}/{len(ids)} labels within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def parquet_on_disk(features_root: Path) -> dict[str, Any]:
+    """Every finished part file read raw and whole (no de-duplication): ids, positions, temp files."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage.parquet_reader import feature_files
+    from pipeline.storage import TEMP_PREFIX
+
+    root = Path(features_root)
+    everything = sorted(root.rglob("*")) if root.exists() else []
+    temps = [p for p in everything if p.is_file() and p.name.startswith(TEMP_PREFIX)]
+    parts = feature_files([root]) if root.exists() else []
+    ids: list[str] = []
+    positions: list[tuple[str, int, int]] = []
+    broken = []
+    for part in parts:
+        try:
+            table = pq.read_table(part, columns=["image_id", "kafka_topic", "kafka_partition", "kafka_offset"])
+            if table.num_rows != pq.ParquetFile(part).metadata.num_rows:
+                broken.append(str(part))
+            ids.extend(table.column("image_id").to_pylist())
+            positions.extend(zip(*(table.column(c).to_pylist()
+                                   for c in ("kafka_topic", "kafka_partition", "kafka_offset"))))
+        except Exception as exc:  # noqa: BLE001 - a half-written part file would land here
+            broken.append(f"{part}: {exc!r}")
+    return {"parts": parts, "temps": temps, "raw_ids": ids, "positions": positions, "broken": broken,
+            "temps_listed_by_reader": [str(p) for p in parts if Path(str(p)).name.startswith(TEMP_PREFIX)]}
+
+
+class TempWatcher(threading.Thread):
+    """Scans the features directory while faults happen: which temp files ever appeared."""
+
+    def __init__(self, root: Path, every_s: float = 0.25):
+        super().__init__(daemon=True, name="temp-watcher")
+        self.root = Path(root)
+        self.every_s = every_s
+        self.seen: set[str] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from pipeline.storage import TEMP_PREFIX
+
+        while not self._halt.is_set():
+            if self.root.exists():
+                try:
+                    self.seen.update(str(p) for p in self.root.rglob(f"{TEMP_PREFIX}*"))
+                except OSError:
+                    pass  # a temp file renamed while walking
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(5)

@@ -1,0 +1,188 @@
+"""One run of the whole stream as production runs it: featurizer and scorer processes on a broker."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from pipeline.config import Settings
+from pipeline.app.devrig.outcomes import count_outcomes
+from pipeline.app.devrig.photos import Photo
+from pipeline.app.devrig.readback import TempWatcher, read_records
+from pipeline.app.devrig.topics import fresh_settings, worker_env
+from pipeline.app.devrig.workers import WorkerProcess
+
+MODEL = "efficientnet_lite0"
+#: A part file every 2 s, so kills land between part files often.
+FEATURIZER_ARGS = ("--model", MODEL, "--layer", "prelogits", "--roll-seconds", "2", "--batch-size", "16",
+                   "--partitions", "4")
+SCORER_ARGS = ("--wait-for-model", "300", "--partitions", "4")
+#: Seconds without progress, with work left, after which a supervised worker counts as stalled.
+STALL_S = 60.0
+
+
+class StreamRun:
+    """Fresh topics, groups, data dir and registry on a broker, and the two worker processes.
+
+    Nothing is started here: ``featurizer.start()`` / ``scorer.start()`` when the run wants
+    them. ``guarantee`` is ``DEEPER_GUARANTEE`` for both workers.
+    """
+
+    def __init__(self, bootstrap_servers: str, root: Path, cache_dir: Path, name: str,
+                 guarantee: str = "exactly-once", featurizer_args: Sequence[str] = FEATURIZER_ARGS,
+                 scorer_args: Sequence[str] = SCORER_ARGS, partitions: int = 4):
+        self.name = name
+        self.root = Path(root)
+        base = Settings.from_env(bootstrap_servers=bootstrap_servers, cache_dir=str(cache_dir), model=MODEL,
+                                 metrics_port="0", guarantee=guarantee)
+        self.settings = fresh_settings(base, self.root, prefix=name, partitions=partitions)
+        env = worker_env(self.settings)
+        self.featurizer = WorkerProcess("featurizer", env, self.root / "logs", featurizer_args)
+        self.scorer = WorkerProcess("scorer", env, self.root / "logs", scorer_args)
+        self.temps = TempWatcher(self.features_root)
+        self.temps.start()
+        self.planted: set[str] = set()  # temp files the rig made itself
+        #: Workers restarted because they made no progress for STALL_S (a stall is a defect: counted, reported)
+        self.stall_restarts: list[dict[str, Any]] = []
+
+    @property
+    def features_root(self) -> Path:
+        return Path(self.settings.features_location())
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return [self.featurizer, self.scorer]
+
+    def unique_ids(self) -> set[str]:
+        from pipeline.storage.parquet_reader import feature_files, read_features
+
+        if not self.features_root.exists() or not feature_files([self.features_root]):
+            return set()
+        return set(read_features([self.features_root]).image_ids)
+
+    def wait_rows(self, ids: set[str], timeout: float, supervise: Sequence[WorkerProcess] = ()) -> bool:
+        """Until every id has a Parquet row; restarts supervised workers that died or stalled."""
+        deadline = time.monotonic() + timeout
+        watch = _Progress(self, supervise)
+        while time.monotonic() < deadline:
+            found = self.unique_ids()
+            if ids <= found:
+                return True
+            watch.check(len(found))
+            time.sleep(0.5)
+        return False
+
+    def wait_labels(self, ids: set[str], timeout: float, supervise: Sequence[WorkerProcess] = ()) -> bool:
+        seen: set[str] = set()
+        done = [0]  # records already looked at (the list only grows)
+        watch = _Progress(self, supervise)
+        last_check = [0.0]
+
+        def until(records: list[Any]) -> bool:
+            seen.update(r.key.decode() for r in records[done[0]:])
+            done[0] = len(records)
+            return ids <= seen
+
+        def tick() -> None:
+            if time.monotonic() - last_check[0] > 1.0:
+                last_check[0] = time.monotonic()
+                watch.check(len(seen))
+
+        read_records(self.settings, self.settings.labels_topic, until, timeout=timeout, tick=tick)
+        return ids <= seen
+
+    def train_from_stream(self, photos: Sequence[Photo], timeout: float = 180.0) -> str:
+        """Train the scorer's classifier on the stream's own Parquet rows of ``photos``."""
+        from pipeline.storage.parquet_reader import read_features
+        from pipeline.learning.registry import Registry
+        from pipeline.learning.training import DEFAULT_SPEC, train_and_register
+
+        ids = {p.image_id for p in photos}
+        if not self.wait_rows(ids, timeout, supervise=[self.featurizer]):
+            raise AssertionError(f"training photos never reached Parquet:\n{self.featurizer.current.tail()}")
+        fs = read_features([self.features_root])
+        keep = [i for i, image_id in enumerate(fs.image_ids) if image_id in ids]
+        outcome = train_and_register([fs.image_ids[i] for i in keep], [fs.labels[i] for i in keep],
+                                     fs.vectors[keep], fs.meta, DEFAULT_SPEC, Registry(self.settings.registry_dir))
+        return outcome.version
+
+    def plant_stale_temp_file(self, age_s: float = 3600.0) -> Path:
+        """An hour-old ``.tmp-`` file, as a featurizer killed mid-write long ago leaves it."""
+        from pipeline.storage import TEMP_PREFIX
+
+        directory = self.features_root / f"backbone={MODEL}" / "layer=prelogits"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}-stale.parquet"
+        path.write_bytes(b"PAR1 half a file")
+        old = time.time() - age_s
+        os.utime(path, (old, old))
+        self.planted.add(str(path))
+        return path
+
+    def _plant_half_written_file(self) -> Path | None:
+        """What a kill during a part-file write leaves: a truncated ``.tmp-`` copy of a real part."""
+        from pipeline.storage.parquet_reader import feature_files
+        from pipeline.storage import TEMP_PREFIX
+
+        parts = feature_files([self.features_root]) if self.features_root.exists() else []
+        if not parts:
+            return None
+        first = Path(str(parts[0]))
+        data = first.read_bytes()
+        planted = first.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{first.name}"
+        planted.write_bytes(data[: len(data) // 2])
+        return planted
+
+    def verify(self, produced: Iterable[str], labels: bool, timeout: float = 180.0) -> dict[str, Any]:
+        """:func:`count_outcomes`, plus proof that a half-written temp file is never read."""
+        planted = self._plant_half_written_file()
+        self.temps.stop()
+        try:
+            out = count_outcomes(self.settings, produced, labels, timeout)
+        finally:
+            if planted is not None:
+                planted.unlink()
+        temps = set(out.pop("temp_files")) - {str(planted)} - self.planted
+        out["temp_files_seen_during_run"] = len(self.temps.seen - self.planted - {str(planted)})
+        out["stale_temp_files_left"] = len(temps)
+        out["planted_half_written_file_ignored"] = planted is not None and out["temp_files_read"] == 0
+        return out
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+        self.temps.stop()
+
+
+class _Progress:
+    """Supervises workers while waiting: restarts the dead, and restarts (SIGTERM) the stalled.
+
+    A stalled worker is alive, has work, and made no progress for :data:`STALL_S` seconds; an
+    operator would restart it, so the rig does too, and records it in ``run.stall_restarts``
+    so the run is reported as not clean instead of timing out without saying why.
+    """
+
+    def __init__(self, run: StreamRun, workers: Sequence[WorkerProcess]):
+        self.run = run
+        self.workers = list(workers)
+        self.count = -1
+        self.since = time.monotonic()
+
+    def check(self, count: int) -> None:
+        for worker in self.workers:
+            worker.ensure_running()
+        if count != self.count:
+            self.count, self.since = count, time.monotonic()
+            return
+        if not self.workers or time.monotonic() - self.since < STALL_S:
+            return
+        for worker in self.workers:
+            self.run.stall_restarts.append({"role": worker.role, "incarnation": worker.current.index,
+                                            "done_when_stalled": count, "log": str(worker.current.log_path)})
+            worker.dump_stacks()  # where it was stuck, into its log
+            worker.stop(timeout=30)  # a worker blocked inside a call ignores SIGTERM: killed after 30 s
+            worker.start()
+        self.since = time.monotonic()

@@ -1,0 +1,277 @@
+"""Apache Kafka for development and CI: install its jars with Maven, run one KRaft node.
+
+Users run Apache Kafka, so the tests must pass on it too (Tansu, the default local broker of
+:mod:`pipeline.kafka.broker`, differs in places: docs/broker.md). This module knows *what* to run:
+which version (pinned here, and only here), how to install it, its configuration and its
+command line. :mod:`pipeline.kafka.broker` runs it (spawn, wait, stop by PID, restart), exactly like
+Tansu, through ``broker.start(state_dir, kind="kafka")`` or ``deeper broker start --kafka``.
+
+Install: Apache Kafka's own jars from Maven Central (``mvn dependency:copy-dependencies`` of
+``org.apache.kafka:kafka_2.13``) into ``$DEEPER_CACHE_DIR/kafka/<version>/libs``; no tarball,
+no Docker. Needs ``java`` (17+) and ``mvn``; Maven keeps its own download cache in ``~/.m2``.
+
+Run: ``java -cp 'libs/*' kafka.Kafka server.properties``, one node that is broker and KRaft
+controller, both listeners on 127.0.0.1, data in ``STATE_DIR/kafka-data`` (formatted once by
+``kafka.tools.StorageTool``), log4j2 writing to stdout, which the broker module sends to
+``STATE_DIR/kafka.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.errors import DeeperError
+
+#: The one pin: Maven artifact version here, ``apache/kafka:<this>`` in docker-compose.yml.
+KAFKA_VERSION = "4.1.1"
+SCALA_VERSION = "2.13"
+#: slf4j 1.7 binding for Kafka's own log4j2 (the jars bring log4j-api/core of this version).
+LOG4J_VERSION = "2.24.3"
+#: The JVM's heap: a one-node development broker needs little; 16 MiB records fit easily.
+HEAP = "512m"
+
+#: Largest record the broker accepts: the stream carries camera photos (several MiB each).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+#: Settings of the node besides listeners and paths; docker-compose.yml sets the same ones as
+#: ``KAFKA_<NAME>`` variables (tests/test_compose.py compares). One node: every internal topic
+#: has one replica, or transactions and consumer groups cannot start.
+BROKER_SETTINGS: dict[str, str] = {
+    "offsets.topic.replication.factor": "1",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    "group.initial.rebalance.delay.ms": "0",  # no 3 s wait before a group's first assignment
+    "num.partitions": "4",  # what auto-created topics get (as on Tansu)
+    # After a crash the controller waits out the dead incarnation's session before the new one
+    # may register: 9 s by default, 4 s here (heartbeats stay within one JVM on loopback).
+    "broker.heartbeat.interval.ms": "1000",
+    "broker.session.timeout.ms": "4000",
+    "message.max.bytes": str(MAX_MESSAGE_BYTES),
+    "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
+}
+
+_DATA_DIR = "kafka-data"
+_PROPERTIES = "server.properties"
+_LOG_CONFIG = "log4j2.properties"
+_COMPLETE = ".complete"  # written last: a libs folder without it is an interrupted install
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.go-deeper</groupId><artifactId>apache-kafka-runtime</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_{scala}</artifactId><version>{kafka}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+#: INFO for start-up, shutdown and errors; the per-partition and config-dump chatter at WARN.
+_LOG4J2 = """status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.target = SYSTEM_OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = out
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = warn
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.partition.name = kafka.cluster.Partition
+logger.partition.level = warn
+logger.storage.name = org.apache.kafka.storage.internals.log
+logger.storage.level = warn
+logger.logmanager.name = kafka.log.LogManager
+logger.logmanager.level = warn
+"""
+
+
+class KafkaInstallError(DeeperError):
+    """Apache Kafka cannot be installed or prepared here; the message says what is missing."""
+
+
+def default_cache_dir() -> Path:
+    from pipeline.config import Settings
+
+    return Path(Settings.from_env().cache_dir)
+
+
+def libs_dir(cache_dir: Path | None = None) -> Path:
+    """Where the jars of the pinned version live: ``CACHE/kafka/<version>/libs``."""
+    return Path(cache_dir or default_cache_dir()) / "kafka" / KAFKA_VERSION / "libs"
+
+
+def is_installed(cache_dir: Path | None = None) -> bool:
+    return (libs_dir(cache_dir) / _COMPLETE).is_file()
+
+
+def install(cache_dir: Path | None = None, announce=None) -> Path:
+    """Install the pinned Apache Kafka's jars (once) and return the libs folder.
+
+    Idempotent and safe to run concurrently (a file lock; the jars are copied into a temporary
+    folder that is renamed into place only when Maven succeeded), so an interrupted install is
+    never mistaken for a complete one.
+    """
+    libs = libs_dir(cache_dir)
+    if is_installed(cache_dir):
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaInstallError("installing Apache Kafka needs Maven: `apt-get install maven` "
+                                "(or any Maven 3) and Java 17+")
+    java_binary()
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with open(libs.parent / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_installed(cache_dir):
+            return libs
+        if announce:
+            announce(f"installing Apache Kafka {KAFKA_VERSION} from Maven Central into {libs}")
+        _copy_dependencies(mvn, libs)
+    return libs
+
+
+def _copy_dependencies(mvn: str, libs: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=libs.parent, prefix=".install-") as work:
+        pom, out = Path(work) / "pom.xml", Path(work) / "libs"
+        pom.write_text(_POM.format(scala=SCALA_VERSION, kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+        command = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+                   f"-DoutputDirectory={out}", "-DincludeScope=runtime"]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode != 0 or not any(out.glob(f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar")):
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+            raise KafkaInstallError(f"Maven could not fetch Apache Kafka {KAFKA_VERSION} "
+                                    f"(exit {result.returncode}):\n{tail}")
+        (out / _COMPLETE).write_text(f"{KAFKA_VERSION}\n")
+        shutil.rmtree(libs, ignore_errors=True)  # a leftover without the marker
+        os.replace(out, libs)
+
+
+def java_binary() -> str:
+    """``$JAVA_HOME/bin/java`` or ``java`` on PATH; Kafka 4 needs Java 17 or newer."""
+    home = os.environ.get("JAVA_HOME")
+    candidate = Path(home) / "bin" / "java" if home else None
+    if candidate is not None and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("java")
+    if found is None:
+        raise KafkaInstallError("Apache Kafka needs Java 17+: `apt-get install openjdk-17-jre-headless` "
+                                "(or set JAVA_HOME)")
+    return found
+
+
+def unavailable_reason(cache_dir: Path | None = None) -> str | None:
+    """None if Apache Kafka is installed or installable here, else why not (for skips)."""
+    try:
+        java_binary()
+    except KafkaInstallError as exc:
+        return str(exc)
+    if not is_installed(cache_dir) and shutil.which("mvn") is None:
+        return f"Apache Kafka {KAFKA_VERSION} is not installed and `mvn` is missing to install it"
+    return None
+
+
+# --------------------------------------------------------------------------- one node
+
+
+def server_properties(state_dir: Path, host: str, port: int, controller_port: int) -> str:
+    """The node's configuration: broker + controller, loopback listeners, data in STATE_DIR."""
+    lines = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@{host}:{controller_port}",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(Path(state_dir) / _DATA_DIR),
+        **BROKER_SETTINGS,
+    }
+    return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+
+def prepare(state_dir: Path, libs: Path, host: str, port: int, controller_port: int) -> list[str]:
+    """Write the configuration, format the storage if it is new, return the broker's command.
+
+    Formatting runs once per state dir; a restart on the same data (same ports) skips it.
+    """
+    state_dir = Path(state_dir)
+    properties = state_dir / _PROPERTIES
+    properties.write_text(server_properties(state_dir, host, port, controller_port))
+    (state_dir / _LOG_CONFIG).write_text(_LOG4J2)
+    if not (state_dir / _DATA_DIR / "meta.properties").is_file():
+        _format_storage(state_dir, libs, properties)
+    return [*_java(state_dir, libs), "kafka.Kafka", str(properties)]
+
+
+def _java(state_dir: Path, libs: Path) -> list[str]:
+    """The JVM options of a small development broker.
+
+    C1-only JIT and the serial GC halve the CPU a start costs (measured 3.3-3.7 s instead of
+    5.2-6.2 s of CPU to the first answer on a 2-core machine), which is what restarts in tests
+    pay for; a development broker's throughput does not need C2's peak or G1's threads.
+    """
+    return [java_binary(), f"-Xmx{HEAP}", "-Xms64m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={state_dir / _LOG_CONFIG}",
+            "-cp", f"{libs}/*"]
+
+
+def _format_storage(state_dir: Path, libs: Path, properties: Path) -> None:
+    """``kafka-storage format`` with static voters (so no ``--standalone``)."""
+    command = [*_java(state_dir, libs), "kafka.tools.StorageTool", "format",
+               "-t", random_cluster_id(), "-c", str(properties)]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            cwd=state_dir, timeout=120)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+        raise KafkaInstallError(f"formatting Kafka storage in {state_dir / _DATA_DIR} failed:\n{tail}")
+
+
+def random_cluster_id() -> str:
+    """What ``kafka-storage random-uuid`` prints (22 chars of url-safe base64), without a JVM."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):  # Kafka refuses ids that look like a command-line flag
+            return text
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.kafka.apache_kafka install|version``: what CI and scripts call."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.kafka.apache_kafka",
+                                     description=f"Install Apache Kafka {KAFKA_VERSION} (jars from Maven Central).")
+    parser.add_argument("command", choices=["install", "version"])
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="default: $DEEPER_CACHE_DIR (the jars go to CACHE/kafka/VERSION/libs)")
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(KAFKA_VERSION)
+        return 0
+    try:
+        print(install(args.cache_dir, announce=lambda m: print(m, file=sys.stderr, flush=True)))
+    except DeeperError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Learning: classifiers, calibration, scoring, training and the model registry."""
