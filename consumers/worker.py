@@ -280,8 +280,15 @@ class StreamWorker:
         for m in messages:
             by_tp[TopicPartition(m.topic, m.partition)].append(m)
         unarmed = [tp for tp in by_tp if tp not in self.attempts.armed]
-        if unarmed:
-            self._arm({tp: by_tp[tp][0].offset for tp in unarmed})
+        if unarmed and not self._arm({tp: by_tp[tp][0].offset for tp in unarmed}):
+            # The checkpoint before arming failed (storage down, or rewound): nothing of this
+            # poll may be worked on now; it is fetched again when consumption resumes.
+            self.attempts.forget(unarmed)
+            if not self._paused_until:
+                return []  # rewound: the consumer already seeks to the committed offsets
+            for tp, queue in by_tp.items():
+                self.consumer.seek(tp, queue[0].offset)
+            return []
         admitted: list[Any] = []
         for tp, queue in by_tp.items():
             admitted += self._admit_partition(tp, queue)
@@ -312,7 +319,7 @@ class StreamWorker:
         self._checkpoint_now = True
         return [first]
 
-    def _arm(self, first_offsets: dict[TopicPartition, int]) -> None:
+    def _arm(self, first_offsets: dict[TopicPartition, int]) -> bool:
         """Read each new partition's attempt count, add one, commit it before any processing."""
         markers: dict[TopicPartition, int] = {}
         for tp, first in first_offsets.items():
@@ -327,10 +334,11 @@ class StreamWorker:
             if removed:
                 event(log, "removed part files of uncommitted work", files=len(removed))
         if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
-            return
+            return False
         for tp, n in markers.items():
             read_back = getattr(self.consumer.committed(tp, metadata=True), "metadata", None)
             self.attempts.learn(tp, self.starts[tp], n, read_back)
+        return True
 
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint_due(self) -> bool:
