@@ -1,6 +1,6 @@
 """The one benchmark runner: every speed figure of go-deeper, as JSON and a table.
 
-    python -m bench.run                 # everything (about 15 minutes on 2 cores)
+    python -m bench.run                 # everything (about 40 minutes on 2 cores)
     python -m bench.run --quick         # everything, scaled down (a few minutes; noisy)
     python -m bench.run --only model precision
     python -m bench.run --list
@@ -180,13 +180,15 @@ def table(report: dict[str, Any]) -> str:
             ratio += f", x{r['ratio_to_reference_loop']:.2f} of the reference loop"
         lines.append(row(f"stream end to end ({r['backbone']}, {r['images']} photos, {r.get('broker', 'tansu')})",
                          f"{r['per_s']:.1f} img/s",
-                         f"{ratio}; mean model batch {r['featurizer']['mean_model_batch']:.1f}"))
+                         f"{ratio}; featurizer {r.get('featurizer_per_s', 0):.1f} img/s; "
+                         f"mean model batch {r['featurizer']['mean_model_batch']:.1f}"))
         for name, v in r.get("variants", {}).items():
             same = v.get("ratio_to_model_alone_same_precision")
             lines.append(row(f"  variant: {name}", f"{v['per_s']:.1f} img/s",
                              f"x{v['ratio_to_default_same_run']:.2f} of default, "
                              f"x{v['ratio_to_model_alone_fp32']:.2f} of fp32 model alone"
                              + (f", x{same:.2f} of {v['precision']} model alone" if same else "")
+                             + f"; featurizer {v.get('featurizer_per_s', 0):.1f} img/s"
                              + f"; mean model batch {v['featurizer']['mean_model_batch']:.1f}"))
     if "guarantee" in f:
         r = f["guarantee"]

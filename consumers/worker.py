@@ -430,7 +430,7 @@ class StreamWorker:
             return False
         self._paused_until = 0.0
         if self.checkpoint(reason="retry"):
-            self.consumer.resume(*self.consumer.assignment())
+            _resume(self.consumer, self.consumer.assignment())
             event(log, "sink recovered; consumption resumed")
             return True
         return False
@@ -505,6 +505,21 @@ class StreamWorker:
             if self._instance_lock is not None:
                 self._instance_lock.close()
             event(log, f"{self.stage} stopped")
+
+
+def _resume(consumer: Any, partitions: Any) -> None:
+    """``consumer.resume``, working around kafka-python 3.0.12 (docs/faults.md, finding 5).
+
+    Its fetcher restores a resumed partition's parked records only while its in-line slot is
+    ``None``, but a drained record set (empty, not ``None``) can sit there for good, and a
+    partition with parked records is never fetched again: it would stop silently. A drained
+    slot holds nothing, so clearing it loses nothing.
+    """
+    consumer.resume(*partitions)
+    fetcher = getattr(consumer, "_fetcher", None)
+    slot = getattr(fetcher, "_next_partition_records", None)
+    if slot is not None and not slot:
+        fetcher._next_partition_records = None
 
 
 def _unreadable_place(consumer: Any) -> tuple[TopicPartition, int] | None:
