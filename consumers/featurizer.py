@@ -58,6 +58,12 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT_BATCHES = 3
 #: A temporary part file older than this is left over from a writer killed mid-write.
 STALE_TEMP_SECONDS = 120.0
+#: Part files roll (and, with exactly-once, outputs become visible) at least this often. Outputs
+#: of a checkpoint's transaction are invisible to read_committed readers until it commits, and a
+#: checkpoint must write the Parquet it covers first, so this is exactly-once's latency bound:
+#: 30 s made a 500-photo burst's last labels arrive 25 s late (bench, 2026-11-26); 5 s costs
+#: more, smaller files (one per partition per roll while photos flow).
+ROLL_SECONDS = 5.0
 #: How often the featurizer looks at the registry's current model (one small file read).
 FOLLOW_SECONDS = 5.0
 
@@ -93,7 +99,7 @@ class Featurizer(StreamWorker):
     stage = "featurizer"
 
     def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
-                 group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = 30.0,
+                 group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = ROLL_SECONDS,
                  batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, follow_model: bool = False):
         self.meta = feature_meta(backbone, layer)
         self.follow_model = follow_model  # switch layers with the registry (when --layer was not given)
@@ -299,6 +305,18 @@ def _thread_plan(precision: str | None, model_threads: int, gpu: bool) -> Thread
     plan = threads.stream_plan(precision_lib.check(precision), gpu=gpu, model_threads=model_threads)
     if not threads.apply(plan):  # TensorFlow already running (e.g. embedded): its pools suit one model thread
         plan = threads.DEFAULT_POOLS
+    return plan
+
+
+def _settle_thread_plan(plan: ThreadPlan, backbone: Backbone, layer: str, batch_size: int) -> ThreadPlan:
+    """Measure (a few seconds, synthetic photos) whether batches side by side pay here; log the plan."""
+    import numpy as np
+
+    from pipeline.model import threads
+
+    size = backbone.info.image_size
+    batch = np.zeros((batch_size, size, size, 3), np.float32)
+    plan = threads.settle(plan, lambda: backbone.run(batch, [layer]))
     event(log, "thread plan", model_threads=plan.model_threads, intra_op=plan.intra_op, inter_op=plan.inter_op,
           why=plan.why)
     return plan
@@ -329,7 +347,9 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
     plan = _thread_plan(named or precision, args.model_threads, bool(gpus))
     backbone = load_backbone(model, weights=args.weights, cache_dir=settings.cache_dir,
                              progress=False, announce=lambda msg: event(log, msg), precision=precision)
-    worker = Featurizer(settings, backbone, layer, gpu_batch_size(args.batch_size, gpus), args.group,
+    batch_size = gpu_batch_size(args.batch_size, gpus)
+    plan = _settle_thread_plan(plan, backbone, layer, batch_size)
+    worker = Featurizer(settings, backbone, layer, batch_size, args.group,
                         args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads,
                         follow_model=args.layer is None)
     worker.install_signal_handlers()
@@ -362,11 +382,12 @@ def add_parser(sub) -> None:
                    help="longest a partial batch waits for more photos before it runs")
     p.add_argument("--model-threads", type=int, default=0, metavar="N",
                    help="batches the model runs side by side, cores split between them; "
-                        "0 = the plan in pipeline/model/threads.py, one on CPU today")
+                        "0 = measured at start (a few seconds), one on a GPU or TF-Lite")
     p.add_argument("--partitions", type=int, default=4, metavar="N", help="partitions for topics it must create")
     p.add_argument("--roll-rows", type=int, default=5000, metavar="N", help="rows per Parquet part file (at most)")
-    p.add_argument("--roll-seconds", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds before a part file is rolled")
+    p.add_argument("--roll-seconds", type=float, default=ROLL_SECONDS, metavar="SECONDS",
+                   help="seconds before a part file is rolled; with exactly-once also the longest a "
+                        "featurized photo waits to be visible downstream (its checkpoint)")
     add_wait_option(p, 60.0)
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="stop after this long without messages (batch jobs, tests; default: never)")
