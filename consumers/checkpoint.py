@@ -159,10 +159,6 @@ class Checkpoint:
                 event(log, "commit refused after a rebalance; the partition's next owner redoes the records",
                       logging.WARNING, error=repr(exc))
 
-    def failed_outputs(self) -> list[BaseException]:
-        """Errors of output records that already failed (cheap; the commit finds them all)."""
-        return [f.exception for f in self._futures if f.is_done and f.failed()]
-
     def abort(self) -> None:
         """Drop what this checkpoint holds; its records will be consumed and redone."""
         self.pending.clear()

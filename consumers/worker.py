@@ -140,9 +140,6 @@ class StreamWorker:
     def abandon(self) -> None:
         """Drop work in flight: its messages are not marked done, so they will be consumed again."""
 
-    def before_checkpoint(self) -> None:
-        """Hook: the stage's last word before its sink is flushed (nothing by default)."""
-
     # -- outputs ----------------------------------------------------------------------------
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
              origin: Any = None, reason_if_too_large: str = "output_too_large") -> bool:
@@ -280,15 +277,17 @@ class StreamWorker:
         for m in messages:
             by_tp[TopicPartition(m.topic, m.partition)].append(m)
         unarmed = [tp for tp in by_tp if tp not in self.attempts.armed]
-        if unarmed and not self._arm({tp: by_tp[tp][0].offset for tp in unarmed}):
-            # The checkpoint before arming failed (storage down, or rewound): nothing of this
-            # poll may be worked on now; it is fetched again when consumption resumes.
-            self.attempts.forget(unarmed)
-            if not self._paused_until:
-                return []  # rewound: the consumer already seeks to the committed offsets
-            for tp, queue in by_tp.items():
-                self.consumer.seek(tp, queue[0].offset)
-            return []
+        if unarmed:
+            outcome = self._arm_contained({tp: by_tp[tp][0].offset for tp in unarmed})
+            if outcome != "armed":
+                # Nothing of this poll may be worked on now: it is fetched again later. After a
+                # rewind the consumer already seeks to the committed offsets; otherwise (storage
+                # down, broker unreachable) it goes back to where this poll began.
+                self.attempts.forget(unarmed)
+                if outcome != "rewound":
+                    for tp, queue in by_tp.items():
+                        self.consumer.seek(tp, queue[0].offset)
+                return []
         admitted: list[Any] = []
         for tp, queue in by_tp.items():
             admitted += self._admit_partition(tp, queue)
@@ -318,6 +317,17 @@ class StreamWorker:
             self.consumer.seek(tp, first.offset + 1)
         self._checkpoint_now = True
         return [first]
+
+    def _arm_contained(self, first_offsets: dict[TopicPartition, int]) -> str:
+        """``armed``, ``rewound`` (the checkpoint failed and rewound) or ``held`` (try again later)."""
+        try:
+            if self._arm(first_offsets):
+                return "armed"
+            return "held" if self._paused_until else "rewound"
+        except Exception as exc:  # noqa: BLE001 - broker or storage away: a stage error, wait and retry
+            event(log, "cannot arm partitions yet; retrying", logging.ERROR, error=repr(exc))
+            time.sleep(1.0)
+            return "held"
 
     def _arm(self, first_offsets: dict[TopicPartition, int]) -> bool:
         """Read each new partition's attempt count, add one, commit it before any processing."""
@@ -360,7 +370,6 @@ class StreamWorker:
         if not self.ckpt.holds_anything() and not markers and not (clean and self.attempts.armed):
             return True
         started = time.perf_counter()
-        self.before_checkpoint()
         if self.sink is not None and len(self.sink):
             try:
                 written = self.sink.flush(self.starts)
