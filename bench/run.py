@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import batch, precision, stream  # noqa: E402
+from bench import batch, precision, stream, stream_more  # noqa: E402
 from bench.common import RESULTS, Context, machine, say  # noqa: E402
 
 #: name -> (what it measures, function). Order matters: later figures reuse earlier results
@@ -43,9 +43,9 @@ FIGURES: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "precision": ("fp32 vs bf16 / fp32-lite / int8: speed and fidelity", precision.precision_figure),
     "stream": ("the stream end to end (broker + featurizer + scorer processes)", stream.stream_throughput),
     "guarantee": ("the stream, exactly-once vs at-least-once, on Apache Kafka", stream.guarantee_cost),
-    "scorer": ("the scorer alone on pre-made feature records", stream.scorer_alone),
-    "latency": ("produce -> label latency at half the stream's capacity", stream.latency),
-    "memory": ("featurizer RSS over a long stream", stream.memory),
+    "scorer": ("the scorer alone on pre-made feature records", stream_more.scorer_alone),
+    "latency": ("produce -> label latency at half the stream's capacity", stream_more.latency),
+    "memory": ("featurizer RSS over a long stream", stream_more.memory),
 }
 
 
