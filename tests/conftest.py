@@ -50,3 +50,19 @@ def cars() -> Path:
 @pytest.fixture(scope="session")
 def imagenet_samples() -> Path:
     return shared_path("imagenet-samples")
+
+
+@pytest.fixture(autouse=True)
+def committed_work_is_accounted_for(request):
+    """After every stream test: below each committed offset, every record of the images and the
+    features topic ended in exactly one outcome (a row and a record, or a dead letter)."""
+    from tests import stream_helpers
+    from tests.invariant import assert_committed_work_accounted
+
+    stream_helpers.STREAMS.clear()
+    yield
+    streams, stream_helpers.STREAMS[:] = list(stream_helpers.STREAMS), []
+    if request.node.get_closest_marker("no_stream_invariant"):
+        return
+    for settings in streams:
+        assert_committed_work_accounted(settings)

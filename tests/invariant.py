@@ -188,6 +188,34 @@ def assert_stream_invariant(settings: Settings, exactly_once: bool | None = None
     return summary
 
 
+def _committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """Partition -> the group's committed offset (partitions it never committed are left out)."""
+    consumer = make_consumer(settings, group, [])
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        return {tp.partition: c for tp in partitions if (c := consumer.committed(tp))}
+    finally:
+        consumer.close(autocommit=False)
+
+
+def assert_committed_work_accounted(settings: Settings) -> None:
+    """The invariant for any moment, even mid-test: below each committed offset, every record of
+    the images and the features topic has exactly one outcome (at least one, and never both a
+    row and a dead letter, at-least-once). Records past the commit may be anywhere."""
+    exactly_once = settings.exactly_once
+    problems = []
+    for group, topic, outcomes, with_rows in (
+            (settings.featurizer_group, settings.images_topic, featurizer_outcomes, True),
+            (settings.scorer_group, settings.features_topic, scorer_outcomes, False)):
+        committed = _committed(settings, group, topic)
+        if not committed:
+            continue
+        found = outcomes(settings)
+        found.offsets = {o for o in found.offsets if o[2] < committed.get(o[1], 0)}
+        problems += found.problems(exactly_once, with_rows=with_rows)
+    assert not problems, "committed work without exactly one outcome:\n" + "\n".join(problems[:30])
+
+
 def by_reason(outcomes: Outcomes) -> dict[str, list[Offset]]:
     grouped: dict[str, list[Offset]] = defaultdict(list)
     for o, reason in outcomes.reasons.items():

@@ -7,6 +7,7 @@ clients, exactly as the ``deeper featurizer``/``deeper scorer`` processes do.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +20,16 @@ from pipeline.learning.training import DEFAULT_LAYER, DEFAULT_SPEC
 __all__ = ["WorkerThread", "header", "read_topic", "train_model", "unique_settings"]
 
 
-def unique_settings(base: Settings, tmp_path: Path, partitions: int = 4) -> Settings:
-    """Fresh topics, groups, data dir and registry for one test, on the session's broker."""
-    return fresh_settings(base, tmp_path, prefix="t", partitions=partitions)
+#: Every stream this test made: tests/conftest.py checks the invariant on each after the test.
+STREAMS: list[Settings] = []
+
+
+def unique_settings(base: Settings, tmp_path: Path, partitions: int = 4, **overrides: Any) -> Settings:
+    """Fresh topics, groups, data dir and registry for one test, on the session's broker
+    (``overrides``: other settings of this stream, e.g. ``features_uri``)."""
+    settings = dataclasses.replace(fresh_settings(base, tmp_path, prefix="t", partitions=partitions), **overrides)
+    STREAMS.append(settings)
+    return settings
 
 
 def train_model(settings: Settings, backbone, train_dir: Path, cache=None, relabel: Callable | None = None,

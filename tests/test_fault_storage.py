@@ -197,7 +197,9 @@ def _nothing_committed(observer, partitions: list[TopicPartition]) -> bool:
 # --------------------------------------------------------------------------- the test
 
 
-@pytest.mark.parametrize("fault", [FailingWriter, FullTmpfs], ids=lambda f: f.name)
+# the tmpfs and the rows on it are gone by teardown; the test itself checks nothing is lost or committed early
+@pytest.mark.parametrize("fault", [FailingWriter, pytest.param(FullTmpfs, marks=pytest.mark.no_stream_invariant)],
+                         ids=lambda f: f.name)
 def test_featurizer_pauses_on_storage_faults_commits_nothing_and_loses_nothing(
         fault, kafka_settings, tmp_path, effnet, trained_registry, caplog):
     caplog.set_level(logging.INFO)

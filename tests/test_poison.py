@@ -9,7 +9,6 @@ dead-lettered as ``poison`` without being touched, and every other photo becomes
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import subprocess
@@ -39,8 +38,7 @@ def _featurizer(settings, poison: str) -> subprocess.CompletedProcess:
 
 
 def test_a_message_that_kills_the_process_is_dead_lettered_as_poison(kafka_settings, tmp_path, cache_dir, effnet):
-    settings = dataclasses.replace(unique_settings(kafka_settings, tmp_path, partitions=1),
-                                   cache_dir=str(cache_dir), max_attempts="3")
+    settings = unique_settings(kafka_settings, tmp_path, partitions=1, cache_dir=str(cache_dir), max_attempts="3")
     photos = [bad_images.jpeg(seed=200 + i) for i in range(12)]
     poison = photos[6]
     producer = ImageProducer(settings)
