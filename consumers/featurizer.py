@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from consumers.outputs import cap_text
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
+from pipeline.errors import SchemaError
+from pipeline.kafka import claim_check
 from pipeline.model.featurize import feature_meta
 from pipeline.storage.identity import split_backbone
 from pipeline.model.inference import (
@@ -119,7 +121,7 @@ class Featurizer(StreamWorker):
         self._logged_times = StageTimes()
         self._followed = time.monotonic()
         self._followed_version: str | None = None
-        self._fetch_limits = None
+        self.fetch_limits = claim_check.FetchLimits.from_settings(settings)
         if not is_uri(settings.features_location()):
             remove_stale_temp_files(features_dir(settings))
 
@@ -177,9 +179,11 @@ class Featurizer(StreamWorker):
         for m in messages:
             try:
                 records.append(self._image_record(m))
+            except SchemaError as exc:
+                self.dead_letter(m, "invalid_message", str(exc))
             except Exception as exc:  # noqa: BLE001 - a bad message is its own dead letter
-                reason = getattr(exc, "reason", None) or ("invalid_message" if _is_schema(exc) else "internal_error")
-                self.dead_letter(m, reason, str(exc) if _is_schema(exc) else f"{type(exc).__name__}: {exc}")
+                # a claim check that failed names its reason (FetchFailed.reason); anything else is ours
+                self.dead_letter(m, getattr(exc, "reason", None) or "internal_error", f"{type(exc).__name__}: {exc}")
         return records
 
     def _image_record(self, m: Any) -> ImageRecord:
@@ -191,13 +195,9 @@ class Featurizer(StreamWorker):
 
     def _claimed_value(self, m: Any) -> bytes | None:
         """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header)."""
-        from pipeline.kafka import claim_check
-
         if m.value or claim_check.reference_uri(m.headers) is None:
             return m.value
-        if self._fetch_limits is None:
-            self._fetch_limits = claim_check.FetchLimits.from_settings(self.settings)
-        return claim_check.resolve_value(m.key, m.value, m.headers, self._fetch_limits)
+        return claim_check.resolve_value(m.key, m.value, m.headers, self.fetch_limits)
 
     @staticmethod
     def _row(result: Featurized, m: Any) -> FeatureRow:
@@ -220,9 +220,10 @@ class Featurizer(StreamWorker):
         if version == self._followed_version:
             return
         self._followed_version = version
-        if wanted is None or not wanted.differences(self.meta):
+        differences = [] if wanted is None else wanted.differences(self.meta)
+        if not differences:
             return
-        if any(not d.startswith("layer") and not d.startswith("dim") for d in wanted.differences(self.meta)):
+        if any(not d.startswith(("layer", "dim")) for d in differences):
             event(log, "the current classifier needs another backbone; restart the featurizer with it",
                   logging.ERROR, producing=self.meta.describe(), needed=wanted.describe())
             return
@@ -246,12 +247,6 @@ class Featurizer(StreamWorker):
         event(log, "batch", consumed=consumed, featurized=featurized, dead_letters=consumed - featurized,
               seconds=round(seconds, 4), model_batches=batches, model_rows=model_rows, model_s=round(model_s, 4),
               decode_wait_s=round(wait_s, 4), in_flight=self.in_flight(), buffered_rows=len(self.sink))
-
-
-def _is_schema(exc: BaseException) -> bool:
-    from pipeline.errors import SchemaError
-
-    return isinstance(exc, SchemaError)
 
 
 def _current_model_meta(settings: Settings, known: str | None):

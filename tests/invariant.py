@@ -193,7 +193,7 @@ def _committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
     consumer = make_consumer(settings, group, [])
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        return {tp.partition: c for tp in partitions if (c := consumer.committed(tp))}
+        return {tp.partition: c for tp in partitions if (c := consumer.committed(tp)) is not None}
     finally:
         consumer.close(autocommit=False)
 

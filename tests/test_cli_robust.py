@@ -17,29 +17,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.app.cli import main
 from pipeline.model.photos import display_path, find_photos, path_from_display
 from pipeline.learning.registry import Registry
+from tests.cli_helpers import deeper, offline_cli  # noqa: F401 - offline_cli: autouse
 from tests.conftest import EXAMPLES
 
-MODEL = "efficientnet_lite0"
 BAD_NAME = os.fsdecode(b"caf\xe9-\xff.jpg")  # not UTF-8: Python holds it with surrogates
 BAD_LABEL = os.fsdecode(b"poisson-\xe9")
-
-
-def deeper(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([*(a if isinstance(a, str) else os.fspath(a) for a in argv), "--model", MODEL, "-q"])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-@pytest.fixture(autouse=True)
-def env(monkeypatch, cache_dir, tmp_path):
-    monkeypatch.setenv("DEEPER_OFFLINE", "1")
-    monkeypatch.setenv("DEEPER_CACHE_DIR", str(cache_dir))
-    monkeypatch.setenv("DEEPER_REGISTRY", str(tmp_path / "registry"))
-    monkeypatch.setenv("DEEPER_DATA_DIR", str(tmp_path / "data"))
 
 
 @pytest.fixture

@@ -8,34 +8,16 @@ threshold of 0.9 must mark some of them unknown and keep others.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from pipeline.app.cli import main
 from pipeline.learning.registry import Registry
+from tests.cli_helpers import deeper, offline_cli  # noqa: F401 - offline_cli: autouse
 from tests.conftest import EXAMPLES
 
-MODEL = "efficientnet_lite0"
 CLASSES = {"buildings", "fish", "tools"}
-
-
-def deeper(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([*(a if isinstance(a, str) else os.fspath(a) for a in argv), "--model", MODEL, "-q"])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-@pytest.fixture(autouse=True)
-def env(monkeypatch, cache_dir, tmp_path):
-    monkeypatch.setenv("DEEPER_OFFLINE", "1")
-    monkeypatch.setenv("DEEPER_CACHE_DIR", str(cache_dir))
-    monkeypatch.setenv("DEEPER_REGISTRY", str(tmp_path / "registry"))
-    monkeypatch.setenv("DEEPER_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("DEEPER_UNKNOWN_LABEL", raising=False)
 
 
 @pytest.fixture

@@ -83,8 +83,7 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     refuse it; then we log a warning and use a plain acks=all producer rather than pretending.
     If the caller explicitly asked for ``enable_idempotence=True``, a refusal is an error instead.
     """
-    config = {**settings.kafka_client_config(), **PRODUCER_DEFAULTS,
-              "max_request_size": request_size_limit(settings), **overrides}
+    config = _producer_config(settings, **overrides)
     strict = overrides.get("enable_idempotence") is True
     if not strict and not _idempotence_compatible(config):
         # The caller traded durability for speed (acks!=all, retries=0, >5 in flight);
@@ -103,6 +102,12 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         return producer
     close_producer(producer, timeout=5)
     return _fallback_producer(config, problem, strict)
+
+
+def _producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Every producer's configuration: security, the safe defaults, the one message size limit."""
+    return {**settings.kafka_client_config(), **PRODUCER_DEFAULTS,
+            "max_request_size": request_size_limit(settings), **overrides}
 
 
 def request_size_limit(settings: Settings) -> int:
@@ -124,10 +129,8 @@ def make_transactional_producer(settings: Settings, transactional_id: str) -> Ka
     transaction it left open, so a restarted replica that reuses its id unblocks
     ``read_committed`` readers at once instead of after the transaction timeout.
     """
-    producer = KafkaProducer(**{**settings.kafka_client_config(), **PRODUCER_DEFAULTS,
-                                "max_request_size": request_size_limit(settings),
-                                "transactional_id": transactional_id,
-                                "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS})
+    producer = KafkaProducer(**_producer_config(settings, transactional_id=transactional_id,
+                                                transaction_timeout_ms=TRANSACTION_TIMEOUT_MS))
     try:
         producer.init_transactions()
     except BaseException:
