@@ -194,9 +194,8 @@ class Featurizer(StreamWorker):
         return ImageRecord(image.image_id, image.data, source, cap_text(image.label), context=m)
 
     def _claimed_value(self, m: Any) -> bytes | None:
-        """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header)."""
-        if m.value or claim_check.reference_uri(m.headers) is None:
-            return m.value
+        """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header);
+        a message with both a value and a claim check is refused (``invalid_uri``)."""
         return claim_check.resolve_value(m.key, m.value, m.headers, self.fetch_limits)
 
     @staticmethod
