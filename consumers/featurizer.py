@@ -60,11 +60,11 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT_BATCHES = 3
 #: A temporary part file older than this is left over from a writer killed mid-write.
 STALE_TEMP_SECONDS = 120.0
-#: Part files roll (and, with exactly-once, outputs become visible) at least this often. Outputs
-#: of a checkpoint's transaction are invisible to read_committed readers until it commits, and a
-#: checkpoint must write the Parquet it covers first, so this is exactly-once's latency bound:
-#: 30 s made a 500-photo burst's last labels arrive 25 s late (bench, 2026-11-26); 5 s costs
-#: more, smaller files (one per partition per roll while photos flow).
+#: Part files roll (and, with exactly-once, outputs become visible) at least this often while
+#: photos keep coming; when the input goes quiet they roll at once (consumers/worker.py,
+#: QUIET_POLL_MS). Outputs of a checkpoint's transaction are invisible to read_committed readers
+#: until it commits, and a checkpoint must write the Parquet it covers first, so this is
+#: exactly-once's latency bound under load; a longer roll means fewer, larger files.
 ROLL_SECONDS = 5.0
 #: How often the featurizer looks at the registry's current model (one small file read).
 FOLLOW_SECONDS = 5.0
@@ -380,8 +380,9 @@ def add_parser(sub) -> None:
     p.add_argument("--partitions", type=int, default=4, metavar="N", help="partitions for topics it must create")
     p.add_argument("--roll-rows", type=int, default=5000, metavar="N", help="rows per Parquet part file (at most)")
     p.add_argument("--roll-seconds", type=float, default=ROLL_SECONDS, metavar="SECONDS",
-                   help="seconds before a part file is rolled; with exactly-once also the longest a "
-                        "featurized photo waits to be visible downstream (its checkpoint)")
+                   help="seconds before a part file is rolled while photos keep coming (it also rolls "
+                        "as soon as they stop); with exactly-once also the longest a featurized photo "
+                        "waits to be visible downstream (its checkpoint)")
     add_wait_option(p, 60.0)
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="stop after this long without messages (batch jobs, tests; default: never)")

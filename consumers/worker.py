@@ -75,6 +75,14 @@ class _Rebalance(ConsumerRebalanceListener):
 
 #: Poll timeout while work is in flight: short, so finished batches are collected promptly.
 BUSY_POLL_MS = 10
+#: Poll timeout with nothing in flight but outputs waiting for their checkpoint. A poll that
+#: waits this long and gets nothing means the input went quiet: the waiting outputs are then
+#: committed at once (``reason="idle"``) instead of at the next roll. With exactly-once, a
+#: burst's last outputs become visible then; the roll (up to ``--roll-seconds``) bounds only
+#: how long outputs wait while the input keeps coming.
+QUIET_POLL_MS = 250
+#: Poll timeout with nothing in flight and nothing waiting.
+IDLE_POLL_MS = 500
 
 
 class StreamWorker:
@@ -205,18 +213,26 @@ class StreamWorker:
     def _step(self) -> bool:
         """One turn: poll, submit, collect, maybe checkpoint."""
         started = time.perf_counter()
-        messages = self._admit(self._poll(BUSY_POLL_MS if self.in_flight() else 500))
+        timeout_ms = self._poll_timeout_ms()
+        polled = self._poll(timeout_ms)
+        messages = self._admit(polled)
         if messages:
             self.metrics.messages.labels(self.stage).inc(len(messages))
             self.metrics.stage_seconds.labels(self.stage, "consume").observe(time.perf_counter() - started)
             self.submit(messages)
         self._collect(block=self.in_flight() > self.max_in_flight)
         busy = bool(messages) or bool(self.in_flight())
-        if self._checkpoint_now or self._checkpoint_due():
+        quiet = timeout_ms == QUIET_POLL_MS and not polled  # the input was quiet for a whole poll
+        if self._checkpoint_now or self._checkpoint_due() or (quiet and self.ckpt.pending):
             self._checkpoint_now = False
-            self.checkpoint(reason="due")
+            self.checkpoint(reason="idle" if quiet else "due")
         self._update_lag()
         return busy
+
+    def _poll_timeout_ms(self) -> int:
+        if self.in_flight():
+            return BUSY_POLL_MS
+        return QUIET_POLL_MS if self.ckpt.pending else IDLE_POLL_MS
 
     def _collect(self, block: bool) -> None:
         for messages in self.collect(block):
@@ -227,7 +243,7 @@ class StreamWorker:
         while self.in_flight():
             self._collect(block=True)
 
-    def _poll(self, timeout_ms: int = 500) -> list[Any]:
+    def _poll(self, timeout_ms: int = IDLE_POLL_MS) -> list[Any]:
         """One batch: wait up to ``timeout_ms`` for records, then top up from what is already fetched.
 
         kafka-python hands out one partition's buffer per poll, so with 4 partitions a busy

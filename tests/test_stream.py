@@ -263,6 +263,23 @@ def test_two_featurizers_in_one_group_share_the_partitions(cars_model, effnet, c
     assert set(rows.image_ids) == set(sent)
 
 
+def test_outputs_are_committed_as_soon_as_the_input_goes_quiet(cars_model, effnet, cars):
+    """With a 10-minute roll, a burst's Parquet part and labels still come within seconds: the
+    featurizer commits when a poll finds the input quiet, not at the roll (exactly-once latency)."""
+    settings, _ = cars_model
+    featurizer = WorkerThread(Featurizer(settings, effnet, "prelogits", batch_size=8, roll_seconds=600))
+    scorer = WorkerThread(Scorer(settings))
+    try:
+        sent = _produce(settings, sorted((cars / "test").glob("*.jpg")))
+        labels = _labels(settings, set(sent), timeout=90)  # read_committed: only committed features are scored
+        parts = sorted(features_dir(settings).rglob("*.parquet"))
+    finally:
+        featurizer.stop()
+        scorer.stop()
+    assert set(labels) == set(sent)
+    assert parts and set(read_features([features_dir(settings)]).image_ids) == set(sent)
+
+
 def test_producer_reports_oversize_and_unreadable_files(kafka_settings, tmp_path):
     """With ``fit_to_limit=False`` an oversize photo is refused and named, never silently dropped."""
     import dataclasses
