@@ -1,5 +1,5 @@
 """Real servers for claim-check tests: an http.server with misbehaving routes and the project's
-local S3 (pipeline/kafka/local_s3.py, i.e. localbucket) on a free loopback port.
+local S3 (tests/local_s3_server.py) with a bucket of photos.
 
 ``from tests.claim_check_servers import http_url, s3`` in a test module makes them fixtures.
 """
@@ -7,18 +7,13 @@ local S3 (pipeline/kafka/local_s3.py, i.e. localbucket) on a free loopback port.
 from __future__ import annotations
 
 import http.server
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from pipeline.kafka.broker import free_port
+from tests.local_s3_server import local_s3
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = next((REPO / "examples" / "test").glob("*.jpg")).read_bytes()
@@ -111,39 +106,17 @@ def http_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[dict]:
-    """The project's local S3 server (pipeline/kafka/local_s3.py, localbucket) on a free loopback port."""
+    """The project's local S3 server with a ``photos`` bucket (a photo and a 2 MiB blob)."""
     pytest.importorskip("localbucket")
     root = tmp_path_factory.mktemp("s3")
     (root / "photos").mkdir()
     (root / "photos" / "cars").mkdir()
     (root / "photos" / "cars" / "a.jpg").write_bytes(PHOTO)
     (root / "photos" / "big.bin").write_bytes(b"\0" * (2 * 1024 * 1024))
-    port = free_port()
     log = root.parent / f"{root.name}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "kafka" / "local_s3.py"), "--host", "127.0.0.1",
-                                    "--port", str(port), str(root)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/", process)
-        with pytest.MonkeyPatch.context() as env:  # the SDK reads these itself; localbucket ignores them
-            env.setenv("AWS_ACCESS_KEY_ID", "deeper")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "deeper-local")
-            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            yield {"endpoint": f"http://127.0.0.1:{port}", "log": log, "root": root}
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _wait_http(url: str, process: subprocess.Popen, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "local S3 server exited at start"
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail("local S3 server did not answer")
+    with local_s3(root, log) as endpoint, pytest.MonkeyPatch.context() as env:
+        # the SDK reads these itself; localbucket ignores them
+        env.setenv("AWS_ACCESS_KEY_ID", "deeper")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "deeper-local")
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield {"endpoint": endpoint, "log": log, "root": root}

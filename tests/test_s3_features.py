@@ -6,11 +6,6 @@ started on a free loopback port and reached through the usual AWS variables.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.kafka.broker import free_port
 from pipeline.app.cli import main as deeper
 from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.storage.identity import FeatureId
 from pipeline.storage.parquet_reader import feature_files, read_features
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
 from pipeline.learning.registry import Registry
+from tests.local_s3_server import local_s3
 
 pytest.importorskip("localbucket")
 
 BUCKET = "features-bucket"
 DIM = 8
 META = FeatureId("efficientnet_lite0", "cd" * 32, "prelogits", DIM, "central_crop(0.875)", precision="bf16")
-LOCAL_S3 = Path(__file__).resolve().parent.parent / "pipeline" / "kafka" / "local_s3.py"
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +34,8 @@ def s3_server(tmp_path_factory):
     """(endpoint URL, the folder it serves) for a local S3 server running for this module."""
     root = tmp_path_factory.mktemp("s3")
     (root / BUCKET).mkdir()
-    port = free_port()
-    log = (root.parent / "local_s3.log").open("wb")
-    server = subprocess.Popen([sys.executable, str(LOCAL_S3), "--host", "127.0.0.1", "--port", str(port), str(root)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/", timeout=1).close()
-            break
-        except urllib.error.HTTPError:
-            break  # it answers
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("local S3 server did not start")
-            time.sleep(0.05)
-    yield endpoint, root
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
+    with local_s3(root, root.parent / "local_s3.log") as endpoint:
+        yield endpoint, root
 
 
 @pytest.fixture
