@@ -264,7 +264,7 @@ def test_two_featurizers_in_one_group_share_the_partitions(cars_model, effnet, c
 
 
 def test_outputs_are_committed_as_soon_as_the_input_goes_quiet(cars_model, effnet, cars):
-    """With a 10-minute roll, a burst's Parquet part and labels still come within seconds: the
+    """With a 10-minute roll, a burst's Parquet part and labels still come long before the roll: the
     featurizer commits when a poll finds the input quiet, not at the roll (exactly-once latency)."""
     settings, _ = cars_model
     featurizer = WorkerThread(Featurizer(settings, effnet, "prelogits", batch_size=8, roll_seconds=600))

@@ -92,7 +92,7 @@ def test_scorer_sigkills_lose_no_label(plan):
 def test_broker_restarts_lose_nothing(plan):
     """One clean restart (SIGTERM) and one crash (SIGKILL) of Apache Kafka, mid-stream; two clean
     restarts of Tansu, which can lose a record acknowledged across its SIGKILL (docs/faults.md,
-    finding 4): a broker that loses acknowledged data defeats any client-side guarantee."""
+    finding 6): a broker that loses acknowledged data defeats any client-side guarantee."""
     crash = plan.broker.kind == "kafka"
     result = broker_restarts(plan, restarts=2, crash_every=2 if crash else 0)
     _report(result, plan)
