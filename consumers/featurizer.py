@@ -346,6 +346,7 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
     worker = Featurizer(settings, backbone, layer, batch_size, args.group,
                         args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads,
                         follow_model=args.layer is None)
+    event(log, "inference warmed up", seconds=round(worker.inference.warm_up(), 3))
     worker.install_signal_handlers()
     worker.run(max_idle_seconds=args.exit_when_idle)
     return 0

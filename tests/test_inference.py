@@ -177,6 +177,21 @@ def test_a_partial_batch_goes_out_when_its_time_is_up(effnet, good, alone):
     _check_vectors(results, alone, atol=1e-4)
 
 
+def test_warm_up_runs_the_model_and_leaves_no_trace(effnet, mixed, alone):
+    """The start-up warm-up goes through decode and the model, and then the pipeline's totals and
+    the next submission's results are as if it had never run."""
+    backbone = CountingBackbone(effnet)
+    inference = Inference(backbone, LAYER, batch_size=8, batch_timeout=0.05)
+    assert inference.warm_up() > 0
+    assert backbone.calls == [1], "the warm-up photo reached the model alone"
+    assert vars(inference.times) == vars(type(inference.times)())
+    results = inference.submit(mixed).wait(timeout=60)
+    assert [r.record for r in results] == mixed
+    assert [isinstance(r, Failed) for r in results] == [slot == "B" for slot in LAYOUT]
+    assert inference.times.images == len(mixed)
+    _check_vectors(results, alone, atol=1e-4)
+
+
 def test_consecutive_submissions_share_a_batch(effnet, good, alone):
     """Small polls arriving back to back make one full batch, not two half-empty ones."""
     backbone = CountingBackbone(effnet)
