@@ -1,9 +1,10 @@
 """The scorer consumer: features topic -> the registry's *current* classifier -> labels topic.
 
-Hot reload: before each batch the scorer reads the registry's ``current.json`` (one small file,
-at most once a second); when it names a new version, the scorer loads and verifies it and
-switches between two batches, so no message is scored twice or skipped around the switch. A
-new version that fails its checksum is refused and the previous one keeps serving, loudly.
+Hot reload: before each batch the scorer reads the registry's ``current.json`` (one small
+file); when it names a new version, the scorer loads and verifies it and switches between two
+batches, so no message is scored twice or skipped around the switch, and the first batch after
+the switch is already labelled by the new version. A new version that fails its checksum is
+refused and the previous one keeps serving, loudly (tried again at most once a second).
 
 A vector whose backbone, weights, layer or size doesn't match the classifier, or that isn't a
 valid feature record, goes to the dead-letter topic with the reason.
@@ -45,7 +46,7 @@ class Scorer(StreamWorker):
         self.reload_seconds = reload_seconds
         self._loaded: dict[str, ModelVersion] = {}  # versions read for vectors the current one doesn't fit
         self._fallback_announced: set[str] = set()
-        self._checked = 0.0
+        self._retry_after = 0.0  # after a refused version: when to read the registry again
         self.model: ModelVersion = self._first_model(wait_for_model)
 
     # -- model management -------------------------------------------------------------------
@@ -63,16 +64,21 @@ class Scorer(StreamWorker):
                 time.sleep(2)
 
     def maybe_reload(self) -> None:
-        """Switch to a new current version if there is one and it verifies."""
-        if time.monotonic() - self._checked < self.reload_seconds:
+        """Switch to a new current version if there is one and it verifies.
+
+        The registry's pointer (one small file) is read before every batch, so the batch after
+        a version becomes current is labelled by it. A version that can't be loaded is refused,
+        logged, and tried again at most every ``reload_seconds``.
+        """
+        if time.monotonic() < self._retry_after:
             return
-        self._checked = time.monotonic()
         try:
             version = self.registry.current_version()
             if version is None or version == self.model.version:
                 return
             model = self.registry.load_current()
         except RegistryError as exc:
+            self._retry_after = time.monotonic() + self.reload_seconds
             event(log, "new model refused; still serving the previous one", logging.ERROR,
                   error=str(exc), serving=self.model.version)
             return

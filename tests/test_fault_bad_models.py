@@ -189,7 +189,7 @@ def test_scorer_refuses_broken_models_keeps_serving_v1_then_switches(kafka_setti
     reg = Registry(settings.registry_dir)
     meta = reg.load(v1).feature_meta
     marker = tmp_path / "unpickled-marker"
-    scorer = WorkerThread(Scorer(settings, reload_seconds=0))  # check current.json before every batch
+    scorer = WorkerThread(Scorer(settings, reload_seconds=0))  # a refused version is tried again every batch
     producer = make_producer(settings)
     seen: dict[str, str] = {}
     try:
@@ -310,3 +310,23 @@ def test_no_python_code_in_the_repo_unpickles():
             continue
         found += calls
     assert found == [], "code that can unpickle (runs arbitrary code from data):\n" + "\n".join(found)
+
+
+def test_the_batch_after_a_version_becomes_current_is_labelled_by_it(kafka_settings, tmp_path, effnet, cache_dir):
+    """The scorer reads the registry's pointer before every batch: with refused versions retried
+    only every 60 s, a good new version still labels the very next batch."""
+    settings = unique_settings(kafka_settings, tmp_path)
+    v1 = train_model(settings, effnet, EXAMPLES / "train", default_cache(cache_dir))
+    reg = Registry(settings.registry_dir)
+    meta = reg.load(v1).feature_meta
+    scorer = WorkerThread(Scorer(settings, reload_seconds=60))
+    producer = make_producer(settings)
+    try:
+        before = _send_and_label(settings, meta, producer, "before")
+        v2 = reg.save(reg.load(v1).classifier, meta, {"deploy": "next"})
+        after = _send_and_label(settings, meta, producer, "after")
+    finally:
+        producer.close()
+        scorer.stop()
+    assert {label.classifier_version for ls in before.values() for label in ls} == {v1}
+    assert {label.classifier_version for ls in after.values() for label in ls} == {v2}
