@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +125,16 @@ class _NoModel:
         return {layer: np.zeros((len(batch), self._dim[layer]), np.float32) for layer in layers}
 
 
+def _cpu_timed(cpu_seconds: list[float], inference, records) -> None:
+    """Run ``records`` through ``inference``, appending the process's CPU seconds it took."""
+    started = time.process_time()
+    sum(1 for _ in inference.run(records))
+    cpu_seconds.append(time.process_time() - started)
+
+
 def decode_preprocess(ctx: Context) -> dict[str, Any]:
-    """Images/s of pipeline.model.inference's input path alone (Pillow decode + preprocess, in parallel)."""
+    """Images/s and core-ms per photo of pipeline.model.inference's input path alone (decode +
+    preprocess, in parallel), with JPEGs decoded in the graph (the default) and by Pillow."""
     from pipeline.model.decode import decode_image
     from pipeline.model.inference import ImageRecord, Inference, default_parallelism
 
@@ -136,15 +146,22 @@ def decode_preprocess(ctx: Context) -> dict[str, Any]:
     for name in BACKBONES:
         stub = _NoModel(load(ctx, name))
         variants = {}
-        for parallel in sorted({1, 2, default_parallelism(), 4}):
-            inference = Inference(stub, LAYERS[name]["features"], batch_size=32, parallel_decode=parallel)
-            variants[parallel] = lambda inference=inference: sum(1 for _ in inference.run(records))
+        cpu: dict[tuple[int, bool], list[float]] = defaultdict(list)  # process CPU seconds of each run
+        # (decode threads, JPEGs decoded in the graph?): the default, and Pillow only for the ratio
+        plans = [(parallel, True) for parallel in sorted({1, 2, default_parallelism(), 4})]
+        for parallel, graph_jpeg in plans + [(default_parallelism(), False)]:
+            inference = Inference(stub, LAYERS[name]["features"], batch_size=32, parallel_decode=parallel,
+                                  graph_jpeg=graph_jpeg)
+            variants[parallel, graph_jpeg] = functools.partial(_cpu_timed, cpu[parallel, graph_jpeg], inference, records)
         times = interleaved_runs(variants, runs, warmup=1)
-        for parallel, seconds in times.items():
+        for (parallel, graph_jpeg), seconds in times.items():
             summary = rate_summary(len(records), seconds)
-            rows.append({"backbone_preprocess": name, "parallel_decode": parallel,
-                         "default": parallel == default_parallelism(), **summary})
-            say(f"  decode+preprocess ({name}) parallel={parallel}: {summary['per_s']} img/s")
+            core_ms = round(1000 * float(np.median(cpu[parallel, graph_jpeg][1:])) / len(records), 2)  # [0]: warm-up
+            rows.append({"backbone_preprocess": name, "parallel_decode": parallel, "graph_jpeg": graph_jpeg,
+                         "default": parallel == default_parallelism() and graph_jpeg, **summary,
+                         "core_ms_per_image": core_ms})
+            say(f"  decode+preprocess ({name}) parallel={parallel} {'graph' if graph_jpeg else 'Pillow'} JPEG decode: "
+                f"{summary['per_s']} img/s, {core_ms} core-ms per photo")
         per_call = {}
         for n in (1, 32):
             inference = Inference(stub, LAYERS[name]["features"], batch_size=32)
@@ -160,8 +177,9 @@ def decode_preprocess(ctx: Context) -> dict[str, Any]:
             decode_image(data)
 
     single = rate_summary(len(datas), timed_runs(one_thread, runs, warmup=1))
-    return {"what": "pipeline.model.inference.Inference.run with a model that costs nothing: Pillow decode + "
-                    "backbone.preprocess in the decode thread pool, batches of 32; per_call = one run() "
+    return {"what": "pipeline.model.inference.Inference.run with a model that costs nothing: decode (JPEGs in "
+                    "the graph, or graph_jpeg=False: Pillow) + backbone.preprocess in the decode thread pool, "
+                    "batches of 32; core_ms_per_image = the process's CPU; per_call = one run() "
                     "call on 1 or 32 records (what the stream featurizer pays per poll)",
             "photos": source, "images": len(records), "mean_bytes": int(np.mean([len(d) for _, d in photos])),
             "rows": rows, "decode_image_one_thread": single, "draft_probe": _draft_probe(datas, runs),

@@ -35,9 +35,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import RESULTS, Context, say  # noqa: E402
 
+#: TensorFlow ops in the tf.data threads: the JPEG decode of plain JPEGs, crop, resize, batching.
+IN_GRAPH = "in-graph JPEG decode + preprocess (TensorFlow ops, tf.data threads)"
 #: (stage, substrings of a frame): the first stage with a frame on the stack wins, leaf first.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode (Pillow, tf.data threads)", ("_decode (",)),
+    ("decode (Pillow, tf.data threads)", ("_decode (", "_decode_bytes (", "_inspect (", "graph_plan (")),
     ("model (Python side)", ("Inference._run (", "_model (")),
     ("record parsing (ours)", ("_valid_records (", "_image_record (", "parse_image_message (")),
     ("Parquet", ("parquet", "Parquet", "sink.py")),
@@ -66,7 +68,7 @@ def classify(stack: str) -> str:
         return IDLE
     thread = frames[0]
     if len(frames) == 1:  # a thread py-spy knows, running no Python now: a tf.data thread's map ops
-        return "preprocess (TensorFlow ops in the tf.data threads)"
+        return IN_GRAPH
     if "producer" in thread:  # kafka-python's producer network thread: sending outputs
         return "producing feature records"
     if "kafka-io" in thread:  # the consumer's network thread: fetch responses, heartbeats
@@ -83,11 +85,18 @@ def classify(stack: str) -> str:
 NATIVE = "TensorFlow native threads (model ops + preprocess + batching)"
 
 
-def _native_stage(thread_seen_by_py_spy: bool) -> str:
-    """Where CPU without a Python frame goes: C code called from Python (Pillow, TF calls
-    from the model thread, the Kafka clients' sockets) stays with its thread's sampled
-    stages; a thread py-spy never saw is one of TensorFlow's pools."""
-    return "C code under Python frames (not sampled)" if thread_seen_by_py_spy else NATIVE
+#: What a tf.data thread does with a Python frame on its stack.
+TF_DATA_STAGES = ("decode (Pillow, tf.data threads)", "tf.data Python glue (py_func calls, conversions)", IN_GRAPH)
+
+
+def _native_stage(seen: dict[str, int]) -> str:
+    """Where a thread's CPU that its samples don't explain goes: a tf.data thread's (mostly
+    sampled in decode or tf.data glue) is its TensorFlow ops, the in-graph JPEG decode among
+    them; other threads' is C code called from Python (Pillow, TF calls from the model thread,
+    the Kafka clients' sockets); a thread py-spy never saw is one of TensorFlow's pools."""
+    if not seen:
+        return NATIVE
+    return IN_GRAPH if max(seen, key=seen.__getitem__) in TF_DATA_STAGES else "C code under Python frames (not sampled)"
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -145,7 +154,7 @@ def breakdown(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
         scale = min(1.0, cpu / sampled) if sampled else 0.0
         for stage, n in seen.items():
             stages[stage] += n / rate * scale
-        stages[_native_stage(bool(seen))] += max(0.0, cpu - sampled * scale)
+        stages[_native_stage(seen)] += max(0.0, cpu - sampled * scale)
         threads.append({"tid": tid, "comm": comm, "cpu_s": round(cpu, 3), "python_samples_s": round(sampled, 3),
                         "top": sorted(seen.items(), key=lambda kv: -kv[1])[:3]})
     native = stages.pop(NATIVE, 0.0)

@@ -141,8 +141,10 @@ def table(report: dict[str, Any]) -> str:
                          f"(x{r['speedup_ours_vs_reference']})"))
     if "decode" in f:
         for r in f["decode"]["rows"]:
-            lines.append(row(f"decode+preprocess ({r['backbone_preprocess']}) parallel={r['parallel_decode']}",
-                             f"{r['per_s']:.1f} img/s", "default" if r["default"] else ""))
+            how = "" if r.get("graph_jpeg", True) else " Pillow only"
+            lines.append(row(f"decode+preprocess ({r['backbone_preprocess']}) parallel={r['parallel_decode']}{how}",
+                             f"{r['per_s']:.1f} img/s", ("default; " if r["default"] else "")
+                             + (f"{r['core_ms_per_image']} core-ms/photo" if "core_ms_per_image" in r else "")))
             if "per_call" in r:
                 lines.append(row(f"  one Inference.run call ({r['backbone_preprocess']}), 1 / 32 photos",
                                  f"{r['per_call']['1_images_ms']:.1f} ms", f"{r['per_call']['32_images_ms']:.1f} ms"))

@@ -13,16 +13,22 @@ import sys
 from pipeline.model import inference
 
 POISON = os.environ["DEEPER_TEST_POISON_SHA256"]
-_real = inference.decode_image
 
 
-def _decode_or_die(data: bytes, *args, **kwargs):
-    if hashlib.sha256(data).hexdigest() == POISON:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _real(data, *args, **kwargs)
+def _or_die(real):
+    """``real``, except that it kills the process on the poison payload."""
+
+    def hooked(data: bytes, *args, **kwargs):
+        if hashlib.sha256(data).hexdigest() == POISON:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, *args, **kwargs)
+
+    return hooked
 
 
-inference.decode_image = _decode_or_die
+# both ways a photo enters decoding: the in-graph JPEG plan first, then Pillow for the rest
+inference.graph_plan = _or_die(inference.graph_plan)
+inference.decode_image = _or_die(inference.decode_image)
 
 if __name__ == "__main__":
     from pipeline.app.cli import main

@@ -1,7 +1,9 @@
 """The one decode path: image bytes -> RGB uint8 pixels, or a typed :class:`DecodeError`.
 
 Batch commands and the stream featurizer both call :func:`decode_image`, so an image that is
-accepted (or refused) in one is treated the same in the other. Decoding never raises anything
+accepted (or refused) in one is treated the same in the other. (The tf.data pipeline decodes
+plain JPEGs in the graph instead, to the same pixels: :func:`graph_plan` picks them, and
+:mod:`pipeline.model.graph_decode` hands back to :func:`decode_image` any it can't take.) Decoding never raises anything
 but :class:`DecodeError`: a bad image is one row's problem, never its batch's.
 
 Choices, and why:
@@ -149,6 +151,38 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> DecodedImage:
     turned = orientation in (5, 6, 7, 8)
     width, height = (stored_height, stored_width) if turned else (stored_width, stored_height)
     return DecodedImage(pixels=pixels, width=width, height=height, format=fmt)
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """A JPEG that TensorFlow's libjpeg may decode instead of Pillow (:mod:`pipeline.model.graph_decode`)."""
+
+    width: int  # stored, before the EXIF orientation
+    height: int
+    orientation: int
+
+
+def graph_plan(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> GraphPlan | None:
+    """The stored size and orientation of a JPEG that the graph decode may take, else ``None``.
+
+    Only what the graph reproduces exactly: a JPEG (not MPO) that ends with its EOI marker, RGB
+    or grey, and whose short side is under ``2 * min_side`` (larger ones are DCT-scaled by
+    Pillow's ``draft``, which is the faster decode at that size). Everything else, including
+    every header :func:`decode_image` would refuse, gets ``None`` and goes through
+    :func:`decode_image`, so refusals keep their reasons. Reads the header only.
+    """
+    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        image = _open(data, max_pixels)
+        width, height = image.size
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        if min_side and min(width, height) >= 2 * min_side:
+            return None
+        return GraphPlan(width, height, _orientation(image))
+    except Exception:  # noqa: BLE001 (whatever is wrong with it, decode_image says what)
+        return None
 
 
 def _failure(exc: Exception, data: bytes) -> DecodeError:

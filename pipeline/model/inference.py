@@ -3,6 +3,11 @@
 ``submit(records) -> queue -> tf.data: from_generator -> map(decode + preprocess, parallel)
 -> batch -> prefetch -> model thread -> Submission``.
 
+Decode: plain JPEGs (most photos) are decoded and cropped by TensorFlow inside the graph
+(:mod:`pipeline.model.graph_decode`: the same pixels, no Python); every other photo, and any
+the graph refuses, by :func:`pipeline.model.decode.decode_image` (Pillow), which gives every
+bad input its reason.
+
 Why it is shaped like this:
 - One ``tf.data`` pipeline per :class:`Inference`, built once and fed through a queue, never
   ending: building and tracing a new pipeline on every call cost ~150 ms whatever the number
@@ -43,10 +48,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.model.decode import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.model.decode import DEFAULT_MAX_PIXELS, covering_side, decode_image, graph_plan
 from pipeline.errors import DecodeError
 from pipeline.logs import event
-from pipeline.model import threads
+from pipeline.model import graph_decode, threads
 from pipeline.model.nets.base import Backbone
 
 log = logging.getLogger(__name__)
@@ -167,17 +172,18 @@ class Inference:
 
     def __init__(self, backbone: Backbone, layer: str, batch_size: int = 32,
                  parallel_decode: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1):
+                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, graph_jpeg: bool = True):
         self.backbone = backbone
         self.layer = backbone.info.resolve_layer(layer)
         self.dim = backbone.info.end_points[self.layer]
         self.batch_size = batch_size
         self.parallel_decode = parallel_decode or default_parallelism()
         self.max_pixels = max_pixels
-        from pipeline.model.decode import covering_side  # (lead: move up into the module's decode import)
         # decode no larger than the backbone's central crop needs: DCT-scaled JPEGs, ~8x faster at 12 MP
         self.decode_min_side = covering_side(backbone.info.image_size)
         self.batch_timeout = batch_timeout
+        # plain JPEGs decode in the graph (pipeline.model.graph_decode), the same pixels without Python
+        self.graph_jpeg = graph_jpeg
         # 0 (threads.MEASURE): one model thread or two, whichever runs this model faster here
         self.model_threads = model_threads if model_threads > 0 else self._measured_model_threads()
         self.times = StageTimes()
@@ -432,13 +438,29 @@ class Inference:
         self.times.model_rows += rows
 
     # -- the tf.data pipeline -----------------------------------------------------------------
-    def _decode(self, key: np.int64) -> tuple[np.ndarray, np.int32, np.int32, bytes]:
-        """Pixels (shrunk to ``decode_min_side``), full-size upright width/height, and error
-        text of the photo fed as ``key`` (each key is decoded once: its bytes are let go here)."""
+    def _inspect(self, key: np.int64) -> tuple[np.ndarray, bytes, np.ndarray, np.int32, np.int32, bytes]:
+        """The photo fed as ``key``, ready for the graph: either its JPEG bytes and the plan for
+        :func:`graph_decode.decode_central` (stored height, width, crop margins, orientation),
+        or, for any photo the graph doesn't take, its pixels from :meth:`_decode_bytes`.
+        Each key is read once: its bytes are let go here."""
+        data = bytes(self._photos.pop(int(key), b""))
+        plan = graph_plan(data, self.max_pixels, self.decode_min_side) if self.graph_jpeg else None
+        if plan is None:
+            pixels, width, height, error = self._decode_bytes(data)
+            return pixels, b"", np.zeros(5, np.int32), width, height, error
+        fraction = self.backbone.central_fraction
+        geometry = np.array([plan.height, plan.width, graph_decode.central_margin(plan.height, fraction),
+                             graph_decode.central_margin(plan.width, fraction), plan.orientation], np.int32)
+        turned = plan.orientation in (5, 6, 7, 8)
+        width, height = (plan.height, plan.width) if turned else (plan.width, plan.height)
+        return _NO_PIXELS, data, geometry, np.int32(width), np.int32(height), b""
+
+    def _decode_bytes(self, data: bytes) -> tuple[np.ndarray, np.int32, np.int32, bytes]:
+        """Pixels (shrunk to ``decode_min_side``), full-size upright width/height, and error text."""
         try:
-            image = decode_image(bytes(self._photos.pop(int(key), b"")), self.max_pixels, self.decode_min_side)
+            image = decode_image(bytes(data), self.max_pixels, self.decode_min_side)
         except DecodeError as exc:  # decode_image raises nothing else
-            return np.zeros((1, 1, 3), np.uint8), np.int32(0), np.int32(0), f"{exc.reason}: {exc.detail}".encode()
+            return _NO_PIXELS, np.int32(0), np.int32(0), f"{exc.reason}: {exc.detail}".encode()
         return image.pixels, np.int32(image.width), np.int32(image.height), b""
 
     def _dataset(self) -> Any:
@@ -447,13 +469,30 @@ class Inference:
         size = self.backbone.info.image_size
         blank = tf.zeros([size, size, 3], tf.float32)
 
-        def prepare(seq):
+        def ready(pixels, error):  # fillers and failures skip preprocessing: their rows never reach the model
+            return tf.cond(tf.equal(error, ""), lambda: self.backbone.preprocess(pixels), lambda: blank)
+
+        def through_pillow(jpeg):  # the graph refused it: decode_image decides, with its reasons
             pixels, width, height, error = tf.numpy_function(
-                self._decode, [seq], [tf.uint8, tf.int32, tf.int32, tf.string], stateful=False)
+                self._decode_bytes, [jpeg], [tf.uint8, tf.int32, tf.int32, tf.string], stateful=False)
             pixels.set_shape([None, None, 3])
-            # fillers and failures skip preprocessing: their rows never reach the model
-            ready = tf.cond(tf.equal(error, ""), lambda: self.backbone.preprocess(pixels), lambda: blank)
-            return seq, ready, width, height, error
+            return ready(pixels, error), width, height, error
+
+        def in_graph(jpeg, geometry, width, height, error):
+            height_, width_, top, left, orientation = tf.unstack(geometry)
+            cropped, ok = graph_decode.decode_central(jpeg, height_, width_, top, left, orientation)
+            return tf.cond(ok, lambda: (self.backbone.preprocess_cropped(cropped), width, height, error),
+                           lambda: through_pillow(jpeg))
+
+        def prepare(seq):
+            pixels, jpeg, geometry, width, height, error = tf.numpy_function(
+                self._inspect, [seq], [tf.uint8, tf.string, tf.int32, tf.int32, tf.int32, tf.string], stateful=False)
+            pixels.set_shape([None, None, 3])
+            geometry.set_shape([5])
+            image, width, height, error = tf.cond(
+                tf.equal(jpeg, ""), lambda: (ready(pixels, error), width, height, error),
+                lambda: in_graph(jpeg, geometry, width, height, error))
+            return seq, image, width, height, error
 
         signature = tf.TensorSpec([], tf.int64)
         options = tf.data.Options()
@@ -464,6 +503,10 @@ class Inference:
                 .batch(self.batch_size, drop_remainder=True)
                 .prefetch(PREFETCH_BATCHES)
                 .with_options(options))
+
+
+#: What a photo without pixels (a failure, a filler, one left to the graph decode) carries.
+_NO_PIXELS = np.zeros((1, 1, 3), np.uint8)
 
 
 def _close_at_exit(inference: Inference) -> None:

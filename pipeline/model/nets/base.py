@@ -141,9 +141,20 @@ class Backbone(abc.ABC):
     #: ``precision`` set their own.
     precision: str = DEFAULT_PRECISION
 
-    @abc.abstractmethod
+    #: the central part of each side the network keeps before resizing (its evaluation crop)
+    central_fraction: float = 0.875
+
     def preprocess(self, image):  # tf.Tensor uint8 [H, W, 3] -> tf.Tensor float32 [S, S, 3]
-        """TF ops turning one decoded RGB image into the network's input (runs inside tf.data)."""
+        """TF ops turning one decoded RGB image into the network's input (runs inside tf.data):
+        the central crop, then :meth:`preprocess_cropped`. Split in two so that a decoder that
+        crops while it decodes (:mod:`pipeline.model.graph_decode`) can skip the first step."""
+        import tensorflow as tf
+
+        return self.preprocess_cropped(tf.image.central_crop(tf.convert_to_tensor(image), self.central_fraction))
+
+    @abc.abstractmethod
+    def preprocess_cropped(self, image):  # tf.Tensor [h, w, 3], already cropped -> float32 [S, S, 3]
+        """Resize and scale an image that is already the central crop (see :meth:`preprocess`)."""
 
     def run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         """Run a preprocessed batch ``float32 [N, S, S, 3]``; return ``{layer: float32 [N, dim]}``.

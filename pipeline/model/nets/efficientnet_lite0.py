@@ -373,10 +373,11 @@ class EfficientNetLite0(Backbone):
         points = forward(images, self._weights)  # float32: the converter quantizes for int8
         return {name: _flatten(points[name]) for name in names}
 
-    def preprocess(self, image: tf.Tensor) -> tf.Tensor:
-        """uint8 [H, W, 3] -> float32 [224, 224, 3] in about [-1, 1], as the TF-Lite reference."""
+    central_fraction = CENTRAL_FRACTION
+
+    def preprocess_cropped(self, image: tf.Tensor) -> tf.Tensor:
+        """Central crop (uint8) -> float32 [224, 224, 3] in about [-1, 1], as the TF-Lite reference."""
         image = tf.convert_to_tensor(image)
-        image = tf.image.central_crop(image, CENTRAL_FRACTION)
         image = tf.image.resize(image, [IMAGE_SIZE, IMAGE_SIZE], method="bilinear", antialias=False)
         image = (tf.cast(image, tf.float32) - INPUT_MEAN) / INPUT_STD
         return tf.ensure_shape(image, [IMAGE_SIZE, IMAGE_SIZE, 3])

@@ -118,13 +118,17 @@ def preprocess(image: tf.Tensor) -> tf.Tensor:
     (~1e-7) and only 224x224 pixels are scaled instead of the whole photo.
     Pure TF ops, so it runs eagerly, in a ``tf.function`` or in ``tf.data``'s ``map``.
     """
+    return preprocess_cropped(tf.image.central_crop(tf.convert_to_tensor(image), central_fraction=CENTRAL_FRACTION))
+
+
+def preprocess_cropped(image: tf.Tensor) -> tf.Tensor:
+    """:func:`preprocess` after its central crop (cropping commutes with the dtype conversion)."""
     image = tf.convert_to_tensor(image)
     scale = None
     if image.dtype == tf.uint8:
         scale = 1.0 / 255.0
     else:
         image = tf.image.convert_image_dtype(image, tf.float32)
-    image = tf.image.central_crop(image, central_fraction=CENTRAL_FRACTION)
     image = _resize_bilinear_legacy(image[tf.newaxis], IMAGE_SIZE)[0]  # float32 whatever the input
     if scale is not None:
         image = image * scale
@@ -215,8 +219,10 @@ class InceptionV1(Backbone):
         if precision_lib.is_lite(self.precision):
             self._lite_runner(frozenset(self.DEFAULT_LAYERS))
 
-    def preprocess(self, image: tf.Tensor) -> tf.Tensor:
-        return preprocess(image)
+    central_fraction = CENTRAL_FRACTION
+
+    def preprocess_cropped(self, image: tf.Tensor) -> tf.Tensor:
+        return preprocess_cropped(image)
 
     def _run(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         unknown = [layer for layer in layers if layer not in self._outputs]
