@@ -119,6 +119,8 @@ class _NoModel:
     def __init__(self, backbone):
         self.info = backbone.info
         self.preprocess = backbone.preprocess
+        self.preprocess_cropped = backbone.preprocess_cropped
+        self.central_fraction = backbone.central_fraction
         self._dim = backbone.info.end_points
 
     def run(self, batch, layers):
@@ -168,7 +170,7 @@ def decode_preprocess(ctx: Context) -> dict[str, Any]:
             seconds = timed_runs(lambda inference=inference, n=n: sum(1 for _ in inference.run(records[:n])),
                                  ctx.scale(9, 5), warmup=2)
             per_call[f"{n}_images_ms"] = round(1000 * float(np.median(seconds)), 2)
-        rows[-1]["per_call"] = per_call
+        next(r for r in rows if r["backbone_preprocess"] == name and r["default"])["per_call"] = per_call
         say(f"  one Inference.run call ({name}): {per_call}")
     datas = [data for _, data in photos[:len(paths)]]
 

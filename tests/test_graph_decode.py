@@ -80,6 +80,7 @@ def _mutants(count: int) -> list[bytes]:
 
 def _run(backbone, records: list[ImageRecord], graph_jpeg: bool) -> list:
     inference = Inference(InputSums(backbone), "prelogits", batch_size=16, graph_jpeg=graph_jpeg)
+    assert inference.graph_jpeg == graph_jpeg  # the backbone can take a cropped image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" and friends
         return list(inference.run(records))

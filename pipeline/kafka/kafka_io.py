@@ -48,6 +48,10 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "session_timeout_ms": 6000,
     "heartbeat_interval_ms": 2000,
     "fetch_max_wait_ms": 100,
+    # A group leader whose metadata did not list a just-created topic's partitions yet assigns
+    # nothing ("No partition metadata for topic"), and the group rebalances only once a metadata
+    # refresh shows them: 5 min at kafka-python's default age, 10 s here (one small request).
+    "metadata_max_age_ms": 10_000,
     # Never read records of an aborted or still-open transaction: with exactly-once
     # checkpoints, features/labels/dead letters count only once their transaction commits.
     "isolation_level": "read_committed",

@@ -182,8 +182,9 @@ class Inference:
         # decode no larger than the backbone's central crop needs: DCT-scaled JPEGs, ~8x faster at 12 MP
         self.decode_min_side = covering_side(backbone.info.image_size)
         self.batch_timeout = batch_timeout
-        # plain JPEGs decode in the graph (pipeline.model.graph_decode), the same pixels without Python
-        self.graph_jpeg = graph_jpeg
+        # plain JPEGs decode in the graph (pipeline.model.graph_decode), the same pixels without Python;
+        # a backbone that can't take a cropped image (no preprocess_cropped) gets Pillow's
+        self.graph_jpeg = graph_jpeg and hasattr(backbone, "preprocess_cropped")
         # 0 (threads.MEASURE): one model thread or two, whichever runs this model faster here
         self.model_threads = model_threads if model_threads > 0 else self._measured_model_threads()
         self.times = StageTimes()
