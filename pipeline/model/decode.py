@@ -3,8 +3,9 @@
 Batch commands and the stream featurizer both call :func:`decode_image`, so an image that is
 accepted (or refused) in one is treated the same in the other. (The tf.data pipeline decodes
 plain JPEGs in the graph instead, to the same pixels: :func:`graph_plan` picks them, and
-:mod:`pipeline.model.graph_decode` hands back to :func:`decode_image` any it can't take.) Decoding never raises anything
-but :class:`DecodeError`: a bad image is one row's problem, never its batch's.
+:mod:`pipeline.model.graph_decode` hands back to :func:`decode_image` any it can't take.)
+Decoding never raises anything but :class:`DecodeError`: a bad image is one row's problem,
+never its batch's.
 
 Choices, and why:
 - Pillow, not ``tf.io.decode_image``: it handles EXIF orientation, CMYK, 16-bit and palette
