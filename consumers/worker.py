@@ -42,7 +42,7 @@ from consumers.attempts import Attempts
 from consumers.checkpoint import Checkpoint, CheckpointFailed
 from consumers.outputs import OutputLimits, Unreadable, fit_dead_letter
 from pipeline.config import Settings
-from pipeline.kafka.kafka_io import consumer_lag, make_consumer
+from pipeline.kafka.kafka_io import closing_quietly, consumer_lag, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
 from pipeline.storage.parquet_sink import Sink
@@ -525,8 +525,9 @@ class StreamWorker:
                 self.abandon()
                 event(log, f"{self.stage} stopping on an error; committing nothing more", logging.ERROR)
         finally:
-            self.consumer.close(autocommit=False)
-            self.ckpt.close()
+            with closing_quietly():
+                self.consumer.close(autocommit=False)
+                self.ckpt.close()
             if self._instance_lock is not None:
                 self._instance_lock.close()
             event(log, f"{self.stage} stopped")

@@ -9,6 +9,7 @@ client tests share the session broker from ``kafka_settings`` (Tansu, Apache Kaf
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -329,6 +330,33 @@ def test_ensure_topics_is_idempotent(kafka_settings: Settings, unique_topic) -> 
         assert consumer.partitions_for_topic(first) == {0, 1, 2}
     finally:
         consumer.close()
+
+
+def test_topic_limits_are_read_without_error_lines(kafka_settings: Settings, kafka_topic: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Every worker reads its topics' ``max.message.bytes`` at start. Apache Kafka answers;
+    Tansu 0.6 drops the connection (docs/broker.md), which kafka-python logged as three ERROR
+    lines on every start: the limit falls back to the settings' quietly."""
+    with caplog.at_level(logging.DEBUG, logger="kafka"):
+        limits = kafka_io.topic_message_limits(kafka_settings, [kafka_topic])
+    assert set(limits) <= {kafka_topic}
+    assert all(limit > 0 for limit in limits.values())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("kafka")]
+    assert errors == []
+
+
+def test_closing_quietly_drops_only_the_noise_of_a_close(caplog: pytest.LogCaptureFixture) -> None:
+    """A worker's clean stop printed kafka-python's ``Metadata refresh: failed Cancelled`` at
+    ERROR now and then; while clients close that line is dropped, other errors are kept, and
+    after the close it is back."""
+    cluster = logging.getLogger("kafka.cluster")
+    with caplog.at_level(logging.DEBUG, logger="kafka"):
+        with kafka_io.closing_quietly():
+            cluster.error("Metadata refresh: failed %s", "Cancelled")
+            cluster.error("Metadata refresh: failed %s", "KafkaConnectionError")
+        cluster.error("Metadata refresh: failed %s", "Cancelled")
+    assert [r.getMessage() for r in caplog.records] == ["Metadata refresh: failed KafkaConnectionError",
+                                                         "Metadata refresh: failed Cancelled"]
 
 
 def test_oversized_message_is_refused_by_the_client(kafka_settings: Settings, kafka_topic: str) -> None:
