@@ -149,8 +149,7 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> DecodedImage:
     if orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[orientation])
     pixels = _to_rgb(image)
-    turned = orientation in (5, 6, 7, 8)
-    width, height = (stored_height, stored_width) if turned else (stored_width, stored_height)
+    width, height = upright_size(stored_width, stored_height, orientation)
     return DecodedImage(pixels=pixels, width=width, height=height, format=fmt)
 
 
@@ -184,6 +183,11 @@ def graph_plan(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int 
         return GraphPlan(width, height, _orientation(image))
     except Exception:  # noqa: BLE001 (whatever is wrong with it, decode_image says what)
         return None
+
+
+def upright_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(width, height) of a stored image once its EXIF orientation is applied (5-8 turn it)."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _failure(exc: Exception, data: bytes) -> DecodeError:

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.model.decode import DEFAULT_MAX_PIXELS, covering_side, decode_image, graph_plan
+from pipeline.model.decode import DEFAULT_MAX_PIXELS, covering_side, decode_image, graph_plan, upright_size
 from pipeline.errors import DecodeError
 from pipeline.logs import event
 from pipeline.model import graph_decode, threads
@@ -452,8 +452,7 @@ class Inference:
         fraction = self.backbone.central_fraction
         geometry = np.array([plan.height, plan.width, graph_decode.central_margin(plan.height, fraction),
                              graph_decode.central_margin(plan.width, fraction), plan.orientation], np.int32)
-        turned = plan.orientation in (5, 6, 7, 8)
-        width, height = (plan.height, plan.width) if turned else (plan.width, plan.height)
+        width, height = upright_size(plan.width, plan.height, plan.orientation)
         return _NO_PIXELS, data, geometry, np.int32(width), np.int32(height), b""
 
     def _decode_bytes(self, data: bytes) -> tuple[np.ndarray, np.int32, np.int32, bytes]:
