@@ -354,7 +354,7 @@ DESCRIPTION = ("Label photos with a frozen ImageNet network and a small classifi
                "labelled photos: in batch (imagenet, featurize, train, predict, report, models) or as a "
                "Kafka stream (broker, produce, featurizer, scorer, labels, ui, demo).")
 #: Subcommands that take photos: their --help documents the exit status.
-PHOTO_COMMANDS = ("imagenet", "featurize", "train", "predict", "report")
+PHOTO_COMMANDS = ("imagenet", "featurize", "train", "predict", "report", "backfill")
 
 
 def _probability(text: str) -> float:
@@ -471,6 +471,7 @@ STREAMING_MODULES: tuple[str, ...] = (
     "consumers.labels",
     "pipeline.app.ui",
     "pipeline.app.demo",
+    "pipeline.app.backfill_cli",
 )
 
 

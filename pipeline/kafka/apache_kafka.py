@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import fcntl
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Sequence
 
+from pipeline import maven
 from pipeline.errors import DeeperError
 
 #: The one pin: Maven artifact version here, ``apache/kafka:<this>`` in docker-compose.yml.
@@ -37,6 +35,9 @@ KAFKA_VERSION = "4.1.1"
 SCALA_VERSION = "2.13"
 #: slf4j 1.7 binding for Kafka's own log4j2 (the jars bring log4j-api/core of this version).
 LOG4J_VERSION = "2.24.3"
+#: What Maven installs: the broker and an slf4j binding for its log4j2.
+MAVEN_ARTIFACTS = (f"org.apache.kafka:kafka_{SCALA_VERSION}:{KAFKA_VERSION}",
+                   f"org.apache.logging.log4j:log4j-slf4j-impl:{LOG4J_VERSION}")
 #: The JVM's heap: a one-node development broker needs little; 16 MiB records fit easily.
 HEAP = "512m"
 
@@ -65,17 +66,6 @@ BROKER_SETTINGS: dict[str, str] = {
 _DATA_DIR = "kafka-data"
 _PROPERTIES = "server.properties"
 _LOG_CONFIG = "log4j2.properties"
-_COMPLETE = ".complete"  # written last: a libs folder without it is an interrupted install
-
-_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>dev.go-deeper</groupId><artifactId>apache-kafka-runtime</artifactId><version>1</version>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_{scala}</artifactId><version>{kafka}</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>{log4j}</version></dependency>
-  </dependencies>
-</project>
-"""
 
 #: INFO for start-up, shutdown and errors; the per-partition and config-dump chatter at WARN.
 _LOG4J2 = """status = warn
@@ -101,7 +91,7 @@ logger.logmanager.level = warn
 """
 
 
-class KafkaInstallError(DeeperError):
+class KafkaInstallError(maven.MavenError):
     """Apache Kafka cannot be installed or prepared here; the message says what is missing."""
 
 
@@ -117,62 +107,23 @@ def libs_dir(cache_dir: Path | None = None) -> Path:
 
 
 def is_installed(cache_dir: Path | None = None) -> bool:
-    return (libs_dir(cache_dir) / _COMPLETE).is_file()
+    return maven.is_installed(libs_dir(cache_dir))
 
 
 def install(cache_dir: Path | None = None, announce=None) -> Path:
     """Install the pinned Apache Kafka's jars (once) and return the libs folder.
 
-    Idempotent and safe to run concurrently (a file lock; the jars are copied into a temporary
-    folder that is renamed into place only when Maven succeeded), so an interrupted install is
+    Idempotent and safe to run concurrently (:func:`pipeline.maven.install`: a file lock, a
+    temporary folder renamed into place only when Maven succeeded), so an interrupted install is
     never mistaken for a complete one.
     """
-    libs = libs_dir(cache_dir)
-    if is_installed(cache_dir):
-        return libs
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise KafkaInstallError("installing Apache Kafka needs Maven: `apt-get install maven` "
-                                "(or any Maven 3) and Java 17+")
-    java_binary()
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    with open(libs.parent / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_installed(cache_dir):
-            return libs
-        if announce:
-            announce(f"installing Apache Kafka {KAFKA_VERSION} from Maven Central into {libs}")
-        _copy_dependencies(mvn, libs)
-    return libs
-
-
-def _copy_dependencies(mvn: str, libs: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=libs.parent, prefix=".install-") as work:
-        pom, out = Path(work) / "pom.xml", Path(work) / "libs"
-        pom.write_text(_POM.format(scala=SCALA_VERSION, kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
-        command = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-                   f"-DoutputDirectory={out}", "-DincludeScope=runtime"]
-        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if result.returncode != 0 or not any(out.glob(f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar")):
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
-            raise KafkaInstallError(f"Maven could not fetch Apache Kafka {KAFKA_VERSION} "
-                                    f"(exit {result.returncode}):\n{tail}")
-        (out / _COMPLETE).write_text(f"{KAFKA_VERSION}\n")
-        shutil.rmtree(libs, ignore_errors=True)  # a leftover without the marker
-        os.replace(out, libs)
+    return maven.install(libs_dir(cache_dir), MAVEN_ARTIFACTS, f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar",
+                         f"Apache Kafka {KAFKA_VERSION}", announce, KafkaInstallError)
 
 
 def java_binary() -> str:
     """``$JAVA_HOME/bin/java`` or ``java`` on PATH; Kafka 4 needs Java 17 or newer."""
-    home = os.environ.get("JAVA_HOME")
-    candidate = Path(home) / "bin" / "java" if home else None
-    if candidate is not None and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("java")
-    if found is None:
-        raise KafkaInstallError("Apache Kafka needs Java 17+: `apt-get install openjdk-17-jre-headless` "
-                                "(or set JAVA_HOME)")
-    return found
+    return maven.java_binary("Apache Kafka", KafkaInstallError)
 
 
 def unavailable_reason(cache_dir: Path | None = None) -> str | None:

@@ -8,7 +8,7 @@ A photo is never lost silently and never takes the others down with it: an unrea
 undecodable image (``DecodeError``) and any other exception raised while one photo is read or
 decoded all come back as a :class:`Failed` for that photo. The last kind breaks the tf.data
 pipeline of its whole batch, so the batch is run again one photo at a time to find the culprit
-(:class:`_GuardedInference`); only a failure that hits photo after photo stops the run.
+(:class:`GuardedInference`); only a failure that hits photo after photo stops the run.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def featurize_photos(photos: Sequence[Photo], backbone: Backbone, layer: str, ba
     started = time.perf_counter()
     meta = feature_meta(backbone, layer)
     result = FeaturizeResult(meta, [])
-    inference = _GuardedInference(backbone, meta.layer, batch_size)
+    inference = GuardedInference(backbone, meta.layer, batch_size)
     bar = tqdm(total=len(photos), desc=f"featurize ({meta.qualified_name}/{meta.layer})", unit="img",
                disable=not progress, file=sys.stderr)
     try:
@@ -83,7 +83,7 @@ def featurize_photos(photos: Sequence[Photo], backbone: Backbone, layer: str, ba
     return result
 
 
-def _featurize_chunk(records: list[ImageRecord], inference: _GuardedInference, meta: FeatureId,
+def _featurize_chunk(records: list[ImageRecord], inference: GuardedInference, meta: FeatureId,
                      cache: FeatureCache | None, result: FeaturizeResult, bar: tqdm) -> None:
     known = cache.get_many([r.image_id for r in records], meta) if cache else {}
     by_id = {image_id: FeatureRow(image_id, "", None, w, h, v) for image_id, (v, w, h) in known.items()}
@@ -105,7 +105,7 @@ def _featurize_chunk(records: list[ImageRecord], inference: _GuardedInference, m
     result.rows.extend(_relabel(by_id[r.image_id], r) for r in records if r.image_id in by_id)
 
 
-class _GuardedInference:
+class GuardedInference:
     """An :class:`Inference` that a photo raising an unexpected error cannot take down.
 
     Such an error ends the tf.data pipeline (and its model thread) for good, and fails every
@@ -115,8 +115,9 @@ class _GuardedInference:
     takes the rest at full batch size.
     """
 
-    def __init__(self, backbone: Backbone, layer: str, batch_size: int):
+    def __init__(self, backbone: Backbone, layer: str, batch_size: int, parallel_decode: int | None = None):
         self.backbone, self.layer, self.batch_size = backbone, layer, batch_size
+        self.parallel_decode = parallel_decode  # None: pipeline.model.inference's default
         self._batched: Inference | None = None
         self._single: Inference | None = None
         self._errors_in_a_row = 0
@@ -144,7 +145,7 @@ class _GuardedInference:
     def _batched_run(self, records: list[ImageRecord]) -> Iterator[Result | None]:
         """Results in order, then ``None`` (and a fresh pipeline next time) if the pipeline broke."""
         if self._batched is None:
-            self._batched = Inference(self.backbone, self.layer, self.batch_size)
+            self._batched = Inference(self.backbone, self.layer, self.batch_size, self.parallel_decode)
         results = self._batched.run(records)
         while True:
             try:
@@ -163,7 +164,7 @@ class _GuardedInference:
     def _one_by_one(self, records: list[ImageRecord]) -> Iterator[Result]:
         for record in records:
             if self._single is None:
-                self._single = Inference(self.backbone, self.layer, 1)
+                self._single = Inference(self.backbone, self.layer, 1, self.parallel_decode)
             try:
                 (item,) = self._single.run([record])
                 self._errors_in_a_row = 0

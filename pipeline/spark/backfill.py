@@ -1,0 +1,314 @@
+"""``deeper backfill SRC``: featurize a lake of photos on Spark into the stream's feature table.
+
+The job, on the driver (each step a Spark job; the Python side in :mod:`pipeline.spark.tasks`):
+
+1. **List** ``SRC`` (:mod:`pipeline.spark.sources`), before Spark starts: a wrong SRC fails at once.
+2. **Identity**: the network is loaded here once to learn its :class:`FeatureId`; the table is the
+   stream's table for it (``table_name``) unless ``--table`` says otherwise, created if missing,
+   its identity checked (one line, ``IncompatibleFeatures``, if it holds other vectors).
+3. **Hash** every photo (``image_id`` = sha256 of its bytes, so every photo's bytes are read once
+   here; an unreadable photo becomes a reject).
+4. **Anti-join** with the table's ``image_id``\\ s and with the photos rejected before, and keep
+   one photo per ``image_id`` (same bytes under two names: the first name wins, the other is
+   counted as a duplicate): what is already there costs no model time.
+5. **Featurize in chunks**: each chunk is one ``mapInArrow`` over the executors and one Iceberg
+   commit (snapshot summary ``deeper.writer=backfill``, the run's id, and the stream's offsets
+   carried forward), then its rejects are appended to the rejects table. A job killed half way
+   keeps every committed chunk; run again, the anti-join skips them, so each photo ends in the
+   table exactly once (a chunk is all or nothing: one commit).
+
+Rejects go to ``<table>_rejects`` (``source, image_id, reason, detail, rejected_at``): a photo is
+never dropped silently. A photo rejected with an ``image_id`` (it was read: undecodable, model
+error) is not retried by later runs; an unreadable one (maybe a transient error) is, and its
+reject row is written once per (source, reason).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import pyarrow as pa
+
+from pipeline.config import Settings
+from pipeline.errors import DeeperError
+from pipeline.spark import sources, tasks
+from pipeline.spark.session import spark_session
+from pipeline.storage import table_standin as table
+from pipeline.storage.identity import FeatureId
+
+WRITER = "backfill"
+#: Snapshot summary key naming the run that made a backfill commit.
+RUN_KEY = "deeper.backfill.run"
+#: Photos per task slot in one chunk (one commit): big enough that a commit's ~1 s and a
+#: job's scheduling are small beside the model's time, small enough that a kill loses little.
+DEFAULT_PHOTOS_PER_SLOT = 512
+REJECTS_SUFFIX = "_rejects"
+
+
+@dataclass
+class BackfillOptions:
+    src: str
+    table: str | None = None  # namespace.name; default: the stream's table for this identity
+    master: str | None = None
+    conf: Mapping[str, str] = field(default_factory=dict)
+    chunk_size: int | None = None  # photos per commit; default DEFAULT_PHOTOS_PER_SLOT per task slot
+    batch_size: int = 32
+    model: str = "auto"
+    weights: str | None = None
+    precision: str | None = None
+    layer: str = "prelogits"
+    labels_from_folders: bool = False
+    progress: bool = True
+
+
+@dataclass
+class BackfillSummary:
+    listed: int = 0
+    featurized: int = 0
+    skipped_present: int = 0  # image_id already in the table
+    skipped_rejected: int = 0  # rejected by an earlier run (undecodable: the same bytes fail again)
+    duplicates: int = 0  # same bytes as another photo of this run
+    rejected: Counter = field(default_factory=Counter)  # reason -> photos
+    chunks: int = 0
+    spark_startup_s: float = 0.0
+    elapsed_s: float = 0.0
+    table: str = ""
+    rejects_table: str = ""
+    run_id: str = ""
+
+    def line(self) -> str:
+        """The last line of a backfill: counts, time, rate, Spark's start-up apart."""
+        rejected = sum(self.rejected.values())
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.rejected.items()))
+        rate = self.featurized / self.elapsed_s if self.elapsed_s else 0.0
+        return (f"backfill {self.table}: featurized {self.featurized}, skipped {self.skipped_present} already "
+                f"present + {self.skipped_rejected} rejected before + {self.duplicates} duplicate, rejected "
+                f"{rejected}{f' ({reasons})' if reasons else ''}; {self.elapsed_s:.1f} s, {rate:.1f} photos/s, "
+                f"Spark start-up {self.spark_startup_s:.1f} s")
+
+
+def run_backfill(settings: Settings, options: BackfillOptions, say: Callable[[str], None]) -> BackfillSummary:
+    started = time.perf_counter()
+    summary = BackfillSummary(run_id=uuid.uuid4().hex)
+    listing = sources.list_photos(options.src, options.labels_from_folders)
+    summary.listed = listing.photos.num_rows
+    say(f"listed {summary.listed} photos ({listing.what} {options.src})")
+    spec = _model_spec(settings, options, say)
+    summary.table = options.table or table.table_name(settings, spec.meta)
+    features = table.open_table(settings, spec.meta, create=True, name=summary.table)
+    summary.rejects_table = summary.table + REJECTS_SUFFIX
+    open_rejects_table(settings, summary.rejects_table, spec.meta)
+    session = spark_session(settings, options.master, options.conf, app_name=f"deeper backfill {options.src}",
+                            announce=say)
+    summary.spark_startup_s = session.seconds
+    say(f"Spark {session.spark.version} started in {session.seconds:.1f} s "
+        f"(master {session.spark.sparkContext.master}, {_slots(session.spark)} task slot(s))")
+    job = _Job(session.spark, session.catalog, summary, spec, options, features, say)
+    try:
+        job.run(listing.photos)
+    finally:
+        summary.elapsed_s = time.perf_counter() - started - summary.spark_startup_s
+    return summary
+
+
+def _model_spec(settings: Settings, options: BackfillOptions, say: Callable[[str], None]) -> tasks.ModelSpec:
+    from pipeline.model.featurize import feature_meta
+    from pipeline.model.nets.factory import load_backbone
+
+    backbone = load_backbone(options.model, weights=options.weights, cache_dir=settings.cache_dir,
+                             progress=options.progress, announce=say,
+                             precision=options.precision or settings.precision)
+    meta = feature_meta(backbone, options.layer)
+    return tasks.ModelSpec(meta.qualified_name, meta.layer, options.weights, meta, options.batch_size)
+
+
+def rejects_schema():
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import NestedField, StringType, TimestamptzType
+
+    return Schema(NestedField(1, "source", StringType(), required=True),
+                  NestedField(2, "image_id", StringType(), required=False),
+                  NestedField(3, "reason", StringType(), required=True),
+                  NestedField(4, "detail", StringType(), required=False),
+                  NestedField(5, "rejected_at", TimestamptzType(), required=True),
+                  NestedField(6, "run_id", StringType(), required=True))
+
+
+def open_rejects_table(settings: Settings, name: str, meta: FeatureId):
+    """The rejects table next to the feature table (created if missing; the identity in its
+    properties too, since a model error belongs to one network)."""
+    from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+
+    catalog = table.load_catalog(settings)
+    try:
+        return catalog.load_table(name)
+    except NoSuchTableError:
+        try:
+            return catalog.create_table(name, rejects_schema(), properties=table.identity_properties(meta))
+        except TableAlreadyExistsError:
+            return catalog.load_table(name)
+
+
+def _slots(spark) -> int:
+    cpus = int(spark.conf.get("spark.task.cpus", "1") or 1)
+    return max(1, spark.sparkContext.defaultParallelism // max(1, cpus))
+
+
+class _Job:
+    """One run's Spark work: hash, anti-join, featurize chunk by chunk."""
+
+    def __init__(self, spark, catalog: str, summary: BackfillSummary, spec: tasks.ModelSpec,
+                 options: BackfillOptions, features: Any, say: Callable[[str], None]):
+        self.spark, self.summary, self.spec, self.options, self.say = spark, summary, spec, options, say
+        self.features = features  # the pyiceberg table: for the offsets to carry forward
+        self.target = f"{catalog}.{summary.table}"
+        self.rejects = f"{catalog}.{summary.rejects_table}"
+        self.slots = _slots(spark)
+
+    def run(self, photos: pa.Table) -> None:
+        from pyspark import StorageLevel
+
+        started = time.perf_counter()
+        listed = self.spark.createDataFrame(photos)
+        parts = max(self.slots, min(photos.num_rows // 256, self.slots * 16)) or 1
+        hashed = listed.repartition(parts).mapInArrow(tasks.hash_photos, _spark_schema(tasks.HASHED))
+        hashed = hashed.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            todo = self._plan(hashed)
+            self.say(f"hashed {self.summary.listed} photos in {time.perf_counter() - started:.1f} s: "
+                     f"{self.summary.skipped_present} already in {self.summary.table}, "
+                     f"{self.summary.skipped_rejected} rejected before, {self.summary.duplicates} duplicate, "
+                     f"{self.summary.rejected.get(tasks.UNREADABLE, 0)} unreadable; {self._todo} to featurize")
+            self._featurize(todo)
+        finally:
+            hashed.unpersist()
+
+    def _plan(self, hashed):
+        """What this run featurizes: readable, not in the table, not rejected before, one per id."""
+        from pyspark import StorageLevel
+        from pyspark.sql import Window
+        from pyspark.sql import functions as F
+
+        unreadable = hashed.filter(F.col("image_id").isNull())
+        self._reject(unreadable.select("source", "image_id", "reason", "detail"), retried=True)
+        readable = hashed.filter(F.col("image_id").isNotNull())
+        present = self.spark.table(self.target).select("image_id").distinct()
+        rejected = (self.spark.table(self.rejects).filter(F.col("image_id").isNotNull())
+                    .select("image_id").distinct())
+        flags = (readable.join(present.withColumn("present", F.lit(True)), "image_id", "left")
+                 .join(rejected.withColumn("rejected_before", F.lit(True)), "image_id", "left")
+                 .withColumn("rank", F.row_number().over(Window.partitionBy("image_id").orderBy("source"))))
+        flags = flags.persist(StorageLevel.MEMORY_AND_DISK)
+        counts = {(bool(r["present"]), bool(r["rejected_before"]), r["rank"] == 1): r["n"]
+                  for r in flags.groupBy("present", "rejected_before", (F.col("rank") == 1).alias("first"))
+                  .agg(F.count("*").alias("n")).withColumnRenamed("first", "rank").collect()}
+        for (present_, rejected_, first), n in counts.items():
+            if present_:
+                self.summary.skipped_present += n
+            elif rejected_:
+                self.summary.skipped_rejected += n
+            elif not first:
+                self.summary.duplicates += n
+        todo = flags.filter(F.col("present").isNull() & F.col("rejected_before").isNull() & (F.col("rank") == 1))
+        self._todo = sum(n for (p, r, first), n in counts.items() if not p and not r and first)
+        return todo.select("source", "label", "image_id"), flags
+
+    def _featurize(self, planned) -> None:
+        from pyspark.sql import functions as F
+        from tqdm import tqdm
+
+        todo, flags = planned
+        try:
+            if not self._todo:
+                return
+            size = self.options.chunk_size or DEFAULT_PHOTOS_PER_SLOT * self.slots
+            chunks = max(1, math.ceil(self._todo / size))
+            keyed = todo.withColumn("chunk", F.pmod(F.xxhash64("image_id"), F.lit(chunks)))
+            bar = tqdm(total=self._todo, desc=f"backfill ({self.spec.meta.describe()})", unit="img",
+                       disable=not self.options.progress, file=_stderr())
+            try:
+                for chunk in range(chunks):
+                    part = keyed.filter(F.col("chunk") == chunk).drop("chunk")
+                    done = self._commit_chunk(part)
+                    bar.update(done)
+            finally:
+                bar.close()
+        finally:
+            flags.unpersist()
+
+    def _commit_chunk(self, part) -> int:
+        """Featurize one chunk, commit its rows (one snapshot), then its rejects; photos done."""
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+
+        out = (part.repartition(self.slots)
+               .mapInArrow(tasks.featurize_photos(self.spec), _spark_schema(tasks.FEATURIZED))
+               .persist(StorageLevel.MEMORY_AND_DISK))
+        try:
+            rows = out.filter(F.col("reason").isNull()).select(*tasks.FEATURE_COLUMNS)
+            featurized = rows.count()  # runs the model; the write below reads the persisted rows
+            if featurized:
+                writer = rows.writeTo(self.target)
+                for key, value in {table.WRITER: WRITER, RUN_KEY: self.summary.run_id, **self._carried()}.items():
+                    writer = writer.option(f"snapshot-property.{key}", value)
+                writer.append()
+            rejects = out.filter(F.col("reason").isNotNull()).select(
+                "source", F.when(F.col("image_id") != "", F.col("image_id")).alias("image_id"), "reason", "detail")
+            rejected = self._reject(rejects, retried=False)
+        finally:
+            out.unpersist()
+        self.summary.featurized += featurized
+        self.summary.chunks += 1
+        return featurized + rejected
+
+    def _carried(self) -> dict[str, str]:
+        """The stream's offsets from the table's current snapshot (TABLE_CONTRACT.md)."""
+        self.features.refresh()
+        return table.carry_offsets(self.features)
+
+    def _reject(self, rejects, retried: bool) -> int:
+        """Append this run's rejects and count them by reason. Unreadable photos are tried again
+        by every run, so theirs are appended once per (source, reason)."""
+        from pyspark.sql import functions as F
+
+        stamped = (rejects.withColumn("rejected_at", F.current_timestamp())
+                   .withColumn("run_id", F.lit(self.summary.run_id))
+                   .select("source", "image_id", "reason", "detail", "rejected_at", "run_id"))
+        found = stamped.collect()  # rejects are few; the driver counts them
+        for row in found:
+            self.summary.rejected[row["reason"]] += 1
+        if retried and found:
+            before = self.spark.table(self.rejects).select("source", "reason").distinct()
+            found = stamped.join(before, ["source", "reason"], "left_anti").collect()
+        if found:
+            frame = self.spark.createDataFrame(found, schema=_rejects_spark_schema())
+            frame.writeTo(self.rejects).option(f"snapshot-property.{table.WRITER}", WRITER).append()
+        return len(found)
+
+
+def _rejects_spark_schema():
+    from pyspark.sql import types as T
+
+    return T.StructType([T.StructField("source", T.StringType(), False), T.StructField("image_id", T.StringType()),
+                         T.StructField("reason", T.StringType(), False), T.StructField("detail", T.StringType()),
+                         T.StructField("rejected_at", T.TimestampType(), False),
+                         T.StructField("run_id", T.StringType(), False)])
+
+
+def _spark_schema(schema: pa.Schema):
+    """The Spark schema of an Arrow schema (nullability kept: Iceberg refuses nullable values
+    for its required columns)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def _stderr():
+    import sys
+
+    return sys.stderr
