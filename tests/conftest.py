@@ -18,6 +18,7 @@ SHARED = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
 
 from tests.broker_fixture import *  # noqa: E402,F401,F403  (kafka_settings and friends)
+from tests.spark_helpers import _spark_session, spark_env  # noqa: E402,F401  (one SparkSession for all)
 
 
 def shared_path(*parts: str) -> Path:

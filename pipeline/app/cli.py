@@ -178,8 +178,12 @@ def _train_from_dir(args: argparse.Namespace, spec, table: dict[str, str] | None
 
 def _features_from_parquet(paths: Sequence[str]):
     from pipeline.storage.parquet_reader import read_features
+    from pipeline.storage import table_standin  # STAND-IN until the table branch's --features TABLE
 
-    fs = read_features(paths)
+    if len(paths) == 1 and table_standin.looks_like_table(paths[0]):
+        fs = table_standin.read_features(Settings.from_env(), paths[0])
+    else:
+        fs = read_features(paths)
     _say(f"read {len(fs)} vectors ({fs.meta.describe()}) from Parquet"
          + (f", {fs.duplicates_dropped} duplicate rows dropped" if fs.duplicates_dropped else ""))
     return fs.image_ids, fs.sources, fs.labels, fs.vectors, fs.meta

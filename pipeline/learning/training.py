@@ -115,9 +115,18 @@ def _looks_like_header(row: list[str]) -> bool:
 
 def apply_labels(image_ids: Sequence[str], sources: Sequence[str], labels: Sequence[str | None],
                  table: dict[str, str]) -> list[str | None]:
-    """Labels from a CSV win over stored ones; match by image id, full source, or file name."""
+    """Labels from a CSV win over stored ones; matched by image id, else by source path: the
+    longest tail of the source's path that is a key, so ``fish/goldfish.jpg``, the file name or
+    the whole path all match ``/lake/train/fish/goldfish.jpg`` or ``s3://bucket/train/fish/goldfish.jpg``
+    (a backfill stores absolute paths and URIs; a CSV usually has the paths it was made with)."""
+    keys = {key.removeprefix("./"): label for key, label in table.items()}
     out = []
     for image_id, source, label in zip(image_ids, sources, labels):
-        found = table.get(image_id) or table.get(source) or table.get(Path(source).name)
+        found = table.get(image_id) or _by_path(source, keys)
         out.append(found or label)
     return out
+
+
+def _by_path(source: str, keys: dict[str, str]) -> str | None:
+    parts = source.split("/")
+    return next((keys[tail] for tail in ("/".join(parts[i:]) for i in range(len(parts))) if tail in keys), None)

@@ -284,7 +284,7 @@ class _Job:
             self.summary.rejected[row["reason"]] += 1
         if retried and found:
             before = self.spark.table(self.rejects).select("source", "reason").distinct()
-            found = stamped.join(before, ["source", "reason"], "left_anti").collect()
+            found = stamped.join(before, ["source", "reason"], "left_anti").select(*stamped.columns).collect()
         if found:
             frame = self.spark.createDataFrame(found, schema=_rejects_spark_schema())
             frame.writeTo(self.rejects).option(f"snapshot-property.{table.WRITER}", WRITER).append()

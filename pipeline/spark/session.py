@@ -59,6 +59,8 @@ logger.spark.name = org.apache.spark
 logger.spark.level = warn
 logger.blockmgr.name = org.apache.spark.storage.BlockManager
 logger.blockmgr.level = error
+logger.cache.name = org.apache.spark.sql.execution.CacheManager
+logger.cache.level = error
 """
 
 
@@ -156,12 +158,21 @@ def spark_session(settings: Settings, master: str | None = None, conf: Mapping[s
         raise SparkUnavailable(reason)
     started = time.perf_counter()
     jars = install(settings.cache_dir, announce)
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     catalog = catalog_conf(settings)
-    active = SparkSession.getActiveSession()
-    if active is not None and master is None:
+    running = SparkContext._active_spark_context
+    if running is not None:  # spark-submit's session, or one this process started before
+        if master and master != running.master:
+            raise DeeperError(f"a Spark session with master {running.master} is already running in this process; "
+                              f"--master {master} cannot apply")
+        active = SparkSession.builder.getOrCreate()
         for key, value in {**catalog, **(conf or {})}.items():
+            now = active.conf.get(key, None)
+            if key in catalog and now is not None and now != value:  # a loaded catalog keeps its settings
+                raise DeeperError(f"this process's Spark session has {key}={now}, not {value}: "
+                                  "run the command in a new process")
             active.conf.set(key, value)
         return Started(active, time.perf_counter() - started, table.catalog_name(settings))
     master = master or DEFAULT_MASTER

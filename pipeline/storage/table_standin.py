@@ -133,3 +133,30 @@ def carry_offsets(table: Any) -> dict[str, str]:
     if snapshot is None or snapshot.summary is None:
         return {}
     return {k: v for k, v in snapshot.summary.additional_properties.items() if k.startswith(OFFSETS_PREFIX)}
+
+
+def read_features(settings: Settings, name: str):
+    """The table's rows as a :class:`pipeline.storage.parquet_reader.FeatureSet` (what
+    ``deeper train --features TABLE`` trains on)."""
+    import numpy as np
+    from pyiceberg.exceptions import NoSuchTableError
+
+    from pipeline.errors import DeeperError
+    from pipeline.storage.parquet_reader import FeatureSet
+
+    try:
+        loaded = load_catalog(settings).load_table(name)
+    except NoSuchTableError:
+        raise DeeperError(f"no table {name} in catalog {catalog_name(settings)}") from None
+    meta = FeatureId.from_parquet_metadata({k.encode(): v.encode() for k, v in loaded.properties.items()},
+                                           where=f"table {name}")
+    rows = loaded.scan(selected_fields=("image_id", "source", "label", "vector")).to_arrow()
+    flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return FeatureSet(meta, rows.column("image_id").to_pylist(), rows.column("source").to_pylist(),
+                      rows.column("label").to_pylist(), flat.reshape(rows.num_rows, meta.dim), files=1)
+
+
+def looks_like_table(text: str) -> bool:
+    """``namespace.name`` (not a path that exists, not a Parquet file name)."""
+    return (re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", text) is not None and not Path(text).exists()
+            and not text.endswith(".parquet"))
