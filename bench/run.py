@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import batch, precision, stream, stream_more  # noqa: E402
+from bench import backfill, batch, precision, stream, stream_more  # noqa: E402
 from bench.common import RESULTS, Context, machine, say  # noqa: E402
 
 #: name -> (what it measures, function). Order matters: later figures reuse earlier results
@@ -40,6 +40,7 @@ FIGURES: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "reference": ("the reference loop: one photo per sess.run, Pillow/numpy preprocessing", batch.reference_loop),
     "decode": ("decode + preprocess alone through pipeline.model.inference (no model)", batch.decode_preprocess),
     "featurize": ("`deeper featurize DIR --no-cache` on ~200 distinct photos", batch.featurize_cli),
+    "backfill": ("`deeper backfill` on Spark local[2] vs `deeper featurize`, same photos", backfill.backfill_vs_featurize),
     "precision": ("fp32 vs bf16 / fp32-lite / int8: speed and fidelity", precision.precision_figure),
     "stream": ("the stream end to end (broker + featurizer + scorer processes)", stream.stream_throughput),
     "guarantee": ("the stream, exactly-once vs at-least-once, on Apache Kafka", stream.guarantee_cost),
@@ -166,6 +167,16 @@ def table(report: dict[str, Any]) -> str:
         if "ratio_12mp_to_640px" in f["featurize"]:
             lines.append(row("  12 MP / 640 px (same run)", f"x{f['featurize']['ratio_12mp_to_640px']:.2f}",
                              f"per round {f['featurize']['ratio_12mp_to_640px_per_round']}"))
+    if "backfill" in f:
+        for name, r in f["backfill"]["rows"].items():
+            if name == "featurize":
+                lines.append(row("deeper featurize (backfill figure's photos)", f"{r['wall_per_s']:.1f} img/s",
+                                 f"wall incl. start-up; own rate {r['own_rate_per_s']:.1f} img/s"))
+            else:
+                lines.append(row(f"deeper {name}", f"{r['wall_excl_startup_per_s']:.1f} img/s",
+                                 f"x{r['ratio_to_featurize_excl_spark_startup']:.2f} of featurize without Spark's "
+                                 f"start-up ({r['spark_startup_s']:.1f} s; with it x"
+                                 f"{r['ratio_to_featurize_incl_spark_startup']:.2f})"))
     if "precision" in f:
         for r in f["precision"]["speed"]:
             lines.append(row(f"{r['backbone']} {r['precision']} bs={r['batch_size']}", f"{r['per_s']:.1f} img/s",

@@ -68,6 +68,14 @@ class Settings:
     #: where the featurizer writes Parquet: a directory or ``s3://bucket/prefix``; empty means
     #: ``$DEEPER_DATA_DIR/features``.
     features_uri: str = _setting("DEEPER_FEATURES_URI", "")
+    #: the pyiceberg catalog's name; configured the standard pyiceberg way (~/.pyiceberg.yaml,
+    #: PYICEBERG_CATALOG__<NAME>__*) or else the embedded SQLite catalog under the data dir
+    catalog: str = _setting("DEEPER_CATALOG", "deeper")
+    #: the feature table: "namespace.name", with {backbone}, {precision}, {layer} filled in
+    table: str = _setting("DEEPER_TABLE", "deeper.features_{backbone}_{precision}_{layer}")
+    #: the embedded catalog's warehouse: ``file://...`` or ``s3://bucket/prefix``; empty means
+    #: ``file://<absolute $DEEPER_DATA_DIR>/warehouse``
+    warehouse: str = _setting("DEEPER_WAREHOUSE", "")
     # -- the model ---------------------------------------------------------------------------------
     model: str = _setting("DEEPER_MODEL", "auto")
     precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.model.precision)

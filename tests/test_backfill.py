@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +89,15 @@ def test_rerun_adds_nothing_and_skips_before_the_model(backfilled, spark_env):
 
 
 def test_train_from_backfilled_rows_labels_by_path_or_image_id(backfilled, spark_env, tmp_path):
-    """`deeper train --features TABLE --labels CSV` trains exactly as from featurize's Parquet with
-    the same labels; the CSV names photos by relative path (a backfill stores absolute ones) or id."""
+    """`deeper train --features TABLE --labels CSV` trains on backfilled rows exactly as on the
+    same rows in a feature file; the CSV names photos by relative path (a backfill stores absolute
+    ones) or by image id."""
+    from pipeline.learning.registry import Registry
+    from pipeline.storage.parquet_writer import FeatureRow, write_features
+
     _, photos, _, _ = backfilled
-    rows = rows_of(spark_env.settings(), TABLE)
+    settings = spark_env.settings()
+    rows = rows_of(settings, TABLE)
     by_source = dict(zip(rows.column("source").to_pylist(), rows.column("image_id").to_pylist()))
     labels = tmp_path / "labels.csv"
     lines = ["key,label"]
@@ -101,18 +107,20 @@ def test_train_from_backfilled_rows_labels_by_path_or_image_id(backfilled, spark
     labels.write_text("\n".join(lines) + "\n")
     rc, out, err = deeper("train", "--features", TABLE, "--labels", labels)
     assert rc == 0, err
-    assert "trained linear-svm" in out and "on 24 images of 3 classes" in out
-    rc, _, err = deeper("featurize", photos / "train", "--out", tmp_path / "f.parquet", "--no-cache")
-    assert rc == 0, err
-    rc, out_parquet, err = deeper("train", "--features", tmp_path / "f.parquet", "--labels", labels)
-    assert rc == 0, err
-    from pipeline.learning.registry import Registry
+    assert "on 24 images of 3 classes" in out
 
-    registry = Registry(spark_env.settings().registry_dir)
-    *_, from_table, from_parquet = registry.versions()
-    a, b = registry.load(from_table), registry.load(from_parquet)
+    meta = FeatureId.from_parquet_metadata({k.encode(): v.encode() for k, v in
+                                            table.load_catalog(settings).load_table(TABLE).properties.items()})
+    write_features([FeatureRow(r["image_id"], r["source"], r["label"], r["width"], r["height"],
+                               np.asarray(r["vector"], np.float32)) for r in rows.to_pylist()],
+                   meta, tmp_path / "same-rows.parquet")
+    rc, _, err = deeper("train", "--features", tmp_path / "same-rows.parquet", "--labels", labels)
+    assert rc == 0, err
+    registry = Registry(settings.registry_dir)
+    *_, from_table, from_file = registry.versions()
+    a, b = registry.load(from_table), registry.load(from_file)
     assert a.metadata["training_set_sha256"] == b.metadata["training_set_sha256"]
-    assert np.allclose(a.classifier.arrays["coef"], b.classifier.arrays["coef"], atol=1e-6)
+    assert np.allclose(a.classifier.arrays["coef"], b.classifier.arrays["coef"], rtol=0, atol=1e-6)
 
 
 def test_rejects_duplicates_and_a_parquet_list_of_paths(spark_env, tmp_path):
@@ -149,12 +157,20 @@ def test_rejects_duplicates_and_a_parquet_list_of_paths(spark_env, tmp_path):
 
 def test_a_table_of_another_identity_is_refused_in_one_line(spark_env, tmp_path):
     other = FeatureId("efficientnet_lite0", "ab" * 32, "prelogits", 16, "")
-    table.open_table(spark_env.settings(), other, name="deeper.bf_other")
+    table.open_table(replace(spark_env.settings(), table="deeper.bf_other"), other)
     photos = lake(tmp_path / "p", {"x.jpg": b"not read: the identity is checked first"})
     rc, out, err = deeper("backfill", photos, "--table", "deeper.bf_other")
     assert rc == 2
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and "deeper.bf_other" in lines[0] and "DEEPER_TABLE" in lines[0], err
+
+
+def test_a_worker_that_cannot_load_the_network_says_why_in_one_line(spark_env, tmp_path):
+    photos = lake(tmp_path / "p", {"x.jpg": b"never read"})
+    rc, out, err = deeper("backfill", photos, "--table", "deeper.bf_layer", "--layer", "no_such_layer")
+    assert rc == 2
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "no_such_layer" in lines[0] and "Traceback" not in err, err
 
 
 def test_summary_line_counts_by_reason():

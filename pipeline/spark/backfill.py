@@ -12,8 +12,8 @@ The job, on the driver (each step a Spark job; the Python side in :mod:`pipeline
    one photo per ``image_id`` (same bytes under two names: the first name wins, the other is
    counted as a duplicate): what is already there costs no model time.
 5. **Featurize in chunks**: each chunk is one ``mapInArrow`` over the executors and one Iceberg
-   commit (snapshot summary ``deeper.writer=backfill``, the run's id, and the stream's offsets
-   carried forward), then its rejects are appended to the rejects table. A job killed half way
+   commit (snapshot summary ``deeper.writer=backfill`` and the run's id; no offsets: the stream
+   trusts only its own and compaction's), then its rejects are appended to the rejects table. A job killed half way
    keeps every committed chunk; run again, the anti-join skips them, so each photo ends in the
    table exactly once (a chunk is all or nothing: one commit).
 
@@ -25,12 +25,14 @@ reject row is written once per (source, reason).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping
 
 import pyarrow as pa
 
@@ -98,17 +100,22 @@ def run_backfill(settings: Settings, options: BackfillOptions, say: Callable[[st
     listing = sources.list_photos(options.src, options.labels_from_folders)
     summary.listed = listing.photos.num_rows
     say(f"listed {summary.listed} photos ({listing.what} {options.src})")
-    spec = _model_spec(settings, options, say)
-    summary.table = options.table or table.table_name(settings, spec.meta)
-    features = table.open_table(settings, spec.meta, create=True, name=summary.table)
-    summary.rejects_table = summary.table + REJECTS_SUFFIX
-    open_rejects_table(settings, summary.rejects_table, spec.meta)
     session = spark_session(settings, options.master, options.conf, app_name=f"deeper backfill {options.src}",
                             announce=say)
     summary.spark_startup_s = session.seconds
     say(f"Spark {session.spark.version} started in {session.seconds:.1f} s "
         f"(master {session.spark.sparkContext.master}, {_slots(session.spark)} task slot(s))")
-    job = _Job(session.spark, session.catalog, summary, spec, options, features, say)
+    local = session.spark.sparkContext.master.startswith("local")  # workers share this machine's cache
+    spec = identify(session.spark, tasks.ModelSpec(options.model, options.precision or settings.precision,
+                                                   options.layer, options.weights, options.batch_size,
+                                                   str(settings.cache_dir) if local else None), say)
+    if options.table:  # a fixed table: vectors of another identity are refused, as for DEEPER_TABLE
+        settings = replace(settings, table=options.table)
+    features = table.open_table(settings, spec.meta, create=True)
+    summary.table = ".".join(features.name())
+    summary.rejects_table = summary.table + REJECTS_SUFFIX
+    open_rejects_table(settings, summary.rejects_table, spec.meta)
+    job = _Job(session.spark, session.catalog, summary, spec, options, say)
     try:
         job.run(listing.photos)
     finally:
@@ -116,15 +123,29 @@ def run_backfill(settings: Settings, options: BackfillOptions, say: Callable[[st
     return summary
 
 
-def _model_spec(settings: Settings, options: BackfillOptions, say: Callable[[str], None]) -> tasks.ModelSpec:
-    from pipeline.model.featurize import feature_meta
-    from pipeline.model.nets.factory import load_backbone
+def identify(spark, spec: tasks.ModelSpec, say: Callable[[str], None]) -> tasks.ModelSpec:
+    """The network's :class:`FeatureId`, from a one-task job: a Python worker loads the network
+    (and keeps it for the featurize tasks), so the driver needs no TensorFlow. A worker's error
+    (no weights, an unknown layer) comes back as its one line, not a JVM stack trace."""
+    started = time.perf_counter()
+    frame = spark.range(1, numPartitions=1).mapInArrow(tasks.identify(spec), _spark_schema(tasks.IDENTITY))
+    try:
+        (row,) = frame.collect()
+    except Exception as exc:  # noqa: BLE001 - a PythonException carrying the worker's traceback
+        raise DeeperError(f"the network could not be loaded on a Spark worker: {_worker_error(exc)}") from None
+    found = json.loads(row["identity"])
+    if found["said"]:
+        say(found["said"])
+    say(f"network loaded on a Spark worker in {time.perf_counter() - started:.1f} s")
+    return spec.resolved(FeatureId.from_json(found["meta"]))
 
-    backbone = load_backbone(options.model, weights=options.weights, cache_dir=settings.cache_dir,
-                             progress=options.progress, announce=say,
-                             precision=options.precision or settings.precision)
-    meta = feature_meta(backbone, options.layer)
-    return tasks.ModelSpec(meta.qualified_name, meta.layer, options.weights, meta, options.batch_size)
+
+def _worker_error(exc: BaseException) -> str:
+    """The last ``Type: message`` line of a Python worker's traceback inside a Spark error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    found = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Unavailable|Features)\b.*:", line)]
+    last = found[-1] if found else (lines[-1] if lines else type(exc).__name__)
+    return re.sub(r"^[\w.]*\.(\w+):", r"\1:", last)[:500]  # pipeline.errors.DeeperError: -> DeeperError:
 
 
 def rejects_schema():
@@ -149,7 +170,8 @@ def open_rejects_table(settings: Settings, name: str, meta: FeatureId):
         return catalog.load_table(name)
     except NoSuchTableError:
         try:
-            return catalog.create_table(name, rejects_schema(), properties=table.identity_properties(meta))
+            identity = {k.decode(): v.decode() for k, v in meta.to_parquet_metadata().items()}
+            return catalog.create_table(name, rejects_schema(), properties=identity)
         except TableAlreadyExistsError:
             return catalog.load_table(name)
 
@@ -163,9 +185,8 @@ class _Job:
     """One run's Spark work: hash, anti-join, featurize chunk by chunk."""
 
     def __init__(self, spark, catalog: str, summary: BackfillSummary, spec: tasks.ModelSpec,
-                 options: BackfillOptions, features: Any, say: Callable[[str], None]):
+                 options: BackfillOptions, say: Callable[[str], None]):
         self.spark, self.summary, self.spec, self.options, self.say = spark, summary, spec, options, say
-        self.features = features  # the pyiceberg table: for the offsets to carry forward
         self.target = f"{catalog}.{summary.table}"
         self.rejects = f"{catalog}.{summary.rejects_table}"
         self.slots = _slots(spark)
@@ -176,7 +197,7 @@ class _Job:
         started = time.perf_counter()
         listed = self.spark.createDataFrame(photos)
         parts = max(self.slots, min(photos.num_rows // 256, self.slots * 16)) or 1
-        hashed = listed.repartition(parts).mapInArrow(tasks.hash_photos, _spark_schema(tasks.HASHED))
+        hashed = listed.repartition(parts).mapInArrow(tasks.hash_photos(self.spec), _spark_schema(tasks.HASHED))
         hashed = hashed.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             todo = self._plan(hashed)
@@ -204,9 +225,9 @@ class _Job:
                  .join(rejected.withColumn("rejected_before", F.lit(True)), "image_id", "left")
                  .withColumn("rank", F.row_number().over(Window.partitionBy("image_id").orderBy("source"))))
         flags = flags.persist(StorageLevel.MEMORY_AND_DISK)
-        counts = {(bool(r["present"]), bool(r["rejected_before"]), r["rank"] == 1): r["n"]
+        counts = {(bool(r["present"]), bool(r["rejected_before"]), r["first"]): r["n"]
                   for r in flags.groupBy("present", "rejected_before", (F.col("rank") == 1).alias("first"))
-                  .agg(F.count("*").alias("n")).withColumnRenamed("first", "rank").collect()}
+                  .agg(F.count("*").alias("n")).collect()}
         for (present_, rejected_, first), n in counts.items():
             if present_:
                 self.summary.skipped_present += n
@@ -254,7 +275,8 @@ class _Job:
             featurized = rows.count()  # runs the model; the write below reads the persisted rows
             if featurized:
                 writer = rows.writeTo(self.target)
-                for key, value in {table.WRITER: WRITER, RUN_KEY: self.summary.run_id, **self._carried()}.items():
+                # no offsets carried: the stream reads its offsets from its own (and compact's) snapshots only
+                for key, value in {table.WRITER: WRITER, RUN_KEY: self.summary.run_id}.items():
                     writer = writer.option(f"snapshot-property.{key}", value)
                 writer.append()
             rejects = out.filter(F.col("reason").isNotNull()).select(
@@ -265,11 +287,6 @@ class _Job:
         self.summary.featurized += featurized
         self.summary.chunks += 1
         return featurized + rejected
-
-    def _carried(self) -> dict[str, str]:
-        """The stream's offsets from the table's current snapshot (TABLE_CONTRACT.md)."""
-        self.features.refresh()
-        return table.carry_offsets(self.features)
 
     def _reject(self, rejects, retried: bool) -> int:
         """Append this run's rejects and count them by reason. Unreadable photos are tried again

@@ -100,7 +100,7 @@ def unavailable_reason(cache_dir: str | Path | None = None) -> str | None:
 
 def catalog_conf(settings: Settings) -> dict[str, str]:
     """``spark.sql.catalog.<name>.*`` for the feature table's catalog (see the module doc)."""
-    name = table.catalog_name(settings)
+    name = settings.catalog
     props = table.catalog_properties(settings)
     prefix = f"spark.sql.catalog.{name}"
     conf = {prefix: "org.apache.iceberg.spark.SparkCatalog"}
@@ -174,7 +174,7 @@ def spark_session(settings: Settings, master: str | None = None, conf: Mapping[s
                 raise DeeperError(f"this process's Spark session has {key}={now}, not {value}: "
                                   "run the command in a new process")
             active.conf.set(key, value)
-        return Started(active, time.perf_counter() - started, table.catalog_name(settings))
+        return Started(active, time.perf_counter() - started, settings.catalog)
     master = master or DEFAULT_MASTER
     if master.startswith("local"):  # everything on this machine: loopback only, no LAN address
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -186,7 +186,7 @@ def spark_session(settings: Settings, master: str | None = None, conf: Mapping[s
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    return Started(spark, time.perf_counter() - started, table.catalog_name(settings))
+    return Started(spark, time.perf_counter() - started, settings.catalog)
 
 
 def base_conf(jars: Sequence[Path], settings: Settings) -> dict[str, str]:

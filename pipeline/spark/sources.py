@@ -94,13 +94,13 @@ def _from_parquet(location: str) -> pa.Table:
     if column is None:
         raise DeeperError(f"{location}: a list of photos needs a column named {' or '.join(PATH_COLUMNS)} "
                           f"(it has {', '.join(table.column_names)})")
-    paths = [p for p in table.column(column).cast(pa.string()).to_pylist()]
+    paths = table.column(column).cast(pa.string()).to_pylist()
     labels = table.column("label").cast(pa.string()).to_pylist() if "label" in table.column_names else None
     keep = [i for i, p in enumerate(paths) if p]
     if not keep:
         raise DeeperError(f"{location}: column {column} names no photos")
-    absolute = [p if storage.is_uri(p) else display_path(Path(p).absolute()) for p in paths]
-    return _table([absolute[i] for i in keep], [labels[i] for i in keep] if labels else None)
+    absolute = [paths[i] if storage.is_uri(paths[i]) else display_path(Path(paths[i]).absolute()) for i in keep]
+    return _table(absolute, [labels[i] for i in keep] if labels else None)
 
 
 def read_photo(source: str) -> bytes:

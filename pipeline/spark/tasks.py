@@ -18,9 +18,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+import json
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -65,13 +67,26 @@ FEATURE_COLUMNS = [f.name for f in FEATURIZED if f.name not in ("reason", "detai
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a worker needs to load the driver's network (pickled into the task)."""
+    """What a worker needs to load the network (pickled into each task).
 
-    backbone: str  # qualified name: name@precision for non-fp32
+    ``meta`` is what the identity job's worker found (:func:`identify`); every later task's
+    worker must make the same, or the task fails: vectors of two identities never mix.
+    """
+
+    model: str  # auto, or a backbone name
+    precision: str
     layer: str
     weights: str | None
-    meta: FeatureId  # what the driver's network makes; a worker must make the same
     batch_size: int = 32
+    cache_dir: str | None = None  # None: the worker's own $DEEPER_CACHE_DIR (on a cluster)
+    meta: FeatureId | None = None
+
+    def resolved(self, meta: FeatureId) -> "ModelSpec":
+        """The spec every later task gets: the backbone ``auto`` chose, and the identity."""
+        return replace(self, model=meta.backbone, precision=meta.precision, layer=meta.layer, meta=meta)
+
+
+IDENTITY = pa.schema([pa.field("identity", pa.string(), nullable=False)])
 
 
 # --------------------------------------------------------------------------- reading
@@ -123,47 +138,95 @@ def _reason(error: BaseException) -> tuple[str, str]:
 # --------------------------------------------------------------------------- hashing
 
 
-def hash_photos(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``source, label`` -> ``+ image_id`` (sha256 of the bytes), ``size``; or a reason."""
-    rows = {name: [] for name in HASHED.names}
-    for (source, label), data in _read_ahead(_rows(batches, ("source", "label"))):
-        image_id = size = reason = detail = None
-        if isinstance(data, BaseException):
-            reason, detail = _reason(data)
-        else:
-            image_id, size = hashlib.sha256(data).hexdigest(), len(data)
-        for name, value in zip(HASHED.names, (source, label, image_id, size, reason, detail)):
-            rows[name].append(value)
-        if len(rows["source"]) >= CHUNK:
+def hash_photos(spec: ModelSpec | None = None):
+    """The ``mapInArrow`` function: ``source, label`` -> ``+ image_id`` (sha256 of the bytes),
+    ``size``, or a reason. With ``spec``, the worker starts loading the network in the background
+    meanwhile (its import and load overlap the hashing and the driver's anti-join)."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if spec is not None:
+            _warm(spec)
+        rows = {name: [] for name in HASHED.names}
+        for (source, label), data in _read_ahead(_rows(batches, ("source", "label"))):
+            image_id = size = reason = detail = None
+            if isinstance(data, BaseException):
+                reason, detail = _reason(data)
+            else:
+                image_id, size = hashlib.sha256(data).hexdigest(), len(data)
+            for name, value in zip(HASHED.names, (source, label, image_id, size, reason, detail)):
+                rows[name].append(value)
+            if len(rows["source"]) >= CHUNK:
+                yield pa.RecordBatch.from_pydict(rows, schema=HASHED)
+                rows = {name: [] for name in HASHED.names}
+        if rows["source"]:
             yield pa.RecordBatch.from_pydict(rows, schema=HASHED)
-            rows = {name: [] for name in HASHED.names}
-    if rows["source"]:
-        yield pa.RecordBatch.from_pydict(rows, schema=HASHED)
+
+    return run
 
 
 # --------------------------------------------------------------------------- featurizing
 
-#: (spec, cpus) -> GuardedInference; one per Python worker, kept between tasks.
+#: (spec without its identity, cpus) -> Future of (GuardedInference, FeatureId, announcement):
+#: one network per Python worker, kept between tasks (Spark reuses its Python workers).
 _LOADED: dict = {}
+_LOADING = threading.Lock()
 
 
-def _inference(spec: ModelSpec):
-    """The worker's network and input pipeline, loaded on its first task and kept."""
-    cpus = _task_cpus()
-    key = (spec, cpus)
-    if key not in _LOADED:
+def _warm(spec: ModelSpec) -> Future:
+    """Start loading the worker's network for ``spec`` (once; in a background thread)."""
+    key = (replace(spec, meta=None), _task_cpus())
+    with _LOADING:
+        if key not in _LOADED:
+            _LOADED.clear()  # another network: let the old one go
+            future: Future = Future()
+            threading.Thread(target=_load, args=(key[0], key[1], future), name="deeper-model-load",
+                             daemon=True).start()
+            _LOADED[key] = future
+        return _LOADED[key]
+
+
+def _load(spec: ModelSpec, cpus: int, future: Future) -> None:
+    try:
         from pipeline.model import threads
         from pipeline.model.featurize import GuardedInference, feature_meta
         from pipeline.model.nets.factory import load_backbone
 
         # this task's share of the executor's cores, before TensorFlow starts its pools
         threads.apply(threads.ThreadPlan(1, cpus, 1 if cpus == 1 else 0, f"{cpus} Spark task core(s)"))
-        backbone = load_backbone(spec.backbone, weights=spec.weights, progress=False)
+        said: list[str] = []
+        backbone = load_backbone(spec.model, weights=spec.weights, cache_dir=spec.cache_dir, progress=False,
+                                 announce=said.append, precision=spec.precision)
         made = feature_meta(backbone, spec.layer)
-        made.check_compatible(spec.meta, what="this Spark worker's network vs the driver's")
-        _LOADED.clear()
-        _LOADED[key] = GuardedInference(backbone, made.layer, spec.batch_size, parallel_decode=max(2, cpus))
-    return _LOADED[key]
+        inference = GuardedInference(backbone, made.layer, spec.batch_size, parallel_decode=max(2, cpus))
+        with _LOADING:  # later tasks ask for what ``auto`` resolved to: the same network
+            _LOADED.setdefault((replace(spec.resolved(made), meta=None), cpus), future)
+        future.set_result((inference, made, "; ".join(said)))
+    except BaseException as exc:  # noqa: BLE001 - raised in the task that waits for it
+        future.set_exception(exc)
+
+
+def _inference(spec: ModelSpec):
+    """The worker's network and input pipeline (loaded once, maybe while hashing), checked
+    against the identity the driver expects."""
+    inference, made, _ = _warm(spec).result()
+    if spec.meta is not None:
+        made.check_compatible(spec.meta, what="this Spark worker's network vs the identity job's")
+    return inference
+
+
+def identify(spec: ModelSpec):
+    """The ``mapInArrow`` function of the identity job: one row, the worker's ``FeatureId`` as
+    JSON (and what ``auto`` said about its choice). The driver never loads TensorFlow; this
+    worker keeps the network it loaded for the tasks that follow."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        _, made, said = _warm(spec).result()
+        text = json.dumps({"meta": made.to_json(), "said": said})
+        yield pa.RecordBatch.from_pydict({"identity": [text]}, schema=IDENTITY)
+
+    return run
 
 
 def _task_cpus() -> int:

@@ -6,15 +6,16 @@ file implements exactly what /work/TABLE_CONTRACT.md says and nothing more: the 
 (``DEEPER_CATALOG``, standard pyiceberg configuration first, else the embedded SQLite catalog
 under ``$DEEPER_DATA_DIR`` with the warehouse at ``$DEEPER_WAREHOUSE``), table names from
 ``DEEPER_TABLE``, the schema with its fixed field ids, the identity in the table properties.
+(Unpartitioned: the ``table`` branch partitions by ``day(created_at)``, which pyiceberg's own
+``append`` can only write with ``pyiceberg-core``; writers must not depend on it.)
 
-At merge: ``grep -rn table_standin`` and import ``pipeline.storage.table`` instead (the names are
-the contract's), then delete this file. It reads its three variables from ``os.environ``
-because ``pipeline.config.Settings`` gets them on the ``table`` branch.
+At merge: ``grep -rn table_standin`` and import ``pipeline.storage.table`` instead (the names and
+signatures used are the ``table`` branch's: ``catalog_properties``, ``load_catalog``,
+``table_name``, ``open_table``, ``check_identity``, ``append_rows``, ``WRITER``), then delete this file.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,8 @@ from pipeline.config import Settings
 from pipeline.errors import IncompatibleFeatures
 from pipeline.storage.identity import FeatureId
 
-DEFAULT_CATALOG = "deeper"
-DEFAULT_TABLE = "deeper.features_{backbone}_{precision}_{layer}"
 #: Snapshot summary key naming who wrote a snapshot: stream | featurize | backfill | compact.
 WRITER = "deeper.writer"
-#: Snapshot summary keys of the stream's consumed offsets start with this (the ``table``
-#: helper chooses the real keys; see the report).
-OFFSETS_PREFIX = "deeper.offsets."
-
-
-def catalog_name(settings: Settings | None = None) -> str:
-    return os.environ.get("DEEPER_CATALOG", "").strip() or DEFAULT_CATALOG
 
 
 def catalog_properties(settings: Settings) -> dict[str, str]:
@@ -41,13 +33,12 @@ def catalog_properties(settings: Settings) -> dict[str, str]:
     there is one, else the embedded SQLite catalog and warehouse under ``$DEEPER_DATA_DIR``."""
     from pyiceberg.utils.config import Config
 
-    name = catalog_name(settings)
-    configured = Config().get_catalog_config(name)
+    configured = Config().get_catalog_config(settings.catalog)
     if configured:
         return {str(k): str(v) for k, v in configured.items()}
     data = Path(settings.data_dir).absolute()
-    warehouse = os.environ.get("DEEPER_WAREHOUSE", "").strip() or (data / "warehouse").as_uri()
-    return {"type": "sql", "uri": f"sqlite:///{data / 'catalog.db'}", "warehouse": warehouse}
+    return {"type": "sql", "uri": f"sqlite:///{data / 'catalog.db'}",
+            "warehouse": settings.warehouse or (data / "warehouse").as_uri()}
 
 
 def load_catalog(settings: Settings):
@@ -56,21 +47,20 @@ def load_catalog(settings: Settings):
     properties = catalog_properties(settings)
     if properties.get("type") == "sql" and properties["uri"].startswith("sqlite:///"):
         Path(properties["uri"][len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return pyiceberg_load(catalog_name(settings), **properties)
+    return pyiceberg_load(settings.catalog, **properties)
 
 
 def _sanitize(text: str) -> str:
-    return re.sub(r"_+", "_", re.sub(r"[^a-z0-9_]", "_", text.lower())).strip("_")
+    return re.sub(r"[^a-z0-9_]", "_", text.lower())
 
 
 def table_name(settings: Settings, meta: FeatureId) -> str:
     """``namespace.name`` of the table holding vectors of ``meta`` (``DEEPER_TABLE``)."""
-    template = os.environ.get("DEEPER_TABLE", "").strip() or DEFAULT_TABLE
-    return template.format(backbone=_sanitize(meta.backbone), precision=_sanitize(meta.precision),
-                           layer=_sanitize(meta.layer))
+    return settings.table.format(backbone=_sanitize(meta.backbone), precision=_sanitize(meta.precision),
+                                 layer=_sanitize(meta.layer))
 
 
-def schema(dim: int):
+def schema(dim: int = 0):
     """The feature table's Iceberg schema (field ids fixed by the contract)."""
     from pyiceberg.schema import Schema
     from pyiceberg.types import (BinaryType, FloatType, IntegerType, ListType, LongType, NestedField, StringType,
@@ -95,44 +85,51 @@ def identity_properties(meta: FeatureId) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.to_parquet_metadata().items()}
 
 
-def open_table(settings: Settings, meta: FeatureId, create: bool = True, name: str | None = None):
-    """The table for ``meta`` (created if missing and ``create``), its identity checked."""
+def open_table(settings: Settings, meta: FeatureId, create: bool = True):
+    """The table for ``meta`` (created with its namespace if missing), its identity checked."""
     from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
 
     catalog = load_catalog(settings)
-    name = name or table_name(settings, meta)
-    namespace = name.rsplit(".", 1)[0]
+    name = table_name(settings, meta)
     try:
         table = catalog.load_table(name)
     except NoSuchTableError:
         if not create:
             raise
         try:
-            catalog.create_namespace(namespace)
+            catalog.create_namespace(name.rsplit(".", 1)[0])
         except NamespaceAlreadyExistsError:
             pass
         try:
             table = catalog.create_table(name, schema(meta.dim), properties=identity_properties(meta))
         except TableAlreadyExistsError:  # another writer created it first: that is success
             table = catalog.load_table(name)
-    check_identity(table, meta, name)
+    check_identity(table, meta, settings)
     return table
 
 
-def check_identity(table: Any, meta: FeatureId, name: str) -> None:
-    found = FeatureId.from_parquet_metadata({k.encode(): v.encode() for k, v in table.properties.items()},
-                                            where=f"table {name}")
-    if found.differences(meta):
-        raise IncompatibleFeatures(f"table {name} holds {found.describe()}, these vectors are {meta.describe()}: "
-                                   f"set DEEPER_TABLE to another table (or use its default per-identity name)")
+def check_identity(table: Any, meta: FeatureId, settings: Settings | None = None) -> None:
+    name = ".".join(table.name())
+    held = FeatureId.from_parquet_metadata({k.encode(): v.encode() for k, v in table.properties.items()},
+                                           where=f"table {name}")
+    if held.differences(meta):
+        raise IncompatibleFeatures(f"table {name} holds {held.describe()}, these vectors are {meta.describe()}: "
+                                   f"DEEPER_TABLE={settings.table if settings else ''!r} names one table for every "
+                                   "identity: use a template with {backbone}, {precision}, {layer}")
 
 
-def carry_offsets(table: Any) -> dict[str, str]:
-    """The current snapshot's stream offsets, for a writer that is not the stream to carry."""
-    snapshot = table.current_snapshot()
-    if snapshot is None or snapshot.summary is None:
-        return {}
-    return {k: v for k, v in snapshot.summary.additional_properties.items() if k.startswith(OFFSETS_PREFIX)}
+def append_rows(settings: Settings, meta: FeatureId, rows, writer: str = "featurize"):
+    """Append ``FeatureRow``s outside the stream as one snapshot (``deeper.writer`` = ``writer``)."""
+    import pyarrow as pa
+
+    from pipeline.storage.parquet_writer import rows_to_table
+
+    table = open_table(settings, meta)
+    arrow = rows_to_table(rows, meta)
+    target = table.schema().as_arrow()
+    table.append(pa.table([arrow.column(f.name).cast(f.type) for f in target], schema=target),
+                 snapshot_properties={WRITER: writer})
+    return table, table.current_snapshot()
 
 
 def read_features(settings: Settings, name: str):
@@ -147,7 +144,7 @@ def read_features(settings: Settings, name: str):
     try:
         loaded = load_catalog(settings).load_table(name)
     except NoSuchTableError:
-        raise DeeperError(f"no table {name} in catalog {catalog_name(settings)}") from None
+        raise DeeperError(f"no table {name} in catalog {settings.catalog}") from None
     meta = FeatureId.from_parquet_metadata({k.encode(): v.encode() for k, v in loaded.properties.items()},
                                            where=f"table {name}")
     rows = loaded.scan(selected_fields=("image_id", "source", "label", "vector")).to_arrow()
