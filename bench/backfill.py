@@ -109,8 +109,10 @@ def _backfill(ctx: Context, folder: Path, env: dict[str, str], extra: list[str],
     wall, out, err = _run(command, {**env, "DEEPER_DATA_DIR": str(data)})
     startup = re.search(r"Spark [\d.]+ started in ([\d.]+) s", err)
     job = re.search(r"featurized (\d+),.*; ([\d.]+) s, ([\d.]+) photos/s", out)
+    stage = re.search(r"featurized \d+ photos in \d+ commit\(s\), ([\d.]+) s", err)
     return {"wall_s": round(wall, 2), "spark_startup_s": float(startup.group(1)) if startup else float("nan"),
             "job_s": float(job.group(2)) if job else float("nan"),
+            "featurize_stage_s": float(stage.group(1)) if stage else float("nan"),
             "featurized": int(job.group(1)) if job else 0}
 
 
@@ -122,6 +124,9 @@ def _summary(count: int, values: list[dict[str, float]]) -> dict[str, Any]:
         row["wall_excl_startup_per_s"] = round(
             count / statistics.median(v["wall_s"] - v["spark_startup_s"] for v in values), 2)
         row["job_per_s"] = round(count / statistics.median(v["job_s"] for v in values), 2)
+        # the featurize stage alone (chunks: read, decode, model, commit) on 2 task slots
+        row["featurize_stage_per_s"] = round(count / statistics.median(v["featurize_stage_s"] for v in values), 2)
+        row["featurize_stage_per_slot_per_s"] = round(row["featurize_stage_per_s"] / 2, 2)
     else:
         row["own_rate_per_s"] = round(float(np.median([v["own_rate_per_s"] for v in values])), 2)
     return row

@@ -252,6 +252,7 @@ class _Job:
             keyed = todo.withColumn("chunk", F.pmod(F.xxhash64("image_id"), F.lit(chunks)))
             bar = tqdm(total=self._todo, desc=f"backfill ({self.spec.meta.describe()})", unit="img",
                        disable=not self.options.progress, file=_stderr())
+            started = time.perf_counter()
             try:
                 for chunk in range(chunks):
                     part = keyed.filter(F.col("chunk") == chunk).drop("chunk")
@@ -259,6 +260,10 @@ class _Job:
                     bar.update(done)
             finally:
                 bar.close()
+            seconds = time.perf_counter() - started
+            rate = self.summary.featurized / seconds if seconds else 0.0
+            self.say(f"featurized {self.summary.featurized} photos in {chunks} commit(s), {seconds:.1f} s: "
+                     f"{rate:.1f} photos/s, {rate / self.slots:.1f} per task slot")
         finally:
             flags.unpersist()
 

@@ -61,6 +61,11 @@ logger.blockmgr.name = org.apache.spark.storage.BlockManager
 logger.blockmgr.level = error
 logger.cache.name = org.apache.spark.sql.execution.CacheManager
 logger.cache.level = error
+# a failed task's Python traceback: the command says its reason in one line instead
+logger.executor.name = org.apache.spark.executor.Executor
+logger.executor.level = fatal
+logger.tasks.name = org.apache.spark.scheduler.TaskSetManager
+logger.tasks.level = fatal
 """
 
 
