@@ -37,7 +37,7 @@ from typing import Callable, Mapping
 import pyarrow as pa
 
 from pipeline.config import Settings
-from pipeline.errors import DeeperError
+from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.spark import sources, tasks
 from pipeline.spark.session import spark_session
 from pipeline.storage import table_standin as table
@@ -115,7 +115,7 @@ def run_backfill(settings: Settings, options: BackfillOptions, say: Callable[[st
     summary.table = ".".join(features.name())
     summary.rejects_table = summary.table + REJECTS_SUFFIX
     open_rejects_table(settings, summary.rejects_table, spec.meta)
-    job = _Job(session.spark, session.catalog, summary, spec, options, say)
+    job = _Job(session.spark, settings, session.catalog, summary, spec, options, say)
     try:
         job.run(listing.photos)
     finally:
@@ -124,20 +124,27 @@ def run_backfill(settings: Settings, options: BackfillOptions, say: Callable[[st
 
 
 def identify(spark, spec: tasks.ModelSpec, say: Callable[[str], None]) -> tasks.ModelSpec:
-    """The network's :class:`FeatureId`, from a one-task job: a Python worker loads the network
-    (and keeps it for the featurize tasks), so the driver needs no TensorFlow. A worker's error
-    (no weights, an unknown layer) comes back as its one line, not a JVM stack trace."""
+    """The network's :class:`FeatureId`, from a job of one task per task slot: each Python worker
+    loads the network at the same time (and keeps it for the featurize tasks), so the driver needs
+    no TensorFlow and no worker loads it later while the others wait. Every worker must find the
+    same identity. A worker's error (no weights, an unknown layer) comes back as its one line,
+    not a JVM stack trace."""
     started = time.perf_counter()
-    frame = spark.range(1, numPartitions=1).mapInArrow(tasks.identify(spec), _spark_schema(tasks.IDENTITY))
+    slots = _slots(spark)
+    frame = spark.range(slots, numPartitions=slots).mapInArrow(tasks.identify(spec), _spark_schema(tasks.IDENTITY))
     try:
-        (row,) = frame.collect()
+        rows = frame.collect()
     except Exception as exc:  # noqa: BLE001 - a PythonException carrying the worker's traceback
         raise DeeperError(f"the network could not be loaded on a Spark worker: {_worker_error(exc)}") from None
-    found = json.loads(row["identity"])
-    if found["said"]:
-        say(found["said"])
-    say(f"network loaded on a Spark worker in {time.perf_counter() - started:.1f} s")
-    return spec.resolved(FeatureId.from_json(found["meta"]))
+    found = [json.loads(row["identity"]) for row in rows]
+    metas = {FeatureId.from_json(f["meta"]) for f in found}
+    if len(metas) != 1:
+        raise IncompatibleFeatures("Spark workers load different networks: "
+                                   + " vs ".join(sorted(m.describe() for m in metas)))
+    if found[0]["said"]:
+        say(found[0]["said"])
+    say(f"network loaded on {slots} Spark worker(s) in {time.perf_counter() - started:.1f} s")
+    return spec.resolved(metas.pop())
 
 
 def _worker_error(exc: BaseException) -> str:
@@ -184,9 +191,10 @@ def _slots(spark) -> int:
 class _Job:
     """One run's Spark work: hash, anti-join, featurize chunk by chunk."""
 
-    def __init__(self, spark, catalog: str, summary: BackfillSummary, spec: tasks.ModelSpec,
+    def __init__(self, spark, settings: Settings, catalog: str, summary: BackfillSummary, spec: tasks.ModelSpec,
                  options: BackfillOptions, say: Callable[[str], None]):
         self.spark, self.summary, self.spec, self.options, self.say = spark, summary, spec, options, say
+        self.settings = settings
         self.target = f"{catalog}.{summary.table}"
         self.rejects = f"{catalog}.{summary.rejects_table}"
         self.slots = _slots(spark)
@@ -218,12 +226,13 @@ class _Job:
         unreadable = hashed.filter(F.col("image_id").isNull())
         self._reject(unreadable.select("source", "image_id", "reason", "detail"), retried=True)
         readable = hashed.filter(F.col("image_id").isNotNull())
-        present = self.spark.table(self.target).select("image_id").distinct()
-        rejected = (self.spark.table(self.rejects).filter(F.col("image_id").isNotNull())
-                    .select("image_id").distinct())
-        flags = (readable.join(present.withColumn("present", F.lit(True)), "image_id", "left")
-                 .join(rejected.withColumn("rejected_before", F.lit(True)), "image_id", "left")
-                 .withColumn("rank", F.row_number().over(Window.partitionBy("image_id").orderBy("source"))))
+        for name, flag in ((self.target, "present"), (self.rejects, "rejected_before")):
+            if self._empty(name):  # a new table: nothing to join with
+                readable = readable.withColumn(flag, F.lit(None).cast("boolean"))
+                continue
+            known = self.spark.table(name).filter(F.col("image_id").isNotNull()).select("image_id").distinct()
+            readable = readable.join(known.withColumn(flag, F.lit(True)), "image_id", "left")
+        flags = readable.withColumn("rank", F.row_number().over(Window.partitionBy("image_id").orderBy("source")))
         flags = flags.persist(StorageLevel.MEMORY_AND_DISK)
         counts = {(bool(r["present"]), bool(r["rejected_before"]), r["first"]): r["n"]
                   for r in flags.groupBy("present", "rejected_before", (F.col("rank") == 1).alias("first"))
@@ -238,6 +247,11 @@ class _Job:
         todo = flags.filter(F.col("present").isNull() & F.col("rejected_before").isNull() & (F.col("rank") == 1))
         self._todo = sum(n for (p, r, first), n in counts.items() if not p and not r and first)
         return todo.select("source", "label", "image_id"), flags
+
+    def _empty(self, name: str) -> bool:
+        """Whether a table has no snapshot yet (asked of pyiceberg: no Spark job): no join needed."""
+        iceberg_name = name.split(".", 1)[1]  # without the Spark catalog's name
+        return table.load_catalog(self.settings).load_table(iceberg_name).current_snapshot() is None
 
     def _featurize(self, planned) -> None:
         from pyspark.sql import functions as F
@@ -276,17 +290,20 @@ class _Job:
                .mapInArrow(tasks.featurize_photos(self.spec), _spark_schema(tasks.FEATURIZED))
                .persist(StorageLevel.MEMORY_AND_DISK))
         try:
-            rows = out.filter(F.col("reason").isNull()).select(*tasks.FEATURE_COLUMNS)
-            featurized = rows.count()  # runs the model; the write below reads the persisted rows
-            if featurized:
-                writer = rows.writeTo(self.target)
+            counts = dict(out.groupBy(F.col("reason").isNull().alias("ok")).count().collect())  # runs the model
+            featurized = counts.get(True, 0)
+            if featurized:  # the write reads the persisted rows
+                writer = out.filter(F.col("reason").isNull()).select(*tasks.FEATURE_COLUMNS).writeTo(self.target)
                 # no offsets carried: the stream reads its offsets from its own (and compact's) snapshots only
                 for key, value in {table.WRITER: WRITER, RUN_KEY: self.summary.run_id}.items():
                     writer = writer.option(f"snapshot-property.{key}", value)
                 writer.append()
-            rejects = out.filter(F.col("reason").isNotNull()).select(
-                "source", F.when(F.col("image_id") != "", F.col("image_id")).alias("image_id"), "reason", "detail")
-            rejected = self._reject(rejects, retried=False)
+            rejected = 0
+            if counts.get(False):
+                rejects = out.filter(F.col("reason").isNotNull()).select(
+                    "source", F.when(F.col("image_id") != "", F.col("image_id")).alias("image_id"), "reason",
+                    "detail")
+                rejected = self._reject(rejects, retried=False)
         finally:
             out.unpersist()
         self.summary.featurized += featurized

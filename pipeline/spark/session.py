@@ -155,24 +155,26 @@ def spark_session(settings: Settings, master: str | None = None, conf: Mapping[s
                   app_name: str = "deeper", announce=None) -> Started:
     """The SparkSession with the feature table's catalog; ``master`` defaults to ``local[*]``.
 
-    Under ``spark-submit`` (a session or context already exists) that session is used and only
-    the catalog is added (catalogs load lazily, so runtime configuration suffices).
+    Under ``spark-submit`` (its gateway is in the environment), or when this process already
+    runs a session, that session is used as it is and only the catalog is added (catalogs load
+    lazily, so runtime configuration suffices); spark-submit must then be given the jars
+    (``--jars "$(python -m pipeline.spark.session jars)"``).
     """
-    reason = unavailable_reason(settings.cache_dir)
-    if reason and "not installed" not in reason:
-        raise SparkUnavailable(reason)
+    try:
+        from pyspark import SparkContext
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise SparkUnavailable("pyspark is not installed: pip install -e . (pyproject.toml pins it)") from None
     started = time.perf_counter()
-    jars = install(settings.cache_dir, announce)
-    from pyspark import SparkContext
-    from pyspark.sql import SparkSession
-
     catalog = catalog_conf(settings)
     running = SparkContext._active_spark_context
-    if running is not None:  # spark-submit's session, or one this process started before
-        if master and master != running.master:
+    submitted = running is None and master is None and "PYSPARK_GATEWAY_PORT" in os.environ
+    if running is not None or submitted:  # one this process started before, or spark-submit's
+        if running is not None and master and master != running.master:
             raise DeeperError(f"a Spark session with master {running.master} is already running in this process; "
                               f"--master {master} cannot apply")
-        active = SparkSession.builder.getOrCreate()
+        # under spark-submit: its master, --jars and --conf, as given
+        active = SparkSession.builder.appName(app_name).getOrCreate()
         for key, value in {**catalog, **(conf or {})}.items():
             now = active.conf.get(key, None)
             if key in catalog and now is not None and now != value:  # a loaded catalog keeps its settings
@@ -180,6 +182,8 @@ def spark_session(settings: Settings, master: str | None = None, conf: Mapping[s
                                   "run the command in a new process")
             active.conf.set(key, value)
         return Started(active, time.perf_counter() - started, settings.catalog)
+    maven.java_binary("Spark", SparkUnavailable)
+    jars = install(settings.cache_dir, announce)
     master = master or DEFAULT_MASTER
     if master.startswith("local"):  # everything on this machine: loopback only, no LAN address
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

@@ -5,8 +5,10 @@ reuses its workers between tasks, and this module's :data:`_LOADED` lives as lon
 and run through :class:`pipeline.model.featurize.GuardedInference`, the very path of
 ``deeper featurize``: :class:`pipeline.model.inference.Inference` (JPEGs decoded in the graph,
 everything else by ``pipeline.model.decode``), batched, a photo that breaks its batch isolated.
-A worker whose network does not make the driver's :class:`FeatureId` (other weights on that
-node) fails its task: vectors of two identities never share a table.
+The driver learns the network's :class:`FeatureId` from a one-task job (:func:`identify`) and
+never imports TensorFlow; a later worker whose network makes another identity (other weights
+on that node) fails its task: vectors of two identities never share a table. Memory per worker:
+the network, plus up to ``READ_AHEAD + CHUNK`` photos' bytes (about 0.6 GB of 3-MB camera photos).
 
 No photo is dropped: one that cannot be read, decoded or run is a row with a ``reason`` (the
 reasons of ``deeper featurize`` and the stream: ``unreadable``, ``corrupt``, ``model_error``...),
@@ -17,11 +19,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-import json
 from dataclasses import dataclass, replace
 from typing import Iterator
 
