@@ -72,8 +72,8 @@ def _copy_dependencies(mvn: str, libs: Path, coordinates: Sequence[str], expect:
     with tempfile.TemporaryDirectory(dir=libs.parent, prefix=".install-") as work:
         pom, out = Path(work) / "pom.xml", Path(work) / "libs"
         pom.write_text(pom_text(libs.parent.name, coordinates))
-        command = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-                   f"-DoutputDirectory={out}", "-DincludeScope=runtime", f"-DexcludeTransitive={str(not transitive).lower()}"]
+        command = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={out}",
+                   "-DincludeScope=runtime", f"-DexcludeTransitive={str(not transitive).lower()}"]
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if result.returncode != 0 or not any(out.glob(expect)):
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])

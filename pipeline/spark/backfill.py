@@ -3,24 +3,26 @@
 The job, on the driver (each step a Spark job; the Python side in :mod:`pipeline.spark.tasks`):
 
 1. **List** ``SRC`` (:mod:`pipeline.spark.sources`), before Spark starts: a wrong SRC fails at once.
-2. **Identity**: the network is loaded here once to learn its :class:`FeatureId`; the table is the
-   stream's table for it (``table_name``) unless ``--table`` says otherwise, created if missing,
-   its identity checked (one line, ``IncompatibleFeatures``, if it holds other vectors).
+2. **Identity** (:func:`identify`): one task per task slot loads the network in its Python worker
+   (all at once; the driver never imports TensorFlow) and returns its :class:`FeatureId`. The
+   table is the stream's table for it (``DEEPER_TABLE``) unless ``--table`` names another,
+   created if missing, its identity checked (one line, ``IncompatibleFeatures``, if it holds
+   other vectors).
 3. **Hash** every photo (``image_id`` = sha256 of its bytes, so every photo's bytes are read once
    here; an unreadable photo becomes a reject).
-4. **Anti-join** with the table's ``image_id``\\ s and with the photos rejected before, and keep
+4. **Anti-join** with the table's ``image_id`` values and with the photos rejected before, and keep
    one photo per ``image_id`` (same bytes under two names: the first name wins, the other is
    counted as a duplicate): what is already there costs no model time.
 5. **Featurize in chunks**: each chunk is one ``mapInArrow`` over the executors and one Iceberg
-   commit (snapshot summary ``deeper.writer=backfill`` and the run's id; no offsets: the stream
-   trusts only its own and compaction's), then its rejects are appended to the rejects table. A job killed half way
-   keeps every committed chunk; run again, the anti-join skips them, so each photo ends in the
-   table exactly once (a chunk is all or nothing: one commit).
+   commit (snapshot summary ``deeper.writer=backfill`` and the run's id; no Kafka offsets: the
+   stream trusts only its own and compaction's), then its rejects are appended to the rejects
+   table. A job killed half way keeps every committed chunk; run again, the anti-join skips them,
+   so each photo ends in the table exactly once (a chunk is all or nothing: one commit).
 
-Rejects go to ``<table>_rejects`` (``source, image_id, reason, detail, rejected_at``): a photo is
-never dropped silently. A photo rejected with an ``image_id`` (it was read: undecodable, model
-error) is not retried by later runs; an unreadable one (maybe a transient error) is, and its
-reject row is written once per (source, reason).
+Rejects go to ``<table>_rejects`` (``source, image_id, reason, detail, rejected_at, run_id``): a
+photo is never dropped silently. A photo rejected with an ``image_id`` (it was read: undecodable,
+model error) is not retried by later runs (delete its reject row to retry it); an unreadable one
+(maybe a transient error) is, and its reject row is written once per (source, reason).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class BackfillOptions:
     model: str = "auto"
     weights: str | None = None
     precision: str | None = None
-    layer: str = "prelogits"
+    layer: str = "prelogits"  # pipeline.learning.training.DEFAULT_LAYER (the CLI passes it)
     labels_from_folders: bool = False
     progress: bool = True
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from pipeline import maven
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
-from pipeline.storage import s3_options
+from pipeline.storage import s3_options, write_bytes_atomic
 from pipeline.storage import table_standin as table
 
 #: The pins. pyspark's own pin (4.1.x) is in pyproject.toml; the runtime must match its Spark
@@ -96,8 +97,6 @@ def unavailable_reason(cache_dir: str | Path | None = None) -> str | None:
         maven.java_binary("Spark", SparkUnavailable)
     except SparkUnavailable as exc:
         return str(exc)
-    import shutil
-
     if not maven.is_installed(jars_dir(cache_dir)) and shutil.which("mvn") is None:
         return "the Iceberg jars for Spark are not installed and `mvn` is missing to install them"
     return None
@@ -202,7 +201,7 @@ def base_conf(jars: Sequence[Path], settings: Settings) -> dict[str, str]:
     """Jars, Python, quiet logs, and small-job defaults of a session this module starts."""
     log_config = jars_dir(settings.cache_dir).parent / "log4j2.properties"
     if not log_config.is_file() or log_config.read_text() != _LOG4J2:
-        maven_safe_write(log_config, _LOG4J2)
+        write_bytes_atomic(log_config, _LOG4J2.encode())  # concurrent runs never read half a file
     java_options = f"-Dlog4j2.configurationFile={log_config.as_uri()}"
     return {
         "spark.jars": ",".join(str(j) for j in jars),
@@ -216,12 +215,6 @@ def base_conf(jars: Sequence[Path], settings: Settings) -> dict[str, str]:
         "spark.sql.shuffle.partitions": "8",
         "spark.sql.session.timeZone": "UTC",
     }
-
-
-def maven_safe_write(path: Path, text: str) -> None:
-    from pipeline.storage import write_bytes_atomic
-
-    write_bytes_atomic(path, text.encode())
 
 
 def parse_conf(pairs: Sequence[str]) -> dict[str, str]:
