@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +22,9 @@ from pipeline.errors import DeeperError
 from pipeline.storage.identity import FeatureId
 from pipeline.learning.registry import Registry
 from pipeline.learning.scoring import UNKNOWN_LABEL
+from schemas.messages import label_problem
+
+log = logging.getLogger(__name__)
 
 #: The reference recipe: a linear SVM on the 1001 logits, as in "Inception v1 + SVM".
 REFERENCE_LAYER = "logits"
@@ -32,6 +37,8 @@ REFERENCE_SPEC = ClassifierSpec("linear-svm", "none", 1.0)
 #: show (paired test in bench/recipes.py), so the default stays a single level.
 DEFAULT_LAYER = "prelogits"
 DEFAULT_SPEC = ClassifierSpec("linear-svm", "none", 1.0)
+#: Photos a class needs to take part in a training: cross-validation holds one out.
+MIN_PER_CLASS = 2
 
 
 @dataclass
@@ -45,6 +52,14 @@ class TrainingOutcome:
     unknown_threshold: float = 0.0
     #: share of the training photos that threshold marks unknown under cross-validation
     cv_false_unknown: float = 0.0
+    #: classes left out of this training, and why (too few photos, a name that can't be a class)
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def left_out_line(self) -> str:
+        """The one line that says which classes this training left out (empty: none)."""
+        if not self.left_out:
+            return ""
+        return "left out of this training: " + "; ".join(f"{c!r} ({why})" for c, why in self.left_out.items())
 
 
 def training_set_hash(image_ids: Sequence[str], labels: Sequence[str]) -> str:
@@ -73,14 +88,15 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
     (0 turns "unknown" off).
     """
     ids, labs, x = labelled_only(image_ids, labels, vectors)
-    if unknown_label in labs:
-        raise DeeperError(f"{unknown_label!r} is reserved for photos that fit no class; rename that class")
+    ids, labs, x, left_out = usable_classes(ids, labs, x, unknown_label)
+    if left_out:
+        log.warning("left out of this training: %s", "; ".join(f"{c!r} ({why})" for c, why in left_out.items()))
     cv = cross_validate(x, labs, spec)
     classifier = calibrate(fit(x, labs, spec), cv, unknown_threshold, max_false_unknown)
     threshold = float(classifier.unknown_threshold or 0.0)
     false_unknown = float((top_probability(cv.scores, cv.probabilities) < threshold).mean())
     digest = training_set_hash(ids, labs)
-    extra = {"cv": cv.to_dict(), "training_set_sha256": digest, "n_train": len(ids),
+    extra = {"cv": cv.to_dict(), "training_set_sha256": digest, "n_train": len(ids), "left_out": left_out,
              "class_counts": {c: labs.count(c) for c in classifier.classes},
              "calibration": {"method": "platt sigmoid per class on out-of-fold scores, normalised",
                              "unknown_threshold": round(threshold, 6),
@@ -88,7 +104,36 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
                                                 f"highest keeping cv false-unknown <= {max_false_unknown:g}"),
                              "cv_false_unknown": round(false_unknown, 6)}}
     version = registry.save(classifier, meta, extra, make_current=make_current)
-    return TrainingOutcome(version, cv, len(ids), classifier.classes, digest, threshold, false_unknown)
+    return TrainingOutcome(version, cv, len(ids), classifier.classes, digest, threshold, false_unknown, left_out)
+
+
+def usable_classes(image_ids: list[str], labels: list[str], vectors: np.ndarray, unknown_label: str = UNKNOWN_LABEL
+                   ) -> tuple[list[str], list[str], np.ndarray, dict[str, str]]:
+    """The photos of classes that can take part; the others' classes and why they can't.
+
+    One photo with an odd label (a producer's typo, a class with one example so far) must not
+    stop everyone's retraining: its class is left out of this training, said in one line, and
+    the rest trains. Left out: classes with fewer than :data:`MIN_PER_CLASS` photos, the name
+    reserved for "no class fits", and names that can't be a class (``label_problem``). Fewer
+    than two classes left is an error that names them all.
+    """
+    counts = Counter(labels)
+    left_out: dict[str, str] = {}
+    for name, n in sorted(counts.items()):
+        problem = label_problem(name)
+        if name == unknown_label:
+            left_out[name] = "reserved for photos that fit no class; rename it"
+        elif problem:
+            left_out[name] = f"not a class name: {problem}"
+        elif n < MIN_PER_CLASS:
+            left_out[name] = f"{n} photo; cross-validation needs at least {MIN_PER_CLASS} images of every class"
+    kept = sorted(set(counts) - set(left_out))
+    if len(kept) < 2:
+        why = "; ".join(f"{c!r}: {w}" for c, w in left_out.items()) or "none left out"
+        raise DeeperError(f"need at least two classes with at least {MIN_PER_CLASS} images each, "
+                          f"found {len(kept)} ({', '.join(map(repr, kept)) or 'none'}); left out: {why}")
+    keep = [i for i, label in enumerate(labels) if label not in left_out]
+    return [image_ids[i] for i in keep], [labels[i] for i in keep], vectors[keep], left_out
 
 
 def labels_from_csv(path: str | Path) -> dict[str, str]:
