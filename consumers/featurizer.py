@@ -10,7 +10,8 @@ records to the features topic, and both are committed with the consumed offsets 
 checkpoint (:mod:`consumers.worker`).
 
 Any message is an image (``DEEPER_IMAGE_CONTRACT=open``): a foreign producer's raw bytes with
-any key or none, or a claim check (:mod:`pipeline.kafka.claim_check`) naming where the bytes are. A
+any key or none, or a claim check (:mod:`pipeline.kafka.claim_check`) naming where the bytes are,
+fetched off the poll loop within the fetch policy and one deadline (:mod:`consumers.claims`). A
 message that can't be an image, an image that doesn't decode, and any error while handling one
 message become that message's dead letter; its batch-mates carry on.
 
@@ -28,27 +29,27 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from consumers.claims import ClaimFetcher, PollWork, Refusal
 from consumers.outputs import cap_text
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
-from pipeline.errors import SchemaError
 from pipeline.kafka import claim_check
 from pipeline.model.featurize import feature_meta
 from pipeline.storage.identity import split_backbone
 from pipeline.model.inference import (
     DEFAULT_BATCH_TIMEOUT,
+    Failed,
     Featurized,
     ImageRecord,
     Inference,
     StageTimes,
-    Submission,
 )
 from pipeline.logs import event
 from pipeline.model.nets.base import Backbone
 from pipeline.storage.parquet_sink import ParquetSink
 from pipeline.storage.parquet_writer import FeatureRow
 from pipeline.storage import TEMP_PREFIX, is_uri
-from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message
+from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message, printable
 
 if TYPE_CHECKING:
     from pipeline.model.threads import ThreadPlan
@@ -116,87 +117,91 @@ class Featurizer(StreamWorker):
         self.backbone = backbone
         self.inference = Inference(backbone, layer, batch_size, batch_timeout=batch_timeout,
                                    model_threads=model_threads)
-        self._submitted: deque[tuple[Sequence[Any], Submission]] = deque()
+        self._submitted: deque[PollWork] = deque()
         self._submitted_messages = 0
         self._logged_times = StageTimes()
         self._followed = time.monotonic()
         self._followed_version: str | None = None
         self.fetch_limits = claim_check.FetchLimits.from_settings(settings)
+        # one fetch thread per message that may be in flight: claim checks never queue for one
+        self.claims = ClaimFetcher(self.fetch_limits, (MAX_IN_FLIGHT_BATCHES + 1) * batch_size)
         if not is_uri(settings.features_location()):
             remove_stale_temp_files(features_dir(settings))
 
     # -- StreamWorker -----------------------------------------------------------------------
     def submit(self, messages: Sequence[Any]) -> None:
         self._follow_model()
-        self._submitted.append((messages, self.inference.submit(self._valid_records(messages))))
+        self._submitted.append(self.claims.start(messages, self.inference, self._image_record))
         self._submitted_messages += len(messages)
 
     def collect(self, block: bool) -> list[Sequence[Any]]:
+        for work in self._submitted:
+            work.advance()
         finished = []
-        while self._submitted and (self._submitted[0][1].done() or (block and not finished)):
-            messages, submission = self._submitted.popleft()
-            self._submitted_messages -= len(messages)
-            self._write(messages, submission)
-            finished.append(messages)
+        while self._submitted and (self._submitted[0].done() or (block and not finished)):
+            work = self._submitted.popleft()
+            work.wait()
+            self._submitted_messages -= len(work.messages)
+            self._write(work)
+            finished.append(work.messages)
         return finished
 
     def in_flight(self) -> int:
         return self._submitted_messages
 
     def abandon(self) -> None:
-        for _, submission in self._submitted:
-            submission.cancel()
+        for work in self._submitted:
+            work.cancel()
         self._submitted.clear()
         self._submitted_messages = 0
 
-    def _write(self, messages: Sequence[Any], submission: Submission) -> None:
-        """One poll's results: rows to the sink, feature records and dead letters out.
+    def close(self, checkpoint: bool = True) -> None:
+        try:
+            super().close(checkpoint)
+        finally:
+            self.claims.close()
 
-        Each result is handled on its own: whatever goes wrong with one message becomes its
+    def _write(self, work: PollWork) -> None:
+        """One poll's outcomes, in its message order: rows to the sink, feature records and
+        dead letters out.
+
+        Each outcome is handled on its own: whatever goes wrong with one message becomes its
         dead letter, never its batch-mates' problem.
         """
         rows = []
-        for result in submission.wait():
-            message = result.record.context
+        for message, outcome in work.outcomes():
             try:
-                if isinstance(result, Featurized):
-                    row = self._row(result, message)
+                if isinstance(outcome, Featurized):
+                    row = self._row(outcome, message)
                     if self.send(self.settings.features_topic, *encode_features(self._feature_record(row, message)),
                                  origin=message):
                         rows.append(row)
+                elif isinstance(outcome, Failed):
+                    self.dead_letter(message, outcome.reason, outcome.detail)
                 else:
-                    self.dead_letter(message, result.reason, result.detail)
+                    self._refuse(message, outcome)
             except Exception as exc:  # noqa: BLE001 - contained: this message's dead letter
                 self.dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
         self.sink.add(rows)
         self.metrics.images.labels(self.stage).inc(len(rows))
-        self.metrics.batch_seconds.labels(self.stage).observe(submission.seconds())
-        self._log_batch(len(messages), len(rows), submission.seconds())
+        self.metrics.batch_seconds.labels(self.stage).observe(work.seconds())
+        self._log_batch(len(work.messages), len(rows), work.seconds())
+
+    def _refuse(self, message: Any, refusal: Refusal) -> None:
+        """A message that never reached the model; what a server answered goes to our log only."""
+        if refusal.cause:
+            event(log, "claim check not redeemed", logging.WARNING, reason=refusal.reason,
+                  cause=refusal.cause[:500], uri=(claim_check.reference_uri(message.headers) or "")[:300],
+                  topic=message.topic, partition=message.partition, offset=message.offset)
+        self.dead_letter(message, refusal.reason, refusal.detail)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _valid_records(self, messages: Sequence[Any]) -> list[ImageRecord]:
-        records = []
-        for m in messages:
-            try:
-                records.append(self._image_record(m))
-            except SchemaError as exc:
-                self.dead_letter(m, "invalid_message", str(exc))
-            except Exception as exc:  # noqa: BLE001 - a bad message is its own dead letter
-                # a claim check that failed names its reason (FetchFailed.reason); anything else is ours
-                self.dead_letter(m, getattr(exc, "reason", None) or "internal_error", f"{type(exc).__name__}: {exc}")
-        return records
-
-    def _image_record(self, m: Any) -> ImageRecord:
-        value = self._claimed_value(m)
+    def _image_record(self, m: Any, value: bytes | None) -> ImageRecord:
+        """The model's record of a message whose bytes (inline or fetched) are ``value``."""
         image = parse_image_message(m.key, value, m.headers, self.settings.image_contract,
                                     self.settings.source_header, self.settings.label_header)
-        source = cap_text(image.source) or f"kafka://{m.topic}/{m.partition}/{m.offset}"
-        return ImageRecord(image.image_id, image.data, source, cap_text(image.label), context=m)
-
-    def _claimed_value(self, m: Any) -> bytes | None:
-        """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header);
-        a message with both a value and a claim check is refused (``invalid_uri``)."""
-        return claim_check.resolve_value(m.key, m.value, m.headers, self.fetch_limits)
+        source = cap_text(printable(image.source)) or f"kafka://{m.topic}/{m.partition}/{m.offset}"
+        return ImageRecord(image.image_id, image.data, source, image.label, context=m)
 
     @staticmethod
     def _row(result: Featurized, m: Any) -> FeatureRow:
@@ -206,7 +211,7 @@ class Featurizer(StreamWorker):
 
     def _feature_record(self, row: FeatureRow, m: Any) -> FeatureRecord:
         origin = {"precision": self.meta.precision, "origin": f"{m.topic}/{m.partition}/{m.offset}",
-                  "kafka_key": describe_key(m.key)}
+                  "kafka_key": cap_text(describe_key(m.key))}
         return FeatureRecord(row.image_id, row.vector, self.meta.backbone, self.meta.weights_digest,
                              self.meta.layer, row.source, row.label, row.width, row.height, extra=origin)
 

@@ -138,3 +138,18 @@ def test_label_rule_examples():
     for bad in ("", " x", "x ", "-1", "@x", "=x", "+x", "a\tb", "a\u200bb", None, 3):
         assert label_problem(bad), bad
 
+
+def test_the_producer_refuses_a_label_that_is_no_class_name(kafka_settings, tmp_path):
+    """``deeper produce --labels-from-folders`` on a folder named ``=cmd``: refused at the
+    producer with the reason, instead of a dead letter downstream."""
+    from producers.produce import ImageProducer
+    from tests.stream_helpers import unique_settings
+
+    producer = ImageProducer(unique_settings(kafka_settings, tmp_path, partitions=1))
+    try:
+        assert producer.send(b"\xff\xd8 photo", "cam/1.jpg", "=cmd") is None
+        assert producer.send_reference("s3://b/k.jpg", "cam/2.jpg", "cars\nboats", image_id=IMAGE_ID) is None
+        summary = producer.flush()
+    finally:
+        producer.close()
+    assert "is not a class name" in summary.failed["cam/1.jpg"] and "cam/2.jpg" in summary.failed
