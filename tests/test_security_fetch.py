@@ -163,6 +163,7 @@ def test_host_allowlist_exact_suffix_and_port():
     check("https", "photos.example.com", 443, limits)
     check("http", "photos.example.com", 80, limits)
     check("https", "a.b.cdn.example", 8443, limits)
+    check("https", "cdn.example", 8443, limits)  # .suffix: the domain itself and its sub-domains
     for scheme, host, port in [("https", "photos.example.com", 8443), ("https", "evilphotos.example.com", 443),
                                ("https", "cdn.example.evil", 8443), ("https", "a.cdn.example", 443),
                                ("http", "photos.example.com.evil", 80)]:

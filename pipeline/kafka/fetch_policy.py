@@ -261,7 +261,7 @@ def check_host(scheme: str, host: str, port: int, limits: FetchLimits) -> None:
     for entry in limits.hosts:
         name, allowed_port = _split_host_entry(entry)
         if allowed_port == "*" or (int(allowed_port) if allowed_port else default) == port:
-            if name == "*" or name == host or (name.startswith(".") and host.endswith(name)):
+            if name in ("*", host) or (name.startswith(".") and (host.endswith(name) or host == name[1:])):
                 return
     raise FetchRefused("hosts", f"{host}:{port} is not allowed by DEEPER_FETCH_HOSTS")
 
