@@ -139,13 +139,15 @@ class LabelView:
 _REVIEW_RANK = {"novel": 0, "unconfident": 1}
 
 
-def review_order(view: LabelView) -> tuple:
+def review_order(item: Any) -> tuple:
     """Sort key of the review queue: unknown first (novel, the most novel first; then
-    unconfident), then every other photo, least confident first."""
-    if view.unknown:
-        rank = _REVIEW_RANK.get(view.unknown_reason or "unconfident", 1)
-        return (rank, -(view.novelty or 0.0) if rank == 0 else view.confidence)
-    return (len(_REVIEW_RANK), view.confidence)
+    unconfident), then every other photo, least confident first. ``item``: a :class:`LabelView`
+    or a label record (the demo's review round uses the same order)."""
+    confidence = confidence_of(item)
+    if getattr(item, "unknown", False):
+        rank = _REVIEW_RANK.get(getattr(item, "unknown_reason", None) or "unconfident", 1)
+        return (rank, -(getattr(item, "novelty", None) or 0.0) if rank == 0 else confidence)
+    return (len(_REVIEW_RANK), confidence)
 
 
 class _Background:

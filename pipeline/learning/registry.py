@@ -3,7 +3,7 @@
 Layout::
 
     REGISTRY/
-      versions/v0001/model.npz    arrays only, loaded with allow_pickle=False
+      versions/v0001/model.npz    arrays only (classifier, calibration, novelty summary), allow_pickle=False
       versions/v0001/model.json   metadata + sha256 of model.npz
       versions/v0001/model.json.sha256   sha256 of model.json
       current.json                {"version": "v0001", "model_json_sha256": "..."}

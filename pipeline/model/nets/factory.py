@@ -36,7 +36,7 @@ PRECISION_CHOICES = precision_lib.PRECISIONS
 _loaded: dict[tuple[str, str | None, str], Backbone] = {}
 
 
-def _network(name: str) -> Any:
+def network(name: str) -> Any:
     """The module or family variant ``name`` maps to (anything with ``INFO`` and ``load``)."""
     if name not in NETWORKS:
         raise DeeperError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CHOICES)}")
@@ -47,7 +47,7 @@ def _network(name: str) -> Any:
 
 def info(name: str) -> BackboneInfo:
     """Static facts about a network, without loading weights."""
-    return _network(name).INFO
+    return network(name).INFO
 
 
 def load_backbone(
@@ -70,11 +70,11 @@ def load_backbone(
         return _load_auto(cache_dir, progress, announce or log.info, precision)
     key = (name, str(weights) if weights else None, precision)
     if key not in _loaded:
-        network = _network(name)
+        found = network(name)
         if precision == precision_lib.DEFAULT_PRECISION:  # the plain call every network supports
-            _loaded[key] = network.load(weights=weights, cache_dir=cache_dir, progress=progress)
+            _loaded[key] = found.load(weights=weights, cache_dir=cache_dir, progress=progress)
         else:
-            _loaded[key] = network.load(weights=weights, cache_dir=cache_dir, progress=progress, precision=precision)
+            _loaded[key] = found.load(weights=weights, cache_dir=cache_dir, progress=progress, precision=precision)
     return _loaded[key]
 
 
