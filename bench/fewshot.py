@@ -94,12 +94,12 @@ def _set_seed(name: str) -> int:
 
 
 def evaluate(x: np.ndarray, y: list[str], x_other: np.ndarray | None, set_name: str,
-             splits: int = SPLITS) -> list[dict]:
+             splits: int = SPLITS, **training) -> list[dict]:
     """One row per split: closed-set accuracy, accuracy with unknown, coverage, other things unknown."""
     rows = []
     for s in range(splits):
         train_idx, test_idx = split(y, _set_seed(set_name) + s)
-        trained = train(x[train_idx], [y[i] for i in train_idx], DEFAULT_SPEC)
+        trained = train(x[train_idx], [y[i] for i in train_idx], DEFAULT_SPEC, **training)
         results = score(trained.classifier, x[test_idx])
         truth = [y[i] for i in test_idx]
         answered = np.array([not r.unknown for r in results])
@@ -135,6 +135,17 @@ def run(vectors: Vectors, sets: dict[str, list[Photo]], others: list[Photo],
                       f"{means['accuracy_with_unknown']:.3f}  coverage {means['coverage']:.3f}  other unknown "
                       f"{means.get('other_unknown', float('nan')):.3f}  ({time.perf_counter() - started:.0f} s)")
     baseline = "/".join(BASELINE)
+    rules = {}
+    if BASELINE[0] in backbones and BASELINE[1] in layers:  # the novelty threshold rule, on the default recipe
+        from pipeline.learning.novelty import CONFORMAL, TRAINING_SHARE
+
+        rules[CONFORMAL] = {name: _means(rows) for name, rows in table[baseline].items()}
+        rules[TRAINING_SHARE] = {}
+        for name, photos in sets.items():
+            x, y = vectors(photos, *BASELINE)
+            xo = vectors(others, *BASELINE)[0] if others else None
+            rules[TRAINING_SHARE][name] = _means(evaluate(x, y, xo, name, splits, novelty_rule=TRAINING_SHARE))
+            print(f"  {baseline} with the {TRAINING_SHARE} novelty rule on {name}: {rules[TRAINING_SHARE][name]}")
     summary = {recipe: {"per_set": {name: _means(rows) for name, rows in by_set.items()},
                         "vs_baseline": {metric: paired(table[baseline], by_set, metric)
                                         for metric in ("closed_accuracy", "accuracy_with_unknown", "other_unknown")}
@@ -142,7 +153,8 @@ def run(vectors: Vectors, sets: dict[str, list[Photo]], others: list[Photo],
                for recipe, by_set in table.items()}
     return {"shots": SHOTS, "splits": splits, "baseline": baseline, "classifier": DEFAULT_SPEC.describe(),
             "sets": {name: {"n": len(p), "classes": sorted({q.label for q in p})} for name, p in sets.items()},
-            "other_things": len(others), "summary": summary, "splits_detail": table}
+            "other_things": len(others), "summary": summary, "novelty_rule_on_the_default": rules,
+            "splits_detail": table}
 
 
 def _means(rows: list[dict]) -> dict:

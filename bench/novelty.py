@@ -17,15 +17,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.learning.novelty import NoveltySpec
+from pipeline.learning.novelty import CONFORMAL, TRAINING_SHARE, NoveltySpec
 from pipeline.learning.scoring import score
 from pipeline.learning.training import DEFAULT_LAYER, DEFAULT_SPEC, train
 from pipeline.model.photos import Photo, find_photos
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
-RULES = {"nearest (default)": NoveltySpec(1, False), "3rd nearest": NoveltySpec(3, False),
-         "nearest of the predicted class": NoveltySpec(1, True)}
+#: rule name -> (distance, how its threshold is read off the held-out training distances)
+RULES = {"nearest (default)": (NoveltySpec(1, False), CONFORMAL),
+         "nearest, 5% of training photos": (NoveltySpec(1, False), TRAINING_SHARE),
+         "3rd nearest": (NoveltySpec(3, False), CONFORMAL),
+         "nearest of the predicted class": (NoveltySpec(1, True), CONFORMAL)}
 
 Vectors = Callable[[list[Photo], str, str], tuple[np.ndarray, list[str]]]
 
@@ -53,8 +56,8 @@ def model_goal(vectors: Vectors, backbone: str, train_photos: list[Photo], test_
     xt, yt = vectors(test_photos, backbone, layer)
     xo, _ = vectors(others, backbone, layer)
     out: dict = {"backbone": backbone, "layer": layer, "n_train": len(y)}
-    for name, rule in RULES.items():
-        trained = train(x, y, DEFAULT_SPEC, novelty_spec=rule)
+    for name, (rule, threshold_rule) in RULES.items():
+        trained = train(x, y, DEFAULT_SPEC, novelty_spec=rule, novelty_rule=threshold_rule)
         test, other = score(trained.classifier, xt), score(trained.classifier, xo)
         out[name] = {"novelty_threshold": trained.novelty.threshold,
                      "confidence_threshold": trained.classifier.unknown_threshold,

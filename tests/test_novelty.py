@@ -61,7 +61,34 @@ def test_the_threshold_marks_at_most_the_budget_of_training_photos_novel(budget)
     index = np.array([int(c[1]) for c in y])
     found = novelty.fit(x, index, index, max_false_novel=budget)
     assert found.held_out_novel.mean() <= budget
-    assert found.held_out_novel.sum() == int(budget * len(x))  # the lowest such threshold: all of the budget
+    k = int(budget * (len(x) + 1))  # conformal: the k-th largest held-out score
+    assert found.held_out_novel.sum() == k - 1
+
+
+@pytest.mark.parametrize("n, budget, k", [(20, 0.05, 1), (60, 0.05, 3), (99, 0.05, 5), (10, 0.05, 1), (20, 0.2, 4)])
+def test_the_conformal_threshold_keeps_the_budget_for_new_photos(n, budget, k):
+    scores = np.arange(n, dtype=float)[::-1]  # n-1, ..., 0: the k-th largest is n - k
+    assert novelty.choose_threshold(scores, budget) == n - k
+    assert k / (n + 1) <= budget or k == 1  # a new exchangeable score exceeds it with probability k / (n + 1)
+    assert novelty.choose_threshold(scores, budget, novelty.TRAINING_SHARE) == n - 1 - int(budget * n)
+
+
+def test_on_new_photos_of_the_same_classes_the_rate_holds():
+    """Many draws of training and new photos from the same classes: the novel share of the new
+    photos stays near the budget (about twice that with the training-share rule)."""
+    rates = {novelty.CONFORMAL: [], novelty.TRAINING_SHARE: []}
+    for seed in range(60):  # 20 training photos: conformal k = 1 (1/21 = 4.8 %), training share k = 2 (9.5 %)
+        x, y, centres = blobs(n_classes=2, per_class=10, seed=seed)
+        noise = np.random.default_rng(10_000 + seed).normal(0, 0.4, (40, DIM))
+        fresh = (np.repeat(centres, 20, axis=0) + noise).astype(np.float32)  # never seen, same classes
+        index = np.array([int(c[1]) for c in y])
+        for rule in rates:
+            found = novelty.fit(x, index, index, rule=rule)
+            scores = novelty.distances(fresh, found.arrays["novelty_vectors"], found.arrays["novelty_classes"],
+                                       novelty.DEFAULT_SPEC)
+            rates[rule].append(float((scores > found.threshold).mean()))
+    assert np.mean(rates[novelty.CONFORMAL]) <= 0.05 + 0.02, rates
+    assert np.mean(rates[novelty.TRAINING_SHARE]) > 1.5 * np.mean(rates[novelty.CONFORMAL]), rates
 
 
 def test_photos_far_from_the_training_set_are_novel_and_near_ones_not():
@@ -128,9 +155,9 @@ def test_the_summary_is_saved_as_arrays_and_reloads(tmp_path):
     assert set(novelty.KEYS) <= set(npz.files)
     assert version.classifier.novelty_threshold == pytest.approx(outcome.novelty_threshold)
     meta = version.metadata
-    assert meta["novelty"]["summary_size"] == len(y) and meta["novelty"]["threshold_rule"].startswith("lowest")
+    assert meta["novelty"]["summary_size"] == len(y) and meta["novelty"]["threshold_rule"].startswith("conformal")
     cost = meta["unknown_cost"]
-    assert cost["n"] == len(y) and cost["coverage"] == pytest.approx(1 - cost["novel"] - cost["unconfident"])
+    assert cost["n"] == len(y) and cost["coverage"] == pytest.approx(1 - cost["novel"] - cost["unconfident"], abs=1e-5)
     fixed = train_and_register(_ids(len(y)), y, x, META, SPEC, registry, novelty_threshold=0)
     assert registry.load(fixed.version).classifier.novelty_threshold == 0
     assert all(r.unknown_reason != NOVEL for r in score(registry.load(fixed.version).classifier, far_away()))

@@ -113,14 +113,32 @@ def distances(query: np.ndarray, summary: np.ndarray, summary_classes: np.ndarra
     return np.clip(out, 0.0, 2.0)
 
 
-def choose_threshold(scores: np.ndarray, max_false_novel: float) -> float:
-    """The lowest threshold that marks at most ``max_false_novel`` of the (leave-one-out) training
-    scores novel; a photo is novel when its score is *above* it."""
+#: How the threshold is read off the held-out training scores (:func:`choose_threshold`).
+CONFORMAL, TRAINING_SHARE = "conformal", "training-share"
+
+
+def choose_threshold(scores: np.ndarray, max_false_novel: float, rule: str = CONFORMAL) -> float:
+    """The threshold above which a photo is novel, from the training photos' held-out scores.
+
+    ``conformal`` (the default): the k-th largest score with k = floor(max_false_novel * (n + 1)),
+    at least 1. Why: a new in-class photo's score is exchangeable with the n held-out ones, so it
+    lands above the k-th largest with probability k / (n + 1) <= ``max_false_novel``: the budget
+    holds for *new* photos (split-conformal prediction), and at most k - 1 of the training photos
+    are novel. ``training-share``: the (floor(max_false_novel * n) + 1)-th largest, which keeps
+    the budget on the training photos themselves but marks about twice as many new in-class photos
+    novel on small sets (2 / 21 with 20 photos). With fewer than 1 / max_false_novel - 1 photos
+    the conformal k is 1 (the largest score), and the rate on new photos is 1 / (n + 1).
+    """
     if not 0.0 <= max_false_novel < 1.0:
         raise DeeperError(f"the false-novel budget must be in [0, 1), got {max_false_novel}")
     ordered = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    allowed = int(np.floor(max_false_novel * len(ordered) + 1e-9))
-    return float(ordered[allowed])
+    if rule == CONFORMAL:
+        k = max(1, int(np.floor(max_false_novel * (len(ordered) + 1) + 1e-9)))
+    elif rule == TRAINING_SHARE:
+        k = int(np.floor(max_false_novel * len(ordered) + 1e-9)) + 1
+    else:
+        raise DeeperError(f"unknown threshold rule {rule!r}")
+    return float(ordered[min(k, len(ordered)) - 1])
 
 
 @dataclass
@@ -142,12 +160,12 @@ class NoveltyFit:
 
 def fit(vectors: np.ndarray, class_index: np.ndarray, predicted: np.ndarray, spec: NoveltySpec = DEFAULT_SPEC,
         threshold: float | None = None, max_false_novel: float = 0.05, cap: int = MAX_SUMMARY,
-        seed: int = 0) -> NoveltyFit:
+        seed: int = 0, rule: str = CONFORMAL) -> NoveltyFit:
     """The summary of the training vectors, their held-out novelty, and the threshold.
 
     ``predicted``: each training photo's out-of-fold predicted class (what ``per_class`` compares
-    with at scoring time, honestly). ``threshold``: None calibrates (at most ``max_false_novel``
-    of the training photos novel when held out), a number fixes it, 0 turns novelty off.
+    with at scoring time, honestly). ``threshold``: None calibrates (:func:`choose_threshold`:
+    at most ``max_false_novel`` of new in-class photos novel), a number fixes it, 0 turns novelty off.
     """
     if threshold is not None and not 0.0 <= threshold <= 2.0:
         raise DeeperError(f"the novelty threshold is a cosine distance in [0, 2], got {threshold}")
@@ -158,7 +176,7 @@ def fit(vectors: np.ndarray, class_index: np.ndarray, predicted: np.ndarray, spe
     else:
         held_out = _held_out_by_folds(vectors, classes, predicted, spec, cap, seed)
     if threshold is None:
-        threshold = choose_threshold(held_out, max_false_novel)
+        threshold = choose_threshold(held_out, max_false_novel, rule)
     arrays = {"novelty_vectors": summary, "novelty_classes": summary_classes, "novelty_k": np.array(spec.k),
               "novelty_per_class": np.array(int(spec.per_class)), "novelty_threshold": np.array(float(threshold))}
     return NoveltyFit(arrays, held_out, what)

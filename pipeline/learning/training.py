@@ -110,12 +110,14 @@ class Trained:
 def train(vectors: np.ndarray, labels: Sequence[str], spec: ClassifierSpec, unknown_threshold: float | None = None,
           max_false_unknown: float = MAX_FALSE_UNKNOWN, novelty_threshold: float | None = None,
           max_false_novel: float = MAX_FALSE_UNKNOWN,
-          novelty_spec: novelty_lib.NoveltySpec = novelty_lib.DEFAULT_SPEC) -> Trained:
+          novelty_spec: novelty_lib.NoveltySpec = novelty_lib.DEFAULT_SPEC,
+          novelty_rule: str = novelty_lib.CONFORMAL) -> Trained:
     """Cross-validate, fit on everything, calibrate confidence, summarise the vectors for novelty.
 
-    Each threshold: None chooses it on the training photos (the one that marks at most
-    ``max_false_unknown`` / ``max_false_novel`` of them unknown, each scored without itself), a
-    number fixes it, 0 turns it off. The one home of "labelled vectors -> a model", used by
+    Each threshold: None chooses it on the training photos, each scored without itself: the
+    confidence threshold marks at most ``max_false_unknown`` of them unknown, the novelty threshold
+    at most ``max_false_novel`` of new in-class photos (``novelty_rule``, see
+    :func:`pipeline.learning.novelty.choose_threshold`); a number fixes it, 0 turns it off. The one home of "labelled vectors -> a model", used by
     :func:`train_and_register` and by the recipe benchmark.
     """
     labels = list(labels)
@@ -124,7 +126,7 @@ def train(vectors: np.ndarray, labels: Sequence[str], spec: ClassifierSpec, unkn
     index = {c: i for i, c in enumerate(classifier.classes)}
     found = novelty_lib.fit(vectors, np.array([index[c] for c in labels]),
                             np.array([index[c] for c in cv.predictions]), novelty_spec, novelty_threshold,
-                            max_false_novel)
+                            max_false_novel, rule=novelty_rule)
     classifier = Classifier(classifier.spec, classifier.classes, {**classifier.arrays, **found.arrays})
     unconfident = top_probability(cv.scores, cv.probabilities) < float(classifier.unknown_threshold or 0.0)
     correct = np.asarray(cv.predictions) == np.asarray(labels)
@@ -151,7 +153,8 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
     threshold = float(classifier.unknown_threshold or 0.0)
     novelty_threshold_found = trained.novelty.threshold
     digest = training_set_hash(ids, labs)
-    rule = f"lowest keeping held-out false-novel <= {max_false_unknown:g}"
+    rule = (f"conformal: the k-th largest leave-one-out distance, k = floor({max_false_unknown:g} * (n + 1)) >= 1, "
+            f"so at most {max_false_unknown:g} of new in-class photos are novel")
     extra = {"cv": cv.to_dict(), "training_set_sha256": digest, "n_train": len(ids),
              "class_counts": {c: labs.count(c) for c in classifier.classes},
              "calibration": {"method": "platt sigmoid per class on out-of-fold scores, normalised",
