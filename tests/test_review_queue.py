@@ -60,3 +60,16 @@ def test_the_view_carries_why_and_how_far():
     assert view.unknown and view.unknown_reason == "novel" and view.novelty == 0.7
     old = _v2_view("y", 0.5, unknown=True)
     assert old.unknown and old.unknown_reason == "unconfident" and old.novelty is None
+
+
+def test_a_record_with_odd_unknown_fields_still_takes_its_place():
+    """Whatever a label record says in these fields, the queue still sorts (never a crash)."""
+    record = json.loads(encode_label(LabelRecord("ab" * 32, "x", {"a": 0.1}, "v1", "b", "l", "s.jpg"))[1])
+    odd = [{**record, "unknown": True, "unknown_reason": ["novel"], "novelty": "far"},
+           {**record, "unknown": "yes", "unknown_reason": "novel", "novelty": float("nan")},
+           {**record, "unknown": True, "unknown_reason": "bored", "novelty": 0.9}]
+    views = [LabelView.from_message(_Message(json.dumps(r).encode())) for r in odd]
+    assert [(v.unknown, v.unknown_reason, v.novelty) for v in views] == [
+        (True, "unconfident", None), (False, None, None), (True, "unconfident", 0.9)]
+    sorted(views, key=review_order)
+

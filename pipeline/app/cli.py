@@ -453,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--novelty-threshold", type=_distance, default=None, metavar="D",
                    help="label a photo unknown (novel) when the cosine distance from its vector to the nearest "
                         "training photo's is above D (0..2; 0 turns it off) (default: chosen on the training "
-                        f"photos, the lowest that marks at most {MAX_FALSE_UNKNOWN:.0%}% of them novel when each "
-                        "is left out)")
+                        "photos, each left out, so that at most "
+                        f"{MAX_FALSE_UNKNOWN:.0%}% of new photos of the known classes are novel)")
     _common(p)
     p.set_defaults(func=cmd_train)
 

@@ -129,9 +129,12 @@ class LabelView:
     def from_message(cls, message) -> "LabelView":
         record = decode_label(message.value)
         novelty = record.novelty if isinstance(record.novelty, (int, float)) and math.isfinite(record.novelty) else None
+        unknown = record.unknown is True
+        given = record.unknown_reason
+        reason = given if isinstance(given, str) and given in _REVIEW_RANK else "unconfident"
         return cls(record.image_id, record.label, round(confidence_of(record), 4), record.scores,
                    record.classifier_version, record.source, Path(record.source).name or record.image_id[:12],
-                   int(message.timestamp or 0), bool(record.unknown), record.unknown_reason, novelty)
+                   int(message.timestamp or 0), unknown, reason if unknown else None, novelty)
 
 
 #: Review ranks of :attr:`LabelView.unknown_reason`: novel photos are what the model has never

@@ -105,11 +105,12 @@ def distances(query: np.ndarray, summary: np.ndarray, summary_classes: np.ndarra
             if predicted is None:
                 raise DeeperError("per-class novelty needs each photo's predicted class")
             d = np.where(summary_classes[None, :] == np.asarray(predicted[rows])[:, None], d, np.inf)
-        d.sort(axis=1)
-        finite = np.isfinite(d).sum(axis=1)
-        kth = np.clip(np.minimum(spec.k, finite) - 1, 0, None)
-        value = d[np.arange(len(d)), kth]
-        out[rows] = np.where(finite > 0, value, 2.0)  # nothing to compare with: as far as it gets
+        k = min(spec.k, d.shape[1])
+        value = d.min(axis=1) if k == 1 else np.partition(d, k - 1, axis=1)[:, k - 1]  # k-th smallest, no sort
+        short = ~np.isfinite(value)  # fewer than k left to compare with: the furthest there is
+        if short.any():
+            value[short] = np.where(np.isfinite(d[short]), d[short], -np.inf).max(axis=1)
+        out[rows] = np.where(np.isfinite(value), value, 2.0)  # nothing to compare with: as far as it gets
     return np.clip(out, 0.0, 2.0)
 
 

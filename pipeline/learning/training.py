@@ -117,8 +117,8 @@ def train(vectors: np.ndarray, labels: Sequence[str], spec: ClassifierSpec, unkn
     Each threshold: None chooses it on the training photos, each scored without itself: the
     confidence threshold marks at most ``max_false_unknown`` of them unknown, the novelty threshold
     at most ``max_false_novel`` of new in-class photos (``novelty_rule``, see
-    :func:`pipeline.learning.novelty.choose_threshold`); a number fixes it, 0 turns it off. The one home of "labelled vectors -> a model", used by
-    :func:`train_and_register` and by the recipe benchmark.
+    :func:`pipeline.learning.novelty.choose_threshold`); a number fixes it, 0 turns it off. The one
+    home of "labelled vectors -> a model", used by :func:`train_and_register` and by the benchmarks.
     """
     labels = list(labels)
     cv = cross_validate(vectors, labels, spec)
