@@ -28,9 +28,10 @@ REFERENCE_SPEC = ClassifierSpec("linear-svm", "none", 1.0)
 #: What ``deeper train`` uses without flags, chosen by measurement (bench/recipes.py; README
 #: "Choosing the recipe"): the pooled features beat the logits under leave-one-out on both real
 #: photo sets we have (cars 95% vs 90%, examples 100% vs 96%) and were never worse. ``--reference``
-#: brings back the reference recipe. Multi-level specs (``prelogits+block_14+block_15``) tie on
-#: cars and examples and gain a few photos on a 7-class set, not yet by a margin the data can
-#: show (paired test in bench/recipes.py), so the default stays a single level.
+#: brings back the reference recipe. Multi-level specs (``prelogits+block_14+block_15``) gain 1.5
+#: points of closed-set accuracy 10-shot (bench/fewshot.py: mostly on telescope photos) but not
+#: measurably on accuracy with unknown, and EfficientNet-Lite1/Lite2 gain nothing measurable at 2-3x
+#: the model time, so the default stays Lite0's single level (README "Choosing the recipe").
 DEFAULT_LAYER = "prelogits"
 DEFAULT_SPEC = ClassifierSpec("linear-svm", "none", 1.0)
 
