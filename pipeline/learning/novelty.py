@@ -29,7 +29,8 @@ import numpy as np
 
 from pipeline.errors import DeeperError
 
-#: The most summary vectors a version keeps (float16: at most ~3.6 MB at 1792 dimensions).
+#: About the most summary vectors a version keeps (float16: ~3.6 MB at 1792 dimensions; a class
+#: share rounds up, so a few more with many classes).
 MAX_SUMMARY = 1000
 #: Query rows per block of distances: bounds the [rows, M] matrix in memory.
 _CHUNK = 1024
@@ -80,7 +81,7 @@ def summarize(vectors: np.ndarray, class_index: np.ndarray, cap: int = MAX_SUMMA
         centres = members if n == len(members) else KMeans(n, n_init=1, random_state=seed).fit(members).cluster_centers_
         parts.append(normalize(centres))
         labels.append(np.full(len(centres), c, np.int32))
-    return np.vstack(parts).astype(np.float16), np.concatenate(labels), f"k-means centroids ({cap} at most)"
+    return np.vstack(parts).astype(np.float16), np.concatenate(labels), f"k-means centroids (about {cap})"
 
 
 def distances(query: np.ndarray, summary: np.ndarray, summary_classes: np.ndarray, spec: NoveltySpec,
