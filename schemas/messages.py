@@ -329,10 +329,12 @@ class LabelRecord:
     ``origin`` (the feature record it labels, ``topic/partition/offset``), ``image_origin`` (the
     image message behind it) and ``kafka_key`` (that message's own key, for foreign producers'
     keys: UTF-8 text, or ``base64:...``). Version 1 records (which lack them) still decode, with
-    None/None/False and empty provenance: "no calibration", not "zero confidence"."""
+    None/None/False and empty provenance: "no calibration", not "zero confidence".
+    Version 3 adds ``novelty`` and ``unknown_reason`` (``novel`` or ``unconfident``); a version 2
+    record decodes with novelty None, and an unknown one with the reason it could only have had."""
 
-    SCHEMA_VERSION: ClassVar[str] = "2"
-    READS: ClassVar[frozenset[str]] = frozenset({"1", "2"})
+    SCHEMA_VERSION: ClassVar[str] = "3"
+    READS: ClassVar[frozenset[str]] = frozenset({"1", "2", "3"})
 
     image_id: str
     label: str  # the top class, or the unknown label when ``unknown``
@@ -348,6 +350,8 @@ class LabelRecord:
     origin: str = ""  # features topic/partition/offset this label is for
     image_origin: str = ""  # images topic/partition/offset of the photo
     kafka_key: str | None = None  # the image message's original key
+    novelty: float | None = None  # distance to the training photos; None: model without a summary
+    unknown_reason: str | None = None  # "novel" or "unconfident" when ``unknown``, else None
 
 
 def encode_label(record: LabelRecord) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -364,6 +368,8 @@ def decode_label(value: bytes) -> LabelRecord:
         version = str(data.pop("schema_version"))
         if version not in LabelRecord.READS:
             raise ValueError(f"unknown schema version {version!r}; this reader reads {sorted(LabelRecord.READS)}")
+        if version == "2" and data.get("unknown") and not data.get("unknown_reason"):
+            data["unknown_reason"] = "unconfident"  # the only reason a version 2 record could be unknown
         record = LabelRecord(**data)
         check_label_record(record)
         return record
@@ -393,6 +399,12 @@ def check_label_record(record: LabelRecord) -> None:
         _check("confidence", "not a number from 0 to 1")
     if not isinstance(record.unknown, bool):
         _check("unknown", "not true or false")
+    novelty = record.novelty
+    if novelty is not None and (isinstance(novelty, bool) or not isinstance(novelty, (int, float))
+                                or not 0.0 <= novelty <= 2.0):
+        _check("novelty", "not a cosine distance from 0 to 2")
+    if record.unknown_reason not in (None, "novel", "unconfident"):
+        _check("unknown_reason", "not novel or unconfident")
 
 
 # -- dead letters -------------------------------------------------------------------------------

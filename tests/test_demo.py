@@ -1,4 +1,4 @@
-"""``deeper demo`` shows one review round: least-confident labels corrected, retrained, served.
+"""``deeper demo`` shows one review round: the review queue's head corrected, retrained, served.
 
 The demo runs as a user runs it (``python -m pipeline.app.cli demo``, its featurizer and scorer as
 separate processes) against the session's broker with fresh topics. What it says is checked
@@ -54,16 +54,20 @@ def demo(kafka_settings, tmp_path_factory, cache_dir):
     return done.stdout, data, settings
 
 
-def test_the_least_confident_labels_are_corrected_from_the_known_answers(demo):
+def test_the_head_of_the_review_queue_is_corrected_from_the_known_answers(demo):
     out, data, _ = demo
     truth = _truth()
-    shown = re.findall(r"^\s+(photo_\d+\.jpg)\s+-> \S+ (\d+)%", out, re.M)  # step 5: each label's confidence
+    # step 5: each label's confidence, and why it is unknown where it is
+    shown = re.findall(r"^\s+(photo_\d+\.jpg)\s+-> \S+ (\d+)%(?: \((novel|unconfident)\))?", out, re.M)
     assert len(shown) == 9, out
-    confidence = {name: int(percent) for name, percent in shown}
+    rank = {name: ({"novel": 0, "unconfident": 1}.get(reason, 2), int(percent)) for name, percent, reason in shown}
     reviewed = re.findall(r"^\s+(photo_\d+\.jpg)\s+\S+ \d+% -> (\S+) \((?:confirmed|corrected)\)", out, re.M)
     assert len(reviewed) == 3, out
-    rest = set(confidence) - {name for name, _ in reviewed}
-    assert max(confidence[name] for name, _ in reviewed) <= min(confidence[name] for name in rest), out
+    rest = set(rank) - {name for name, _ in reviewed}
+    assert max(rank[name][0] for name, _ in reviewed) <= min(rank[name][0] for name in rest), out
+    same = [name for name in rest if rank[name][0] == max(rank[n][0] for n, _ in reviewed)]
+    assert all(rank[name][1] <= rank[other][1] for name, _ in reviewed for other in same
+               if rank[name][0] == rank[other][0] != 0), out  # novel ones go by novelty
     with open(data / "corrections.csv", newline="") as fh:
         rows = {r["image_id"]: r["label"] for r in csv.DictReader(fh)}
     assert len(rows) == 3 and all(truth[i] == label for i, label in rows.items())

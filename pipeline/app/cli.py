@@ -70,7 +70,8 @@ def _registry(args: argparse.Namespace):
 
 def _training_options(args: argparse.Namespace) -> dict:
     """What ``deeper train``'s flags say about "unknown", for ``train_and_register``."""
-    return {"unknown_threshold": args.unknown_threshold, "unknown_label": _settings(args).unknown_label}
+    return {"unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold,
+            "unknown_label": _settings(args).unknown_label}
 
 
 def _report_failures(failures) -> None:
@@ -192,16 +193,32 @@ def _print_training(outcome, spec, meta) -> None:
     brier = "" if cv.brier is None else f", Brier score {cv.brier:.3f} (0 is perfect)"
     print(f"cross-validated accuracy: {cv.accuracy:.1%} ({cv.method}){brier}")
     if outcome.unknown_threshold:
-        print(f"unknown below {outcome.unknown_threshold:.0%} confidence: "
-              f"{outcome.cv_false_unknown:.1%} of the training photos would be unknown under cross-validation")
+        print(f"unknown below {outcome.unknown_threshold:.0%} confidence (unconfident): "
+              f"{outcome.cv_false_unknown:.1%} of the training photos would be under cross-validation")
     else:
-        print("unknown: off (every photo gets its top class)")
+        print("unconfident: off (no photo is unknown for its confidence)")
+    if outcome.novelty_threshold:
+        print(f"unknown beyond cosine distance {outcome.novelty_threshold:.3f} from the nearest training photo (novel): "
+              f"{outcome.cv_novel:.1%} of the training photos would be, each left out")
+    else:
+        print("novel: off (no photo is unknown for being unlike the training photos)")
+    _print_cost(outcome.cost)
     width = max(len(c) for c in cv.classes) + 2
     print("confusion matrix (rows: true, columns: predicted)")
     print(" " * width + "".join(f"{c:>{width}}" for c in cv.classes))
     for c, row in zip(cv.classes, cv.confusion):
         print(f"{c:<{width}}" + "".join(f"{n:>{width}}" for n in row))
     print(f"saved model {outcome.version} (now current)")
+
+
+def _print_cost(cost) -> None:
+    """What "unknown" costs, next to plain accuracy: the answer to "should I turn it off?"."""
+    if cost is None:
+        return
+    answered = "-" if cost.answered_accuracy is None else f"{cost.answered_accuracy:.1%}"
+    print(f"what unknown costs (training photos under cross-validation): answers {cost.coverage:.1%} of them "
+          f"(novel {cost.novel:.1%}, unconfident {cost.unconfident:.1%}); accuracy of the answered {answered}, "
+          f"plain accuracy (answering all) {cost.accuracy:.1%}")
 
 
 # -- predict / report -------------------------------------------------------------------------
@@ -236,7 +253,7 @@ def _predict(args: argparse.Namespace):
 def cmd_predict(args: argparse.Namespace) -> int:
     model, predictions = _predict(args)
     classes = model.classifier.classes
-    threshold = model.classifier.unknown_threshold
+    threshold, novelty_threshold = model.classifier.unknown_threshold, model.classifier.novelty_threshold
 
     def _number(value: float | None) -> str:  # CSV: empty when absent (failed photo, uncalibrated model)
         return "" if value is None else f"{value:.6f}"
@@ -245,7 +262,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for p in predictions:
             item = {"source": p.source, "image_id": p.image_id, "label": p.label, "scores": p.scores,
                     "probabilities": p.probabilities, "confidence": p.confidence, "unknown": p.unknown,
-                    "unknown_threshold": threshold, "model_version": model.version,
+                    "unknown_reason": p.unknown_reason, "novelty": p.novelty,
+                    "unknown_threshold": threshold, "novelty_threshold": novelty_threshold,
+                    "model_version": model.version,
                     "backbone": model.feature_meta.backbone, "layer": model.feature_meta.layer,
                     "weights_digest": model.feature_meta.weights_digest}
             if p.error:
@@ -253,22 +272,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(item))
     elif args.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["source", "image_id", "label", "confidence", "unknown", *[f"score_{c}" for c in classes],
-                         *[f"probability_{c}" for c in classes], "error"])
+        writer.writerow(["source", "image_id", "label", "confidence", "unknown", "unknown_reason", "novelty",
+                         *[f"score_{c}" for c in classes], *[f"probability_{c}" for c in classes], "error"])
         for p in predictions:
             probs = p.probabilities or {}
             writer.writerow([p.source, p.image_id, p.label or "", _number(p.confidence), int(p.unknown),
+                             p.unknown_reason or "", _number(p.novelty),
                              *[_number(p.scores.get(c)) for c in classes], *[_number(probs.get(c)) for c in classes],
                              p.error or ""])
     else:
         width = max([len(Path(p.source).name) for p in predictions] + [6]) + 2
-        print(f"{'photo':<{width}}{'label':<14}{'confidence':>11}" + "".join(f"{c:>12}" for c in classes))
+        print(f"{'photo':<{width}}{'label':<14}{'why':<13}{'confidence':>11}{'novelty':>9}"
+              + "".join(f"{c:>12}" for c in classes))
         for p in predictions:
             scores = "".join(f"{p.scores[c]:>+12.3f}" for c in classes) if p.scores else f"  ERROR {p.error}"
             confidence = "-" if p.confidence is None else f"{p.confidence:.0%}"
-            print(f"{Path(p.source).name:<{width}}{(p.label or '-'):<14}{confidence:>11}{scores}")
-        if threshold is not None:
-            print(f"(unknown: confidence below {threshold:.0%}; scores are SVM margins)")
+            novelty = "-" if p.novelty is None else f"{p.novelty:.3f}"
+            print(f"{Path(p.source).name:<{width}}{(p.label or '-'):<14}{(p.unknown_reason or ''):<13}"
+                  f"{confidence:>11}{novelty:>9}{scores}")
+        rules = []
+        if threshold:
+            rules.append(f"confidence below {threshold:.0%} (unconfident)")
+        if novelty_threshold:
+            rules.append(f"novelty above {novelty_threshold:.3f} (novel)")
+        if rules:
+            print(f"(unknown: {' or '.join(rules)}; scores are SVM margins)")
     return _photo_status([p for p in predictions if p.error])
 
 
@@ -367,6 +395,16 @@ def _probability(text: str) -> float:
     return value
 
 
+def _distance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine distance between 0 and 2")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.learning.classifier import KINDS, MAX_FALSE_UNKNOWN, NORMALIZATIONS
 
@@ -412,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label a photo with $DEEPER_UNKNOWN_LABEL (default: unknown) when its top calibrated "
                         "probability is below P; 0 turns it off (default: chosen by cross-validation, the "
                         f"highest that marks at most {MAX_FALSE_UNKNOWN:.0%}% of the training photos unknown)")
+    p.add_argument("--novelty-threshold", type=_distance, default=None, metavar="D",
+                   help="label a photo unknown (novel) when the cosine distance from its vector to the nearest "
+                        "training photo's is above D (0..2; 0 turns it off) (default: chosen on the training "
+                        "photos, each left out, so that at most "
+                        f"{MAX_FALSE_UNKNOWN:.0%}% of new photos of the known classes are novel)")
     _common(p)
     p.set_defaults(func=cmd_train)
 

@@ -7,7 +7,7 @@
 3. start the featurizer and the scorer as separate processes, as they run in production;
 4. produce the held-out ``examples/test`` photos to the images topic;
 5. print each label as it arrives on the labels topic (what a downstream system sees);
-6. review: the least-confident labels get corrections, here from the known answers
+6. review: the review queue's first labels (unknown, then least confident) get corrections, here from the known answers
    (``examples/test_labels.csv``), written to the corrections CSV ``deeper ui`` keeps;
 7. retrain from the stored Parquet features plus those corrections, exactly as ``deeper ui``'s
    Retrain button does, which registers a new current version;
@@ -38,7 +38,7 @@ from pipeline.errors import DeeperError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STEPS = 9
-#: How many of the least-confident labels the review round corrects.
+#: How many labels from the head of the review queue the review round corrects.
 REVIEWED = 3
 #: Where the demo keeps the training photos' features, under the stream's Parquet root.
 TRAINING_FEATURES = "examples-train.parquet"
@@ -90,7 +90,8 @@ def _train(settings: Settings, examples: Path, model: str, keep_features: bool =
     outcome = trained.outcome
     _say(f"trained {DEFAULT_SPEC.describe()} on {outcome.n_images} photos ({', '.join(outcome.classes)}): "
          f"cross-validated accuracy {outcome.cv.accuracy:.0%} ({outcome.cv.method}), "
-         f"'unknown' below {outcome.unknown_threshold:.0%} confidence; model {outcome.version}")
+         f"'unknown' below {outcome.unknown_threshold:.0%} confidence or beyond distance "
+         f"{outcome.novelty_threshold:.2f} from every training photo; model {outcome.version}")
     if keep_features:
         where = write_features(trained.features.rows, trained.features.meta,
                                join(settings.features_location(), TRAINING_FEATURES))
@@ -151,6 +152,7 @@ class _Stream:
         expected = self.truth.get(self.name(record.image_id))
         mark = "" if expected is None else ("  ✓" if expected == record.label else f"  ✗ (expected {expected})")
         label = record.label + ("" if record.confidence is None else f" {record.confidence:.0%}")
+        label += f" ({record.unknown_reason})" if record.unknown_reason else ""
         return f"      {lead + self.name(record.image_id):<16} -> {label:<16} {_scores(record.scores)}{mark}"
 
 
@@ -217,17 +219,17 @@ def _labels(stream: _Stream, version: str, *processes: subprocess.Popen) -> dict
 
 
 def _review(stream: _Stream, labels: dict, corrections) -> list[str]:
-    """Correct the least-confident labels (``deeper ui``'s review queue) from the known answers."""
-    from pipeline.app.ui import confidence_of
+    """Correct the head of ``deeper ui``'s review queue (unknown, then least confident) from the known answers."""
+    from pipeline.app.ui import confidence_of, review_order
 
-    queue = sorted(labels, key=lambda i: confidence_of(labels[i]))
+    queue = sorted(labels, key=lambda i: review_order(labels[i]))
     reviewed = [i for i in queue if stream.name(i) in stream.truth][:REVIEWED]
     if not reviewed:
         _step(6, "review skipped: no known answers to correct with (the examples folder has no "
                  "test_labels.csv naming its test photos)")
         return []
-    _step(6, f"review: the {len(reviewed)} least-confident labels, corrected from examples/test_labels.csv "
-             f"(as a reviewer would in `deeper ui`):")
+    _step(6, f"review: the first {len(reviewed)} labels of the review queue (unknown, then least confident), "
+             f"corrected from examples/test_labels.csv (as a reviewer would in `deeper ui`):")
     for image_id in reviewed:
         record, truth = labels[image_id], stream.truth[stream.name(image_id)]
         corrections.set(image_id, truth)
@@ -303,7 +305,8 @@ def _write_report(settings: Settings, version: str, rows: list[tuple[str, str, o
 
     model = Registry(settings.registry_dir).load(version)
     path = Path(settings.data_dir) / "report.html"
-    predictions = [Prediction(source, image_id, r.label, r.scores, None, r.probabilities, r.confidence, r.unknown)
+    predictions = [Prediction(source, image_id, r.label, r.scores, None, r.probabilities, r.confidence, r.unknown,
+                              r.novelty, r.unknown_reason)
                    for source, image_id, r in sorted(rows, key=lambda row: row[:2])]
     path.write_text(render(predictions, model.metadata, f"go-deeper demo (labels by {version})"), encoding="utf-8")
     _say(f"      report: {path}")

@@ -12,7 +12,10 @@ What the page shows comes from the stream itself, kept in bounded memory:
   (image id -> ``kafka_topic/partition/offset`` -> one assign+seek+poll), decodes it with
   :func:`pipeline.model.decode.decode_image` and keeps small JPEGs in an LRU bounded in bytes.
 
-The review queue is the least-confident photos; a correction is one ``image_id,label`` row in
+The review queue orders photos by what most needs a person (:func:`review_order`): unknown ones
+first (novel, most novel first; then unconfident), then the rest, least confident first. A
+correction may name a class the model does not have yet (a novel photo is often the first of
+one); Retrain then learns it. A correction is one ``image_id,label`` row in
 a CSV (``deeper train --labels`` reads it), rewritten atomically on every change. "Retrain"
 runs what ``deeper train --features DATA/features --labels CSV`` runs, in a background thread,
 and registers a new current version; the running scorers switch to it by themselves.
@@ -149,13 +152,36 @@ class LabelView:
     source: str
     name: str
     at_ms: int
+    unknown: bool = False
+    unknown_reason: str | None = None  # "novel" or "unconfident" when unknown
+    novelty: float | None = None  # None: labelled by a model without a novelty summary
 
     @classmethod
     def from_message(cls, message) -> "LabelView":
         record = decode_label(message.value)
+        novelty = record.novelty if isinstance(record.novelty, (int, float)) and math.isfinite(record.novelty) else None
+        unknown = record.unknown is True
+        given = record.unknown_reason
+        reason = given if isinstance(given, str) and given in _REVIEW_RANK else "unconfident"
         return cls(record.image_id, record.label, round(confidence_of(record), 4), record.scores,
                    record.classifier_version, record.source, Path(record.source).name or record.image_id[:12],
-                   int(message.timestamp or 0))
+                   int(message.timestamp or 0), unknown, reason if unknown else None, novelty)
+
+
+#: Review ranks of :attr:`LabelView.unknown_reason`: novel photos are what the model has never
+#: seen (a new class, or a camera gone wrong), unconfident ones sit between two known classes.
+_REVIEW_RANK = {"novel": 0, "unconfident": 1}
+
+
+def review_order(item: Any) -> tuple:
+    """Sort key of the review queue: unknown first (novel, the most novel first; then
+    unconfident), then every other photo, least confident first. ``item``: a :class:`LabelView`
+    or a label record (the demo's review round uses the same order)."""
+    confidence = confidence_of(item)
+    if getattr(item, "unknown", False):
+        rank = _REVIEW_RANK.get(getattr(item, "unknown_reason", None) or "unconfident", 1)
+        return (rank, -(getattr(item, "novelty", None) or 0.0) if rank == 0 else confidence)
+    return (len(_REVIEW_RANK), confidence)
 
 
 class _Background:
@@ -635,7 +661,7 @@ class UiApp:
     def state(self) -> dict[str, Any]:
         labels = self.stream.labels()
         corrected = self.corrections.table()
-        review = sorted((v for v in labels if v.image_id not in corrected), key=lambda v: v.confidence)
+        review = sorted((v for v in labels if v.image_id not in corrected), key=review_order)
         thumbs, thumb_bytes = self.thumbnails.cached()
         return {
             "model": self.model(),

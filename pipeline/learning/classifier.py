@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import DeeperError
+from pipeline.learning import novelty as novelty_lib
 
 KINDS = ("linear-svm", "rbf-svm", "logreg")
 NORMALIZATIONS = ("none", "l2", "standard")
@@ -91,6 +92,20 @@ class Classifier:
         if not self.calibrated or "unknown_threshold" not in self.arrays:
             return None
         return float(self.arrays["unknown_threshold"])
+
+    @property
+    def novelty_threshold(self) -> float | None:
+        """Distance above which a photo is "novel" (0: never); None when the model keeps no
+        summary of its training vectors (trained before novelty existed: never novel)."""
+        if not novelty_lib.has_novelty(self.arrays):
+            return None
+        return float(self.arrays["novelty_threshold"])
+
+    def novelty(self, vectors: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray | None:
+        """Each vector's distance from the training photos (:mod:`pipeline.learning.novelty`);
+        None for a model without a summary."""
+        scores = self.decision(vectors) if scores is None else scores
+        return novelty_lib.score(self.arrays, vectors, np.argmax(scores, axis=1))
 
     @property
     def dim(self) -> int:
