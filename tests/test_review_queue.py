@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import pytest
+
 from pipeline.app.ui import LabelView, review_order
+from pipeline.errors import SchemaError
 from schemas.messages import LabelRecord, encode_label
 
 
@@ -62,14 +65,21 @@ def test_the_view_carries_why_and_how_far():
     assert old.unknown and old.unknown_reason == "unconfident" and old.novelty is None
 
 
-def test_a_record_with_odd_unknown_fields_still_takes_its_place():
-    """Whatever a label record says in these fields, the queue still sorts (never a crash)."""
+def test_a_record_with_odd_unknown_fields_is_refused_where_it_is_decoded():
+    """Whatever a forged label record says in these fields, it never reaches the queue: the
+    decoder refuses it (schemas.messages.check_label_record), so the queue only sorts valid views."""
     record = json.loads(encode_label(LabelRecord("ab" * 32, "x", {"a": 0.1}, "v1", "b", "l", "s.jpg"))[1])
     odd = [{**record, "unknown": True, "unknown_reason": ["novel"], "novelty": "far"},
            {**record, "unknown": "yes", "unknown_reason": "novel", "novelty": float("nan")},
-           {**record, "unknown": True, "unknown_reason": "bored", "novelty": 0.9}]
-    views = [LabelView.from_message(_Message(json.dumps(r).encode())) for r in odd]
-    assert [(v.unknown, v.unknown_reason, v.novelty) for v in views] == [
-        (True, "unconfident", None), (False, None, None), (True, "unconfident", 0.9)]
-    sorted(views, key=review_order)
+           {**record, "unknown": True, "unknown_reason": "bored", "novelty": 0.9},
+           {**record, "unknown": True, "unknown_reason": "novel", "novelty": float("inf")}]
+    for r in odd:
+        with pytest.raises(SchemaError):
+            LabelView.from_message(_Message(json.dumps(r).encode()))
+    fine = [{**record, "unknown": True, "unknown_reason": None, "novelty": None},
+            {**record, "unknown": True, "unknown_reason": "novel", "novelty": 0.9}]
+    views = [LabelView.from_message(_Message(json.dumps(r).encode())) for r in fine]
+    assert [(v.unknown, v.unknown_reason, v.novelty) for v in views] == [(True, "unconfident", None),
+                                                                         (True, "novel", 0.9)]
+    assert sorted(views, key=review_order)[0].unknown_reason == "novel"
 

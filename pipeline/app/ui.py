@@ -158,14 +158,11 @@ class LabelView:
 
     @classmethod
     def from_message(cls, message) -> "LabelView":
-        record = decode_label(message.value)
-        novelty = record.novelty if isinstance(record.novelty, (int, float)) and math.isfinite(record.novelty) else None
-        unknown = record.unknown is True
-        given = record.unknown_reason
-        reason = given if isinstance(given, str) and given in _REVIEW_RANK else "unconfident"
+        record = decode_label(message.value)  # validated there: a forged field never gets this far
+        reason = (record.unknown_reason or "unconfident") if record.unknown else None
         return cls(record.image_id, record.label, round(confidence_of(record), 4), record.scores,
                    record.classifier_version, record.source, Path(record.source).name or record.image_id[:12],
-                   int(message.timestamp or 0), unknown, reason if unknown else None, novelty)
+                   int(message.timestamp or 0), record.unknown, reason, record.novelty)
 
 
 #: Review ranks of :attr:`LabelView.unknown_reason`: novel photos are what the model has never
