@@ -20,8 +20,13 @@ from kafka import errors as kafka_errors
 
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
+from pipeline.kafka import group_join
 
 log = logging.getLogger(__name__)
+
+# A group join that finishes between two polls is applied at the next one (kafka-python 3.0.12
+# lost it: a member without partitions, docs/broker.md); before any client exists.
+group_join.install()
 
 #: Producer defaults. acks=all + idempotence means a retried send can neither be lost nor
 #: duplicated in the log; 5 in-flight requests is the most idempotence allows while still
