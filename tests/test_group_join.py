@@ -1,7 +1,7 @@
 """Consumer groups: every member owns its partitions within :data:`GROUP_JOIN_BOUND_S`, on both brokers.
 
 kafka-python 3.0.12 lost a group join that finished between two ``poll()`` calls (a member that
-stayed without partitions for good, or rejoined in a loop): :mod:`pipeline.kafka.group_join`.
+stayed without partitions for good, or rejoined in a loop): :mod:`pipeline.kafka.client_fixes`.
 The race, as often as you like (it failed 12/30 runs on Tansu and 10/30 on Apache Kafka before
 the fix, 0/30 on each after)::
 
