@@ -23,6 +23,7 @@ from pipeline.app.devrig import WorkerProcess, fresh_settings, worker_env
 from pipeline.app.devrig.stream import FEATURIZER_ARGS
 from pipeline.config import Settings
 from pipeline.kafka import kafka_io
+from pipeline.model.tf_startup import is_noise
 
 pytestmark = pytest.mark.stream
 
@@ -117,7 +118,8 @@ def test_two_featurizers_started_together_both_get_partitions_within_the_bound(
         kafka_settings: Settings, tmp_path: Path, cache_dir: Path, effnet) -> None:
     """The stage: two ``deeper featurizer`` processes of one group, started within a second of
     each other, each log ``partitions assigned`` with its own non-empty share within the bound
-    of their poll loops starting (``featurizer started``)."""
+    of their poll loops starting (``featurizer started``). Their logs (stdout and stderr) also
+    show that TensorFlow's start-up lines are not repeated per process."""
     base = Settings.from_env(bootstrap_servers=kafka_settings.bootstrap_servers, cache_dir=str(cache_dir),
                              metrics_port="0")
     settings = fresh_settings(base, tmp_path, prefix="two-fz", partitions=4)
@@ -136,6 +138,9 @@ def test_two_featurizers_started_together_both_get_partitions_within_the_bound(
             shares = [_latest_share(worker) for worker in workers]
         assert _split_shares(shares), (shares, [w.current.tail(20) for w in workers])
         assert max(at for at, _ in shares) - started <= GROUP_JOIN_BOUND_S, (started, shares)
+        for worker in workers:  # and TensorFlow's start-up lines stayed out of the CI log (tf_startup)
+            startup = [line for line in worker.current.log_path.read_bytes().splitlines() if is_noise(line)]
+            assert not startup, startup
     finally:
         for worker in workers:
             worker.stop(timeout=60)
