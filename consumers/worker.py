@@ -149,6 +149,8 @@ class StreamWorker:
         self._paused_until = 0.0
         self._finished: list[Sequence[Any]] = []
         self.in_rebalance = False  # inside kafka-python's rebalance callback (its I/O thread)
+        self._poll_failures = 0
+        self._poll_failure_logged = float("-inf")
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -293,12 +295,19 @@ class StreamWorker:
             if not names_a_record(exc):
                 # The broker or the client, not a record (a connection refused while the broker
                 # restarts, kept by kafka-python and raised by the next poll): try again.
-                event(log, "poll failed; retrying", logging.WARNING, error=repr(exc)[:300])
-                time.sleep(POLL_RETRY_S)
+                self._poll_failed(exc)
                 return []
             self._skip_unreadable(exc)
             return []
         return [m for part in batch.values() for m in part]
+
+    def _poll_failed(self, exc: BaseException) -> None:
+        """Wait a little before the next poll; say so at most every 10 s (an outage can be long)."""
+        self._poll_failures += 1
+        if time.monotonic() - self._poll_failure_logged >= 10.0:
+            self._poll_failure_logged = time.monotonic()
+            event(log, "poll failed; retrying", logging.WARNING, error=repr(exc)[:300], failures=self._poll_failures)
+        time.sleep(POLL_RETRY_S)
 
     def _skip_unreadable(self, exc: BaseException) -> None:
         """Dead-letter the record that broke ``poll`` and step over it.
