@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kafka import TopicPartition
+from kafka import errors as kafka_errors
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers import attempts as attempts_lib
@@ -52,7 +53,11 @@ log = logging.getLogger(__name__)
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Checkpoint before partitions move, so the next owner starts where we stopped."""
+    """Checkpoint before partitions move, so the next owner starts where we stopped.
+
+    kafka-python calls these on its I/O thread, where no blocking consumer call may be made
+    (``committed()`` raises there): ``worker.in_rebalance`` tells :meth:`StreamWorker.rewind` so.
+    """
 
     def __init__(self, worker: "StreamWorker"):
         self.worker = worker
@@ -60,12 +65,32 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked):
         if not revoked:
             return
+        self.worker.in_rebalance = True
         try:
             self.worker.checkpoint(reason="rebalance", clean=True)
         except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
             event(log, "checkpoint before a rebalance failed; the next owner redoes the work", logging.ERROR,
                   error=repr(exc))
+        finally:
+            self.worker.in_rebalance = False
         self.worker.attempts.forget(list(revoked))
+
+    def on_partitions_lost(self, lost):
+        """The group already gave them away (our session expired: the broker was unreachable for
+        longer than the session timeout): a commit now is refused after a wait, so nothing is
+        committed; the work since the last commit is redone by their next owner."""
+        if not lost:
+            return
+        self.worker.in_rebalance = True
+        try:
+            self.worker.drop_uncommitted()
+        except Exception as exc:  # noqa: BLE001 - as above
+            event(log, "dropping the work of lost partitions failed", logging.ERROR, error=repr(exc))
+        finally:
+            self.worker.in_rebalance = False
+        self.worker.attempts.forget(list(lost))
+        event(log, "partitions lost; their uncommitted work is redone by their next owner", logging.WARNING,
+              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
     def on_partitions_assigned(self, assigned):
         event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
@@ -123,6 +148,9 @@ class StreamWorker:
         self._last_lag = 0.0
         self._paused_until = 0.0
         self._finished: list[Sequence[Any]] = []
+        self.in_rebalance = False  # inside kafka-python's rebalance callback (its I/O thread)
+        self._poll_failures = 0
+        self._poll_failure_logged = float("-inf")
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -264,9 +292,22 @@ class StreamWorker:
         try:
             batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except Exception as exc:  # noqa: BLE001 - unparseable records: find, dead-letter, skip
+            if not names_a_record(exc):
+                # The broker or the client, not a record (a connection refused while the broker
+                # restarts, kept by kafka-python and raised by the next poll): try again.
+                self._poll_failed(exc)
+                return []
             self._skip_unreadable(exc)
             return []
         return [m for part in batch.values() for m in part]
+
+    def _poll_failed(self, exc: BaseException) -> None:
+        """Wait a little before the next poll; say so at most every 10 s (an outage can be long)."""
+        self._poll_failures += 1
+        if time.monotonic() - self._poll_failure_logged >= 10.0:
+            self._poll_failure_logged = time.monotonic()
+            event(log, "poll failed; retrying", logging.WARNING, error=repr(exc)[:300], failures=self._poll_failures)
+        time.sleep(POLL_RETRY_S)
 
     def _skip_unreadable(self, exc: BaseException) -> None:
         """Dead-letter the record that broke ``poll`` and step over it.
@@ -421,12 +462,26 @@ class StreamWorker:
         event(log, "checkpoint", logging.DEBUG, reason=reason, offsets=len(committed))
         return True
 
-    def rewind(self) -> None:
-        """Seek back to the committed offsets and drop unflushed output: the work is redone."""
+    def drop_uncommitted(self) -> None:
+        """Forget work in flight, buffered rows and the open checkpoint (nothing is committed)."""
         self.abandon()
         if self.sink is not None:
             self.sink.discard()
         self.ckpt.abort()
+
+    def rewind(self) -> None:
+        """Seek back to the committed offsets and drop unflushed output: the work is redone.
+
+        Inside a rebalance callback the broker can't be asked (kafka-python's I/O thread), and
+        kafka-python keeps the position of a revoked partition that comes straight back to us:
+        each goes back to where this worker's last commit left it (``starts``).
+        """
+        self.drop_uncommitted()
+        if self.in_rebalance:
+            for tp in self.consumer.assignment():
+                if tp in self.starts:
+                    self.consumer.seek(tp, self.starts[tp])
+            return
         for tp in self.consumer.assignment():  # not only those pending: abandoned work may be anywhere
             committed = self.consumer.committed(tp)
             if committed is None:
@@ -531,6 +586,20 @@ class StreamWorker:
             if self._instance_lock is not None:
                 self._instance_lock.close()
             event(log, f"{self.stage} stopped")
+
+
+#: kafka-python errors raised by ``poll()`` that are about a record batch it cannot read. Every
+#: other KafkaError is about the broker or the client (connection refused, timeouts, authorization)
+#: and is no reason to skip a record; errors from outside kafka-python's error tree (a header key
+#: that isn't UTF-8) come from parsing a record.
+RECORD_ERRORS = (kafka_errors.CorruptRecordError, kafka_errors.UnsupportedCodecError)
+#: Pause after a poll that failed for a reason other than a record, before polling again.
+POLL_RETRY_S = 0.5
+
+
+def names_a_record(exc: BaseException) -> bool:
+    """Whether an exception from ``poll()`` is about one unreadable record (to dead-letter and skip)."""
+    return isinstance(exc, RECORD_ERRORS) or not isinstance(exc, kafka_errors.KafkaError)
 
 
 def _resume(consumer: Any, partitions: Any) -> None:

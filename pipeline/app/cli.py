@@ -10,10 +10,10 @@ Help text is rendered by ``pipeline.cli_help`` so every subcommand shows its def
 
 from __future__ import annotations
 
-import os
+from pipeline.model import tf_startup
 
 # Before TensorFlow is imported anywhere: keep its C++ start-up chatter off the user's terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf_startup.quiet()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402

@@ -57,11 +57,24 @@ class StreamRun:
         return [self.featurizer, self.scorer]
 
     def unique_ids(self) -> set[str]:
+        """Image ids with a row in a finished part file, read while the featurizer runs.
+
+        A restarted featurizer deletes the part files of work its predecessor never committed
+        (``remove_uncommitted``): one listed a moment ago may be gone when it is read, so the
+        listing is taken again (a fault suite run stopped on ``no such file`` once).
+        """
+        from pipeline.storage import StorageError
         from pipeline.storage.parquet_reader import feature_files, read_features
 
-        if not self.features_root.exists() or not feature_files([self.features_root]):
-            return set()
-        return set(read_features([self.features_root]).image_ids)
+        for attempt in range(5):
+            if not self.features_root.exists() or not feature_files([self.features_root]):
+                return set()
+            try:
+                return set(read_features([self.features_root]).image_ids)
+            except StorageError as exc:
+                if "no such file" not in str(exc) or attempt == 4:
+                    raise
+        return set()
 
     def wait_rows(self, ids: set[str], timeout: float, supervise: Sequence[WorkerProcess] = ()) -> bool:
         """Until every id has a Parquet row; restarts supervised workers that died or stalled."""
