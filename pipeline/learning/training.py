@@ -65,12 +65,13 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
                        meta: FeatureId, spec: ClassifierSpec, registry: Registry,
                        make_current: bool = True, unknown_threshold: float | None = None,
                        max_false_unknown: float = MAX_FALSE_UNKNOWN,
-                       unknown_label: str = UNKNOWN_LABEL) -> TrainingOutcome:
+                       unknown_label: str = UNKNOWN_LABEL, provenance: dict | None = None) -> TrainingOutcome:
     """Cross-validate, fit on everything, calibrate, save a version, move ``current``.
 
     ``unknown_threshold``: None chooses it under cross-validation (the highest threshold that
     marks at most ``max_false_unknown`` of the training photos unknown); a number fixes it
-    (0 turns "unknown" off).
+    (0 turns "unknown" off). ``provenance``: where the rows came from (model.json's ``data``,
+    shown by ``deeper models``; a table snapshot makes the version reproducible).
     """
     ids, labs, x = labelled_only(image_ids, labels, vectors)
     if unknown_label in labs:
@@ -87,6 +88,8 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
                              "threshold_rule": ("fixed" if unknown_threshold is not None else
                                                 f"highest keeping cv false-unknown <= {max_false_unknown:g}"),
                              "cv_false_unknown": round(false_unknown, 6)}}
+    if provenance is not None:
+        extra["data"] = provenance
     version = registry.save(classifier, meta, extra, make_current=make_current)
     return TrainingOutcome(version, cv, len(ids), classifier.classes, digest, threshold, false_unknown)
 
