@@ -346,6 +346,19 @@ def newest_table(settings: Settings) -> str | None:
     return newest[1] if newest else None
 
 
+def reading_hints(settings: Settings, name: str) -> dict[str, str]:
+    """Shell lines that read the table with pyiceberg and with DuckDB (the demo prints them)."""
+    props = catalog_properties(settings)
+    configured = _pyiceberg_config(settings.catalog) is not None
+    catalog = f"load_catalog({settings.catalog!r})" if configured else f"load_catalog({settings.catalog!r}, **{props!r})"
+    table = f"from pyiceberg.catalog import load_catalog; t = {catalog}.load_table({name!r})"
+    return {
+        "pyiceberg": f'python -c "{table}; print(t.scan().to_arrow().num_rows, \'rows\')"',
+        "duckdb": f'python -c "import duckdb; {table}; rows = t.scan().to_arrow(); '
+                  f'print(duckdb.sql(\'SELECT label, count(*) AS photos FROM rows GROUP BY label\'))"',
+    }
+
+
 # --------------------------------------------------------------------------- writing data files
 
 

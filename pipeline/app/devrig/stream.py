@@ -200,7 +200,8 @@ class StreamRun:
 class _Progress:
     """Supervises workers while waiting: restarts the dead, and restarts (SIGTERM) the stalled.
 
-    A stalled worker is alive, has work, and made no progress for :data:`STALL_S` seconds; an
+    A stalled worker is up (it logged ``<role> started``), alive, has work, and made no progress
+    for :data:`STALL_S` seconds (on a loaded machine a start-up alone can take longer); an
     operator would restart it, so the rig does too, and records it in ``run.stall_restarts``
     so the run is reported as not clean instead of timing out without saying why.
     """
@@ -214,7 +215,8 @@ class _Progress:
     def check(self, count: int) -> None:
         for worker in self.workers:
             worker.ensure_running()
-        if count != self.count:
+        starting = any(w.current.first(f"{w.role} started") is None for w in self.workers)
+        if count != self.count or starting:  # start-up (TensorFlow, the model) is not a stall
             self.count, self.since = count, time.monotonic()
             return
         if not self.workers or time.monotonic() - self.since < STALL_S:

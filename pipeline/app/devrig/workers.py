@@ -204,6 +204,17 @@ class WorkerProcess:
         inc._log_file.close()
         return at
 
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait for the current incarnation to end by itself (a fault hook killing it); record how."""
+        inc = self.current
+        try:
+            inc.returncode = inc.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        inc.ended_at, inc.killed = time.time(), inc.returncode == -signal.SIGKILL
+        inc._log_file.close()
+        return True
+
     def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM: the worker checkpoints and leaves its group; return the exit status."""
         inc = self.current
