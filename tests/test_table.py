@@ -218,6 +218,27 @@ def test_a_commit_whose_answer_was_lost_is_not_applied_twice(settings, monkeypat
     assert len(table.metadata.snapshots) == 1
 
 
+def test_the_featurizer_expires_old_snapshots_but_keeps_tags_and_offsets(settings, monkeypatch):
+    from pipeline.storage import table_sink
+
+    monkeypatch.setattr(table_sink, "EXPIRE_EVERY_COMMITS", 4)
+    table = tables.open_table(settings, META)
+    with table.transaction() as transaction:
+        transaction.set_properties({tables.MAX_SNAPSHOTS: "5", "history.expire.min-snapshots-to-keep": "2"})
+    sink = TableSink(settings, META)
+    sink.assigned({tp(0): 0})
+    commit_rows(sink, 0, 0, 1)
+    first = tables.open_table(settings, META).current_snapshot().snapshot_id
+    tables.tag(tables.open_table(settings, META), first, "model-v0001")
+    for i in range(1, 30):
+        commit_rows(sink, 0, i, i + 1)
+    table = tables.open_table(settings, META)
+    assert len(table.metadata.snapshots) <= 5 + 4 + 1  # the cap, commits since the last expiry, the tag
+    assert table.snapshot_by_id(first) is not None and stored(settings) == {tp(0): 30}
+    assert offsets_in_table(settings) == [(0, i) for i in range(30)]
+    assert len(tables.scan(table, table.snapshot_by_id(first), ["image_id"])) == 1  # its files are still there
+
+
 # -- outside readers ---------------------------------------------------------------------------------
 def test_duckdb_and_polars_read_the_table_through_pyiceberg(settings):
     duckdb = pytest.importorskip("duckdb")

@@ -9,7 +9,8 @@ small data files and many snapshots. Three jobs undo that, each safe while the s
   reader sees either snapshot. A stream commit landing meanwhile makes the compaction's commit
   retry on top of it (the files it replaces are still there: appends remove nothing).
 * :func:`expire_snapshots` forgets snapshots older than the table's
-  ``history.expire.max-snapshot-age-ms`` (we set one hour), keeping the newest
+  ``history.expire.max-snapshot-age-ms`` (we set one hour) or beyond its newest
+  ``deeper.history.max-snapshots`` (100), keeping the newest
   ``history.expire.min-snapshots-to-keep``, every tagged snapshot (``model-vNNNN``: what a
   registry version was trained on) and the snapshot holding the stored offsets.
 * :func:`remove_unreferenced_files` deletes data and metadata files that no kept snapshot
@@ -130,14 +131,21 @@ def _kept_ids(table: Table, keep_last: int) -> set[int]:
 
 
 def expirable(table: Table, max_age_ms: int | None = None, keep_last: int | None = None) -> list[int]:
-    """Snapshot ids :func:`expire_snapshots` would remove now."""
+    """Snapshot ids :func:`expire_snapshots` would remove now: older than ``max_age_ms``, or
+    beyond the newest ``deeper.history.max-snapshots``, but never tagged, the newest
+    ``keep_last`` or the one holding the offsets."""
     props = table.properties
     max_age_ms = max_age_ms if max_age_ms is not None else int(props.get("history.expire.max-snapshot-age-ms",
                                                                           5 * _DAY_MS))
     keep_last = keep_last if keep_last is not None else int(props.get("history.expire.min-snapshots-to-keep", 1))
+    cap = int(props.get(tables.MAX_SNAPSHOTS, 0)) or None
     cutoff = int(time.time() * 1000) - max_age_ms
     kept = _kept_ids(table, keep_last)
-    return [s.snapshot_id for s in table.metadata.snapshots if s.timestamp_ms < cutoff and s.snapshot_id not in kept]
+    newest_first = sorted(table.metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)
+    doomed = {s.snapshot_id for s in newest_first if s.timestamp_ms < cutoff}
+    if cap is not None:
+        doomed |= {s.snapshot_id for s in newest_first[cap:]}
+    return [s.snapshot_id for s in table.metadata.snapshots if s.snapshot_id in doomed - kept]
 
 
 def expire_snapshots(table: Table, max_age_ms: int | None = None, keep_last: int | None = None,

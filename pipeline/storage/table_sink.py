@@ -49,8 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The featurizer expires old snapshots itself after this many commits (metadata stays small).
-EXPIRE_EVERY_COMMITS = 100
+#: The featurizer expires old snapshots itself after this many of its commits, or as soon as
+#: the table holds this many more than ``deeper.history.max-snapshots`` (featurizers restarted
+#: often, several of them): a commit's cost grows with the number of snapshots, so they must not
+#: pile up between runs of ``deeper compact``.
+EXPIRE_EVERY_COMMITS = 20
 
 
 @dataclasses.dataclass
@@ -64,6 +67,7 @@ class _Prepared:
     commit_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     since_ms: int = dataclasses.field(default_factory=lambda: int(time.time() * 1000) - 60_000)
     tries: int = 0
+    write_s: float = 0.0  # writing the data files (for the log line)
 
 
 class TableSink(Sink):
@@ -161,8 +165,10 @@ class TableSink(Sink):
             written += self._commit_prepared()
         if self._stale & (set(self._rows) | set(spans)):
             self._refresh()
+        started = time.perf_counter()
         prepared = self._prepare(spans)
         if prepared is not None:
+            prepared.write_s = time.perf_counter() - started
             self._prepared = prepared
             written += self._commit_prepared()
         return written
@@ -204,6 +210,7 @@ class TableSink(Sink):
     def _commit_prepared(self) -> list[str]:
         prepared = self._prepared
         prepared.tries += 1
+        started = time.perf_counter()
         try:
             table, snapshot = tables.commit(self.table(), "stream", add=prepared.files, offsets=prepared.records,
                                             expect=prepared.expect, commit_id=prepared.commit_id,
@@ -216,9 +223,12 @@ class TableSink(Sink):
         self._prepared = None
         self._commits += 1
         event(log, "table commit", table=tables.table_name(self.settings, self.meta), snapshot_id=snapshot.snapshot_id,
-              files=len(prepared.files), rows=prepared.rows,
+              files=len(prepared.files), rows=prepared.rows, write_s=round(prepared.write_s, 4),
+              commit_s=round(time.perf_counter() - started, 4), snapshots=len(table.metadata.snapshots),
               offsets={f"{tp.topic}/{tp.partition}": end for tp, end in prepared.records.items()})
-        if self._commits % EXPIRE_EVERY_COMMITS == 0:
+        cap = int(table.properties.get(tables.MAX_SNAPSHOTS, 0) or 0)
+        piled_up = bool(cap) and len(table.metadata.snapshots) >= cap + EXPIRE_EVERY_COMMITS
+        if piled_up or self._commits % EXPIRE_EVERY_COMMITS == 0:
             self._expire()
         return [f.file_path for f in prepared.files]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.app.devrig import Feeder, StreamRun, WorkerProcess, synthetic_photos
 from pipeline.app.devrig.stream import FEATURIZER_ARGS as STREAM_FEATURIZER_ARGS
@@ -45,12 +45,17 @@ def _start(plan: Plan, run: StreamRun, photos, feeder: Feeder, labels: bool) -> 
     return [run.featurizer]
 
 
-def _hooked_incarnation(plan: Plan, worker: WorkerProcess, where: str, after: int, timeout: float = 120.0) -> str:
-    """Start the featurizer with the kill hook armed; wait for it to kill itself ("killed") or not."""
+def _hooked_incarnation(worker: WorkerProcess, where: str, after: int, more: Callable[[], None],
+                        timeout: float = 180.0) -> str:
+    """Start the featurizer with the kill hook armed; wait for it to kill itself ("killed") or not.
+    Every 20 s without the kill, ``more()`` photos are released: the point needs work to reach."""
     worker.env.update(DEEPER_TEST_KILL_AT=where, DEEPER_TEST_KILL_AFTER=str(after))
     worker.start()
-    if worker.wait_exit(timeout):
-        return "killed" if worker.current.killed else f"exited {worker.current.returncode}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.wait_exit(20):
+            return "killed" if worker.current.killed else f"exited {worker.current.returncode}"
+        more()
     worker.kill()  # it never reached the point: no commit (or no write) in time
     return "not reached"
 
@@ -74,9 +79,11 @@ def table_kills(plan: Plan, kills: int, labels: bool = True) -> ScenarioResult:
         moments, faults = [], {f"kill_{p.replace('-', '_')}": 0 for p in KILL_POINTS}
         rest = plan.n_images - first
         for k in range(kills):
-            feeder.release(first + rest * (k + 1) // (kills + 1))
+            share = first + rest * (k + 1) // (kills + 1)
+            feeder.release(share)
             where = KILL_POINTS[k % 2]
-            outcome = _hooked_incarnation(plan, run.featurizer, where, rng.randint(1, 3))
+            outcome = _hooked_incarnation(run.featurizer, where, rng.randint(1, 2),
+                                          lambda: feeder.release(min(plan.n_images, feeder.released + 8)))
             plan.log(f"  featurizer kill {k + 1}/{kills} ({where}): {outcome}")
             moments.append(where)
             faults[f"kill_{where.replace('-', '_')}"] += outcome == "killed"
@@ -126,8 +133,8 @@ def catalog_unavailable(plan: Plan, seconds: float = 30.0, labels: bool = True) 
             lock.close()
         plan.log("  catalog unlocked")
         ids = {p.image_id for p in photos}
-        result = _finish(plan, "catalog_unavailable", run, feeder, ids, workers, labels,
-                         {"catalog_locked_s": int(seconds)}, [], started)
+        result = _finish(plan, "catalog_unavailable", run, feeder, ids, workers, labels, {"catalog_lock": 1}, [],
+                         started, {"catalog_locked_s": seconds})
         report = result.workers["featurizer"]
         _require(result, not report["sink_pauses"] or not report["sink_recoveries"],
                  f"the featurizer did not pause and resume on the locked catalog ({report})")
