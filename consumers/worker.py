@@ -123,6 +123,9 @@ class StreamWorker:
         self._last_lag = 0.0
         self._paused_until = 0.0
         self._finished: list[Sequence[Any]] = []
+        #: per partition, the offset up to which the sink already stores rows past Kafka's commit
+        #: (a crash between the two commits): those messages were processed to the end once
+        self._stored_ahead: dict[TopicPartition, int] = {}
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -314,7 +317,9 @@ class StreamWorker:
         if armed is None:
             return queue
         first = queue[0]
-        if self.attempts.is_poison(armed, first.offset):
+        # a message whose row the sink stored was processed to the end: the runs died after it
+        stored = first.offset < self._stored_ahead.get(tp, -1)
+        if self.attempts.is_poison(armed, first.offset) and not stored:
             self.dead_letter(first, "poison", f"{armed.attempts} runs of the {self.stage} died on this message "
                                               f"(limit DEEPER_MAX_ATTEMPTS={self.attempts.max_attempts})")
             self.mark_done([first])
@@ -356,7 +361,9 @@ class StreamWorker:
             self.starts[tp] = first
             markers[tp] = prior + 1
         if self.sink is not None:  # what the sink holds past Kafka's commit is replayed, not stored twice
-            self.sink.assigned({tp: self.starts[tp] for tp in first_offsets})
+            for tp in first_offsets:
+                self._stored_ahead.pop(tp, None)
+            self._stored_ahead.update(self.sink.assigned({tp: self.starts[tp] for tp in first_offsets}))
         if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
             return False
         for tp, n in markers.items():
@@ -418,9 +425,8 @@ class StreamWorker:
         spans = {tp: Span(self.starts.get(tp, end), end) for tp, end in self.ckpt.pending.items()}
         try:
             written = self.sink.flush(spans)
-        except Superseded as exc:
+        except Superseded as exc:  # this process lost a partition: its outputs must not be committed
             event(log, "checkpoint superseded by another writer; rewinding", logging.ERROR, error=str(exc)[:500])
-            self.ckpt.abort()
             self.rewind()
             return False
         except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry

@@ -27,6 +27,7 @@ from pipeline.storage.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow
 from pipeline.storage.sink import Span, Superseded
 from pipeline.storage.table_sink import TableSink
+from tests.test_s3_features import s3, s3_server  # noqa: F401 - fixtures
 
 META = FeatureId("efficientnet_lite0", "ab" * 32, "prelogits+block_14", 4, "crop 0.875")
 TOPIC = "images"
@@ -237,6 +238,38 @@ def test_the_featurizer_expires_old_snapshots_but_keeps_tags_and_offsets(setting
     assert table.snapshot_by_id(first) is not None and stored(settings) == {tp(0): 30}
     assert offsets_in_table(settings) == [(0, i) for i in range(30)]
     assert len(tables.scan(table, table.snapshot_by_id(first), ["image_id"])) == 1  # its files are still there
+
+
+def test_a_new_identity_goes_to_its_own_table_with_its_own_offsets(settings):
+    sink = TableSink(settings, META)
+    sink.assigned({tp(0): 0})
+    commit_rows(sink, 0, 0, 3)
+    other = dataclasses.replace(META, layer="block_15")  # the featurizer followed a model change
+    sink.switch(other)
+    sink.add([dataclasses.replace(r, vector=r.vector) for r in rows(0, 3, 5)])
+    sink.flush({tp(0): Span(3, 5)})
+    assert stored(settings) == {tp(0): 3}
+    assert tables.stored_offsets(tables.open_table(settings, other)) == {tp(0): 5}
+    assert tables.feature_tables(settings) == sorted([tables.table_name(settings, META),
+                                                      tables.table_name(settings, other)])
+
+
+def test_an_s3_warehouse_holds_the_table_and_compaction_cleans_it(tmp_path, s3):
+    from pipeline.storage import table_maintenance
+
+    settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), warehouse=s3)
+    assert tables.catalog_properties(settings)["s3.endpoint"].startswith("http://127.0.0.1:")
+    sink = TableSink(settings, META)
+    sink.assigned({tp(0): 0})
+    for k in range(3):
+        commit_rows(sink, 0, k * 2, k * 2 + 2)
+    table = tables.open_table(settings, META)
+    assert table.location().startswith(s3) and offsets_in_table(settings) == [(0, i) for i in range(6)]
+    assert table_maintenance.compact(table).written == 1
+    table = table_maintenance.expire_snapshots(table.refresh(), max_age_ms=0, keep_last=1)
+    removed = table_maintenance.remove_unreferenced_files(table, older_than_s=0)
+    assert removed and all(r.startswith("s3://") for r in removed) and sum(r.endswith(".parquet") for r in removed) == 3
+    assert offsets_in_table(settings) == [(0, i) for i in range(6)] and stored(settings) == {tp(0): 6}
 
 
 # -- outside readers ---------------------------------------------------------------------------------

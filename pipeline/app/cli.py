@@ -239,7 +239,8 @@ def _train_from_dir(args: argparse.Namespace, spec, table: dict[str, str] | None
     photos = find_photos([args.dir], labels_from_folders=True)  # before the model loads
     trained = train_from_photos(photos, _backbone(args), _registry(args), _layer(args), spec, labels=table,
                                 cache=_cache(args), batch_size=args.batch_size, progress=not args.quiet,
-                                on_failures=_report_failures, **_training_options(args))
+                                on_failures=_report_failures, **_training_options(args),
+                                provenance={"source": "photos", "path": display_path(args.dir)})
     _print_training(trained.outcome, spec, trained.features.meta)
     return _photo_status(trained.features.failures)
 
@@ -569,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-hours", type=float, default=None, metavar="H",
                    help="expire snapshots older than this (default: the table's history.expire.max-snapshot-age-ms"
                         ", 1 h for tables made here); tagged snapshots (model-vNNNN) are always kept")
-    p.add_argument("--orphan-hours", type=float, default=1.0, metavar="H",
-                   help="remove files no kept snapshot names only when older than this (commits in flight)")
+    p.add_argument("--orphan-hours", type=float, default=72.0, metavar="H",
+                   help="remove files no kept snapshot names only when older than this (Iceberg's default: "
+                        "commits in flight, and a featurizer waiting for its catalog, are never touched)")
     _common(p, model=False)
     p.set_defaults(func=cmd_compact)
 

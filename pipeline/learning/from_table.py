@@ -97,10 +97,18 @@ def reproduce(settings: Settings, registry: Registry, version: str) -> Reproduct
                                  unknown_threshold=options.get("unknown_threshold"),
                                  unknown_label=settings.unknown_label, provenance={**data, "reproduces": version})
     again = registry.load(outcome.version).classifier.arrays
-    difference = max(float(np.max(np.abs(np.asarray(again[k], np.float64) - np.asarray(v, np.float64))))
-                     if np.asarray(v).size else 0.0 for k, v in original.classifier.arrays.items())
+    difference = max((_largest_difference(again.get(k), v) for k, v in original.classifier.arrays.items()),
+                     default=0.0)
     same = outcome.training_set_sha256 == original.metadata.get("training_set_sha256")
     return Reproduction(version, outcome, difference, same)
+
+
+def _largest_difference(new: Any, old: Any) -> float:
+    """Largest absolute difference of two arrays; infinite when they don't even have one shape."""
+    new, old = np.asarray(new, np.float64), np.asarray(old, np.float64)
+    if new.shape != old.shape:
+        return float("inf")
+    return float(np.max(np.abs(new - old))) if old.size else 0.0
 
 
 def describe(data: Mapping[str, Any] | None) -> str:

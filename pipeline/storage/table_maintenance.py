@@ -15,7 +15,8 @@ small data files and many snapshots. Three jobs undo that, each safe while the s
   registry version was trained on) and the snapshot holding the stored offsets.
 * :func:`remove_unreferenced_files` deletes data and metadata files that no kept snapshot
   names (replaced by compaction and expired since, or left by a writer killed before its
-  commit), only if older than ``older_than_s``: a commit in flight is never touched.
+  commit), only if older than ``older_than_s`` (3 days by default): a commit in flight is never
+  touched.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ log = logging.getLogger(__name__)
 #: A data file under this share of the target size is small.
 SMALL_SHARE = 0.5
 DEFAULT_TARGET_BYTES = 128 * 1024 * 1024
-DEFAULT_ORPHAN_AGE_S = 3600.0
+#: Files nothing names are deleted only when older than this: Iceberg's own default for orphan
+#: removal (3 days), far beyond any commit in flight, including a featurizer that wrote a
+#: checkpoint's files and waits for its catalog to come back.
+DEFAULT_ORPHAN_AGE_S = 3 * 24 * 3600.0
 _DAY_MS = 24 * 3600 * 1000
 
 

@@ -82,7 +82,8 @@ def table_kills(plan: Plan, kills: int, labels: bool = True) -> ScenarioResult:
             share = first + rest * (k + 1) // (kills + 1)
             feeder.release(share)
             where = KILL_POINTS[k % 2]
-            outcome = _hooked_incarnation(run.featurizer, where, rng.randint(1, 2),
+            # at the 2nd or 3rd time: each incarnation gets a checkpoint through first
+            outcome = _hooked_incarnation(run.featurizer, where, rng.randint(2, 3),
                                           lambda: feeder.release(min(plan.n_images, feeder.released + 8)))
             plan.log(f"  featurizer kill {k + 1}/{kills} ({where}): {outcome}")
             moments.append(where)

@@ -76,6 +76,7 @@ def count_table(settings: Settings, produced: set[str]) -> dict[str, Any]:
         "tables": found["tables"],
         "data_files": found["data_files"],
         "unreferenced_data_files": found["unreferenced_data_files"],
+        "live_files": found["live_files"],
         "rows_raw": len(found["raw_ids"]),
         "rows_unique": len(unique),
         "duplicate_rows_in_table": _extras(Counter(found["raw_ids"])),

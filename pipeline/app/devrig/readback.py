@@ -177,7 +177,8 @@ def table_on_disk(settings: Settings) -> dict[str, Any]:
     from pipeline.storage import table as tables
     from pipeline.storage import table_maintenance
 
-    out: dict[str, Any] = {"tables": [], "data_files": 0, "raw_ids": [], "positions": [], "unreferenced_data_files": 0}
+    out: dict[str, Any] = {"tables": [], "data_files": 0, "raw_ids": [], "positions": [], "unreferenced_data_files": 0,
+                           "live_files": []}
     if not tables.has_catalog(settings):
         return out
     for name in tables.feature_tables(settings):
@@ -192,6 +193,7 @@ def table_on_disk(settings: Settings) -> dict[str, Any]:
                                        for c in ("kafka_topic", "kafka_partition", "kafka_offset"))))
         live = {f.file.file_path for f in table.scan(snapshot_id=snapshot.snapshot_id).plan_files()}
         out["data_files"] += len(live)
+        out["live_files"] += sorted(live)
         known = table_maintenance.referenced_files(table)
         listing = table_maintenance.list_files(table.location() + "/data") or []
         out["unreferenced_data_files"] += sum(1 for path, _ in listing if path not in known)
