@@ -1,13 +1,14 @@
-"""The featurizer consumer: images topic -> backbone -> Parquet part files + features topic.
+"""The featurizer consumer: images topic -> backbone -> the feature table (or Parquet) + features topic.
 
 One consumer group on the images topic; run more processes with the same group to share its
 partitions. Each poll is submitted to :class:`pipeline.model.inference.Inference` (the same tf.data
 path ``deeper featurize`` uses: parallel decode, batches cut by size or time, a model thread)
 and the loop goes back to polling while the model works; up to ``MAX_IN_FLIGHT_BATCHES``
 batches' worth of messages are in flight. Finished polls are collected in order: rows go to
-the Parquet sink (:mod:`pipeline.storage.parquet_sink`, files named by topic/partition/offset), feature
-records to the features topic, and both are committed with the consumed offsets at each
-checkpoint (:mod:`consumers.worker`).
+the sink it is given (:mod:`pipeline.storage.sink`: by default the Iceberg feature table,
+``DEEPER_SINK=parquet`` for part files named by topic/partition/offset), feature records to the
+features topic, and both are committed with the consumed offsets at each checkpoint
+(:mod:`consumers.worker`).
 
 Any message is an image (``DEEPER_IMAGE_CONTRACT=open``): a foreign producer's raw bytes with
 any key or none, or a claim check (:mod:`pipeline.kafka.claim_check`) naming where the bytes are,
@@ -46,9 +47,8 @@ from pipeline.model.inference import (
 )
 from pipeline.logs import event
 from pipeline.model.nets.base import Backbone
-from pipeline.storage.parquet_sink import ParquetSink
 from pipeline.storage.parquet_writer import FeatureRow
-from pipeline.storage import TEMP_PREFIX, is_uri
+from pipeline.storage.sink import Sink, build_sink
 from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message, printable
 
 if TYPE_CHECKING:
@@ -59,58 +59,39 @@ log = logging.getLogger(__name__)
 #: Messages in flight (submitted, not yet collected), in batches: enough that the model always
 #: has the next batch decoded while the loop polls, few enough to bound memory (raw photos).
 MAX_IN_FLIGHT_BATCHES = 3
-#: A temporary part file older than this is left over from a writer killed mid-write.
-STALE_TEMP_SECONDS = 120.0
-#: Part files roll (and, with exactly-once, outputs become visible) at least this often while
-#: photos keep coming; when the input goes quiet they roll at once (consumers/worker.py,
-#: QUIET_POLL_MS). Outputs of a checkpoint's transaction are invisible to read_committed readers
-#: until it commits, and a checkpoint must write the Parquet it covers first, so this is
-#: exactly-once's latency bound under load; a longer roll means fewer, larger files.
+#: Buffered rows are stored (one table commit, or part files) and, with exactly-once, outputs
+#: become visible at least this often while photos keep coming; when the input goes quiet at
+#: once (consumers/worker.py, QUIET_POLL_MS). Outputs of a checkpoint's transaction are invisible
+#: to read_committed readers until it commits, and a checkpoint must store the rows it covers
+#: first, so this is exactly-once's latency bound under load; a longer roll means fewer, larger
+#: data files and fewer snapshots.
 ROLL_SECONDS = 5.0
 #: How often the featurizer looks at the registry's current model (one small file read).
 FOLLOW_SECONDS = 5.0
 
 
 def features_dir(settings: Settings) -> Path:
+    """The Parquet sink's root (``DEEPER_SINK=parquet``)."""
     return Path(settings.features_location())
 
 
-def remove_stale_temp_files(root: Path, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Delete ``.tmp-`` part files a killed featurizer left behind; return what was removed.
-
-    A SIGKILL during a part-file write leaves its temporary file (the rename never happens, so
-    readers never see it and its rows are redone from Kafka). Only files older than
-    ``older_than_s`` go: a featurizer sharing this directory may be writing a fresh one now.
-    """
-    removed: list[Path] = []
-    if not root.exists():
-        return removed
-    cutoff = time.time() - older_than_s
-    for path in root.rglob(f"{TEMP_PREFIX}*"):
-        try:
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue  # renamed or removed meanwhile
-    if removed:
-        event(log, "removed stale temporary part files", files=len(removed))
-    return removed
-
-
 class Featurizer(StreamWorker):
+    """``sink``: where rows go (:func:`pipeline.storage.sink.build_sink` from the settings if not
+    given); the featurizer only adds rows and switches identity, the worker does the rest."""
+
     stage = "featurizer"
 
     def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
                  group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = ROLL_SECONDS,
-                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, follow_model: bool = False):
+                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, follow_model: bool = False,
+                 sink: Sink | None = None):
         self.meta = feature_meta(backbone, layer)
         self.follow_model = follow_model  # switch layers with the registry (when --layer was not given)
         super().__init__(settings, settings.images_topic, group_id or settings.featurizer_group,
                          max_poll_records=batch_size,
                          checkpoint_seconds=min(5.0, roll_seconds),
                          max_in_flight=MAX_IN_FLIGHT_BATCHES * batch_size,
-                         sink=ParquetSink(settings.features_location(), self.meta, roll_rows, roll_seconds),
+                         sink=sink or build_sink(settings, self.meta, roll_rows, roll_seconds),
                          output_topics=[settings.features_topic],
                          # photos are ~100 KB-1 MB: kafka-python's 1 MiB per partition holds few
                          max_partition_fetch_bytes=16 * 1024 * 1024)
@@ -125,8 +106,6 @@ class Featurizer(StreamWorker):
         self.fetch_limits = claim_check.FetchLimits.from_settings(settings)
         # one fetch thread per message that may be in flight: claim checks never queue for one
         self.claims = ClaimFetcher(self.fetch_limits, (MAX_IN_FLIGHT_BATCHES + 1) * batch_size)
-        if not is_uri(settings.features_location()):
-            remove_stale_temp_files(features_dir(settings))
 
     # -- StreamWorker -----------------------------------------------------------------------
     def submit(self, messages: Sequence[Any]) -> None:
@@ -348,9 +327,12 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
                              progress=False, announce=lambda msg: event(log, msg), precision=precision)
     batch_size = gpu_batch_size(args.batch_size, gpus)
     plan = _settle_thread_plan(plan, backbone, layer, batch_size)
+    sink = build_sink(settings, feature_meta(backbone, layer), args.roll_rows, args.roll_seconds)
+    sink.open()  # a table of another identity is refused here, in one line
+    event(log, "sink", sink=sink.kind, where=sink.describe())
     worker = Featurizer(settings, backbone, layer, batch_size, args.group,
                         args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads,
-                        follow_model=args.layer is None)
+                        follow_model=args.layer is None, sink=sink)
     event(log, "inference warmed up", seconds=round(worker.inference.warm_up(), 3))
     worker.install_signal_handlers()
     worker.run(max_idle_seconds=args.exit_when_idle)
@@ -362,7 +344,7 @@ def add_parser(sub) -> None:
     from pipeline.cli_help import from_setting
     from pipeline.model.nets.factory import MODEL_CHOICES, PRECISION_CHOICES
 
-    p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> Parquet + features topic)")
+    p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> feature table + features topic)")
     add_stage_options(p, {"images_topic": "topic to read photos from",
                           "features_topic": "topic to write feature vectors to",
                           "dead_letter_topic": "topic for photos that cannot be featurized"}, "featurizer_group")
@@ -384,11 +366,12 @@ def add_parser(sub) -> None:
                    help="batches the model runs side by side, cores split between them; "
                         "0 = measured at start (a few seconds), one on a GPU or TF-Lite")
     p.add_argument("--partitions", type=int, default=4, metavar="N", help="partitions for topics it must create")
-    p.add_argument("--roll-rows", type=int, default=5000, metavar="N", help="rows per Parquet part file (at most)")
+    p.add_argument("--roll-rows", type=int, default=5000, metavar="N",
+                   help="rows buffered before a checkpoint stores them (a table commit or Parquet part files)")
     p.add_argument("--roll-seconds", type=float, default=ROLL_SECONDS, metavar="SECONDS",
-                   help="seconds before a part file is rolled while photos keep coming (it also rolls "
-                        "as soon as they stop); with exactly-once also the longest a featurized photo "
-                        "waits to be visible downstream (its checkpoint)")
+                   help="seconds before buffered rows are stored while photos keep coming (also as soon as "
+                        "they stop): one table commit (or part file) per checkpoint; with exactly-once also "
+                        "the longest a featurized photo waits to be visible downstream")
     add_wait_option(p, 60.0)
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="stop after this long without messages (batch jobs, tests; default: never)")

@@ -46,7 +46,7 @@ from pipeline.config import Settings
 from pipeline.kafka.kafka_io import closing_quietly, consumer_lag, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
-from pipeline.storage.parquet_sink import Sink
+from pipeline.storage.sink import Sink, Span, Superseded
 from schemas.messages import dead_letter_headers
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,9 @@ class StreamWorker:
         self.in_rebalance = False  # inside kafka-python's rebalance callback (its I/O thread)
         self._poll_failures = 0
         self._poll_failure_logged = float("-inf")
+        #: per partition, the offset up to which the sink already stores rows past Kafka's commit
+        #: (a crash between the two commits): those messages were processed to the end once
+        self._stored_ahead: dict[TopicPartition, int] = {}
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -355,7 +358,9 @@ class StreamWorker:
         if armed is None:
             return queue
         first = queue[0]
-        if self.attempts.is_poison(armed, first.offset):
+        # a message whose row the sink stored was processed to the end: the runs died after it
+        stored = first.offset < self._stored_ahead.get(tp, -1)
+        if self.attempts.is_poison(armed, first.offset) and not stored:
             self.dead_letter(first, "poison", f"{armed.attempts} runs of the {self.stage} died on this message "
                                               f"(limit DEEPER_MAX_ATTEMPTS={self.attempts.max_attempts})")
             self.mark_done([first])
@@ -396,10 +401,10 @@ class StreamWorker:
             self.attempts.arm(tp, first, prior)
             self.starts[tp] = first
             markers[tp] = prior + 1
-        if self.sink is not None:
-            removed = self.sink.remove_uncommitted({tp: self.starts[tp] for tp in first_offsets})
-            if removed:
-                event(log, "removed part files of uncommitted work", files=len(removed))
+        if self.sink is not None:  # what the sink holds past Kafka's commit is replayed, not stored twice
+            for tp in first_offsets:
+                self._stored_ahead.pop(tp, None)
+            self._stored_ahead.update(self.sink.assigned({tp: self.starts[tp] for tp in first_offsets}))
         if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
             return False
         for tp, n in markers.items():
@@ -427,15 +432,8 @@ class StreamWorker:
         if not self.ckpt.holds_anything() and not markers and not (clean and self.attempts.armed):
             return True
         started = time.perf_counter()
-        if self.sink is not None and len(self.sink):
-            try:
-                written = self.sink.flush(self.starts)
-            except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
-                self._storage_failed(exc)
-                return False
-            if written:
-                self.metrics.flushes.inc(len(written))
-                event(log, "parquet part written", paths=written)
+        if self.sink is not None and len(self.sink) and not self._flush_sink():
+            return False
         running = attempts_lib.encode(0 if clean else 1)
         metadata = {tp: running for tp in self.ckpt.pending}
         extra = {}
@@ -460,6 +458,22 @@ class StreamWorker:
         self._last_checkpoint = time.monotonic()
         self.metrics.stage_seconds.labels(self.stage, "checkpoint").observe(time.perf_counter() - started)
         event(log, "checkpoint", logging.DEBUG, reason=reason, offsets=len(committed))
+        return True
+
+    def _flush_sink(self) -> bool:
+        """Rows durable before the Kafka commit; False if the checkpoint must not go on: another
+        writer owns a partition now (rewound) or storage is away (paused, retried later)."""
+        spans = {tp: Span(self.starts.get(tp, end), end) for tp, end in self.ckpt.pending.items()}
+        try:
+            written = self.sink.flush(spans)
+        except Superseded as exc:  # this process lost a partition: its outputs must not be committed
+            event(log, "checkpoint superseded by another writer; rewinding", logging.ERROR, error=str(exc)[:500])
+            self.rewind()
+            return False
+        except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
+            self._storage_failed(exc)
+            return False
+        self.metrics.flushes.inc(len(written))
         return True
 
     def drop_uncommitted(self) -> None:
@@ -492,7 +506,8 @@ class StreamWorker:
                 self.starts[tp] = committed
 
     def _storage_failed(self, exc: BaseException) -> None:
-        """Pause consuming (memory stays bounded) and retry the flush with a backoff."""
+        """Pause consuming (memory stays bounded) and retry the flush with a backoff: a full disk,
+        an object store or a table catalog that is down or locked (``database is locked``)."""
         backoff = 5.0
         event(log, "sink write failed; pausing consumption and retrying", logging.ERROR, error=repr(exc),
               retry_in_s=backoff)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from pipeline.errors import DeeperError
 
 GUARANTEES = ("exactly-once", "at-least-once")
+SINKS = ("table", "parquet")
 
 
 class ConfigError(DeeperError):
@@ -68,6 +69,17 @@ class Settings:
     #: where the featurizer writes Parquet: a directory or ``s3://bucket/prefix``; empty means
     #: ``$DEEPER_DATA_DIR/features``.
     features_uri: str = _setting("DEEPER_FEATURES_URI", "")
+    #: where the stream's rows go: ``table`` (an Apache Iceberg table, pipeline/storage/table.py)
+    #: or ``parquet`` (part files under ``features_uri``)
+    sink: str = _setting("DEEPER_SINK", "table")
+    #: the pyiceberg catalog's name; configured the standard pyiceberg way (~/.pyiceberg.yaml,
+    #: PYICEBERG_CATALOG__<NAME>__*) or else the embedded SQLite catalog under the data dir
+    catalog: str = _setting("DEEPER_CATALOG", "deeper")
+    #: the feature table: "namespace.name", with {backbone}, {precision}, {layer} filled in
+    table: str = _setting("DEEPER_TABLE", "deeper.features_{backbone}_{precision}_{layer}")
+    #: the embedded catalog's warehouse: ``file://...`` or ``s3://bucket/prefix``; empty means
+    #: ``file://<absolute $DEEPER_DATA_DIR>/warehouse``
+    warehouse: str = _setting("DEEPER_WAREHOUSE", "")
     # -- the model ---------------------------------------------------------------------------------
     model: str = _setting("DEEPER_MODEL", "auto")
     precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.model.precision)
@@ -138,6 +150,13 @@ class Settings:
         if self.guarantee not in GUARANTEES:
             raise ConfigError(f"DEEPER_GUARANTEE={self.guarantee!r}: choose one of {', '.join(GUARANTEES)}")
         return self.guarantee == "exactly-once"
+
+    @property
+    def sink_kind(self) -> str:
+        """``table`` or ``parquet`` (``DEEPER_SINK``), checked."""
+        if self.sink not in SINKS:
+            raise ConfigError(f"DEEPER_SINK={self.sink!r}: choose one of {', '.join(SINKS)}")
+        return self.sink
 
     @property
     def message_limit(self) -> int:

@@ -84,7 +84,9 @@ def test_retraining_used_the_stored_features_plus_the_corrections(demo):
     metadata = registry.load("v0002").metadata
     assert metadata["n_train"] == len(train) + 3
     assert metadata["training_set_sha256"] == training_set_hash(list(seen), list(seen.values()))
-    assert "[7/9] retrained from the Parquet features" in out and "model v0002 is now current" in out
+    assert "[7/9] retrained from the feature table deeper.features_efficientnet_lite0_fp32_prelogits (snapshot " \
+        in out and "tagged model-v0002" in out and "model v0002 is now current" in out
+    assert metadata["data"]["source"] == "table" and metadata["data"]["rows"] == 33
 
 
 def test_the_running_scorer_switched_to_the_new_version(demo):
@@ -105,4 +107,16 @@ def test_the_report_shows_each_photos_confidence(demo):
     assert page.count("class='card'") == 9
     assert len(re.findall(r"<div class='confidence'>\d+% confident</div>", page)) == 9
     assert page.count("data:image/jpeg;base64,") == 9
-    assert re.search(r"^\[9/9\] done\. Parquet: 33 photos' feature rows", out, re.M), out  # 24 training + 9 streamed
+    assert re.search(r"^\[9/9\] done\. Table deeper\.features_efficientnet_lite0_fp32_prelogits: 33 photos' "
+                     r"feature rows", out, re.M), out  # 24 training + 9 streamed
+
+
+def test_the_demo_says_how_to_read_the_table_and_that_works(demo):
+    out, data, _ = demo
+    lines = out.splitlines()
+    pyiceberg = lines[lines.index("      read it with pyiceberg:") + 1].strip()
+    assert pyiceberg.startswith("python -c ") and str(data) in pyiceberg
+    code = pyiceberg[len("python -c "):].strip('"')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=data)
+    assert done.returncode == 0 and done.stdout.strip() == "34 rows", done.stdout + done.stderr  # + the photo sent again
+    assert "      or with DuckDB:" in lines

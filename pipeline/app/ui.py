@@ -8,8 +8,9 @@ What the page shows comes from the stream itself, kept in bounded memory:
   does not look like a burst), and dead letters counted by their ``dlq-reason`` header.
 - :class:`LagWatcher` asks for the featurizer's and scorer's committed offsets (a consumer
   with the group's id but a manual assignment: it never joins the group nor commits).
-- :class:`Thumbnails` fetches a photo's original bytes through its Parquet provenance
-  (image id -> ``kafka_topic/partition/offset`` -> one assign+seek+poll), decodes it with
+- :class:`Thumbnails` fetches a photo's original bytes through its stored row's provenance
+  (image id -> ``kafka_topic/partition/offset`` in the feature table or a Parquet part -> one
+  assign+seek+poll), decodes it with
   :func:`pipeline.model.decode.decode_image` and keeps small JPEGs in an LRU bounded in bytes.
 
 The review queue orders photos by what most needs a person (:func:`review_order`): unknown ones
@@ -17,8 +18,10 @@ first (novel, most novel first; then unconfident), then the rest, least confiden
 correction may name a class the model does not have yet (a novel photo is often the first of
 one); Retrain then learns it. A correction is one ``image_id,label`` row in
 a CSV (``deeper train --labels`` reads it), rewritten atomically on every change. "Retrain"
-runs what ``deeper train --features DATA/features --labels CSV`` runs, in a background thread,
-and registers a new current version; the running scorers switch to it by themselves.
+runs what ``deeper train --features TABLE --labels CSV`` runs (the feature table of the current
+model's identity, its snapshot recorded and tagged; ``DEEPER_SINK=parquet``: the Parquet parts),
+in a background thread, and registers a new current version; the running scorers switch to it
+by themselves.
 
 The server is the standard library's threaded ``http.server`` and binds 127.0.0.1 by default.
 Its model of the world (docs/security.md): every record it shows may be forged by whoever can
@@ -450,7 +453,10 @@ class Thumbnails:
         return buffer.getvalue()
 
     def provenance(self, image_id: str) -> tuple[str, int, int]:
-        """Where the photo's message is: the newest Parquet part that has its row says."""
+        """Where the photo's message is: its row in the feature table, or the newest Parquet part
+        that has its row, says."""
+        if self.settings.sink_kind == "table":
+            return self._table_provenance(image_id)
         import pyarrow.parquet as pq
 
         from pipeline import storage
@@ -471,6 +477,19 @@ class Thumbnails:
                 if row["kafka_topic"] is not None and row["kafka_offset"] is not None:
                     return row["kafka_topic"], int(row["kafka_partition"]), int(row["kafka_offset"])
         raise ThumbnailUnavailable(f"photo {image_id[:12]} has no Parquet row with Kafka provenance yet")
+
+    def _table_provenance(self, image_id: str) -> tuple[str, int, int]:
+        from pipeline.storage import table as tables
+        from pipeline.storage.table_reader import kafka_position
+
+        try:
+            name = tables.newest_table(self.settings)
+            found = kafka_position(tables.load_named(self.settings, name), image_id) if name else None
+        except DeeperError as exc:
+            raise ThumbnailUnavailable(f"photo {image_id[:12]}: the feature table cannot be read ({exc})") from None
+        if found is None:
+            raise ThumbnailUnavailable(f"photo {image_id[:12]} has no row with Kafka provenance in the table yet")
+        return found
 
     def _fetch(self, image_id: str, tp: TopicPartition, offset: int, timeout_s: float = 10.0) -> bytes:
         """The one original message, by assign + seek + poll; its key must be the image id."""
@@ -555,7 +574,7 @@ class RetrainStatus:
 
 
 class Retrainer:
-    """Runs ``deeper train --features DATA/features --labels CORRECTIONS`` in a background thread."""
+    """Runs ``deeper train --features TABLE --labels CORRECTIONS`` in a background thread."""
 
     def __init__(self, settings: Settings, corrections: Corrections):
         self.settings = settings
@@ -603,12 +622,32 @@ class Retrainer:
         from pipeline.learning.registry import Registry
         from pipeline.learning.training import DEFAULT_SPEC, apply_labels, train_and_register
 
+        registry = Registry(self.settings.registry_dir)
+        if self.settings.sink_kind == "table":
+            return self._train_from_table(registry)
         self._step("reading features")
         fs = read_features([self.settings.features_location()])
         labels = apply_labels(fs.image_ids, fs.sources, fs.labels, self.corrections.table())
         self._step(f"cross-validating and fitting on {sum(1 for x in labels if x)} labelled photos")
-        return train_and_register(fs.image_ids, labels, fs.vectors, fs.meta, DEFAULT_SPEC,
-                                  Registry(self.settings.registry_dir), unknown_label=self.settings.unknown_label)
+        provenance = {"source": "parquet", "paths": [self.settings.features_location()], "rows": len(fs)}
+        return train_and_register(fs.image_ids, labels, fs.vectors, fs.meta, DEFAULT_SPEC, registry,
+                                  unknown_label=self.settings.unknown_label, provenance=provenance)
+
+    def _train_from_table(self, registry):
+        """The table of the current model's identity (the newest table without a model), current snapshot."""
+        from pipeline.errors import RegistryError
+        from pipeline.learning.from_table import train_from_table
+        from pipeline.storage import table as tables
+
+        try:
+            name = tables.table_name(self.settings, registry.load_current().feature_meta)
+        except RegistryError:
+            name = tables.newest_table(self.settings)
+        if name is None:
+            raise DeeperError(f"no feature table in {tables.describe_catalog(self.settings)} yet")
+        self._step(f"reading table {name} and fitting")
+        outcome, _ = train_from_table(self.settings, registry, name, labels=self.corrections.table())
+        return outcome
 
 
 # --------------------------------------------------------------------------- the app

@@ -179,7 +179,9 @@ def _estimator(spec: ClassifierSpec):
     from sklearn.svm import SVC, LinearSVC
 
     if spec.kind == "linear-svm":
-        return LinearSVC(C=spec.C, max_iter=20_000)
+        # liblinear's dual solver visits samples in a random order: a fixed seed makes the same
+        # rows give the same coefficients (``deeper train --reproduce``), not ones 1e-5 apart
+        return LinearSVC(C=spec.C, max_iter=20_000, random_state=0)
     if spec.kind == "rbf-svm":
         return SVC(C=spec.C, kernel="rbf", gamma="scale")
     return LogisticRegression(C=spec.C, max_iter=5_000)

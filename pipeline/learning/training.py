@@ -154,12 +154,13 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
                        meta: FeatureId, spec: ClassifierSpec, registry: Registry,
                        make_current: bool = True, unknown_threshold: float | None = None,
                        max_false_unknown: float = MAX_FALSE_UNKNOWN, novelty_threshold: float | None = None,
-                       unknown_label: str = UNKNOWN_LABEL) -> TrainingOutcome:
+                       unknown_label: str = UNKNOWN_LABEL, provenance: dict | None = None) -> TrainingOutcome:
     """:func:`train` on the labelled rows, then save a version and move ``current``.
 
     ``unknown_threshold`` (confidence) and ``novelty_threshold`` (distance): None chooses each on
     the training photos (at most ``max_false_unknown`` of them unknown for that reason), a number
-    fixes it, 0 turns it off.
+    fixes it, 0 turns it off. ``provenance``: where the rows came from (model.json's ``data``,
+    shown by ``deeper models``; a table snapshot makes the version reproducible).
     """
     ids, labs, x = labelled_only(image_ids, labels, vectors)
     ids, labs, x, left_out = usable_classes(ids, labs, x, unknown_label)
@@ -186,6 +187,8 @@ def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], v
                          "threshold_rule": "fixed" if novelty_threshold is not None else rule,
                          "cv_novel": round(trained.cost.novel, 6)},
              "unknown_cost": trained.cost.to_dict()}
+    if provenance is not None:
+        extra["data"] = provenance
     version = registry.save(classifier, meta, extra, make_current=make_current)
     return TrainingOutcome(version, cv, len(ids), classifier.classes, digest, threshold, trained.cv_false_unknown,
                            novelty_threshold_found, trained.cost.novel, trained.cost, left_out)
