@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.storage import table_standin as table
+from pipeline.storage import table
 from tests.conftest import EXAMPLES, REPO
 from tests.spark_helpers import MODEL, lake
 from tests.test_backfill import deeper

@@ -24,6 +24,7 @@ from pipeline.storage.feature_cache import FeatureCache
 from pipeline.storage.identity import FeatureId
 from pipeline.storage.parquet_reader import feature_files, read_features
 from pipeline.storage.parquet_sink import ParquetSink
+from pipeline.storage.sink import Span
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
 from tests.claim_check_servers import s3  # noqa: F401 (a fixture: the project's local S3 server)
 
@@ -90,7 +91,7 @@ def test_sink_writes_one_file_per_partition_named_by_its_start_offset(root):
     assert len(sink) == 4 and not sink.due()
     sink.add([prow(12, 0)])
     assert sink.due()
-    written = sink.flush({tp(0): 9, tp(1): 7})  # partition 0's first uncommitted offset is 9
+    written = sink.flush({tp(0): Span(9, 9), tp(1): Span(7, 7)})  # partition 0's first uncommitted offset is 9
     assert len(sink) == 0 and not sink.due()
     directory = "backbone=efficientnet_lite0/layer=prelogits"
     expected = [f"{directory}/deeper.images+0+{9:019d}.parquet", f"{directory}/deeper.images+1+{7:019d}.parquet",
@@ -111,10 +112,10 @@ def test_a_replay_from_the_same_start_replaces_the_file(root):
     """Written, then the process died before the commit: the replay writes the same name."""
     sink = ParquetSink(root, META, max_rows=100)
     sink.add([prow(i) for i in range(5, 8)])
-    (first,) = sink.flush({tp(0): 5})
+    (first,) = sink.flush({tp(0): Span(5, 5)})
     replay = ParquetSink(root, META, max_rows=100)
     replay.add([prow(i, label="dog") for i in range(5, 10)])  # the same rows and more
-    (again,) = replay.flush({tp(0): 5})
+    (again,) = replay.flush({tp(0): Span(5, 5)})
     assert again == first and len(names(root)) == 1
     table = table_at(first)
     assert table.column("kafka_offset").to_pylist() == [5, 6, 7, 8, 9]
@@ -127,9 +128,9 @@ def test_remove_uncommitted_deletes_files_at_or_after_the_committed_offset(root)
     sink = ParquetSink(root, META, max_rows=100)
     for start in (0, 10, 20):
         sink.add([prow(start, 0), prow(start + 1, 0)])
-        sink.flush({tp(0): start})
+        sink.flush({tp(0): Span(start, start)})
     sink.add([prow(5, 1)])
-    sink.flush({tp(1): 5})
+    sink.flush({tp(1): Span(5, 5)})
     before = names(root)
     assert len(before) == 4
     assert ParquetSink(root, META).remove_uncommitted({}) == []  # partitions not named: untouched
@@ -152,7 +153,7 @@ def test_sink_rolls_by_time(tmp_path):
     assert sink.due()  # a slow stream still lands on disk
     sink.add([prow(1)])  # the clock runs from the oldest buffered row
     assert sink.due()
-    sink.flush({tp(0): 0})
+    sink.flush({tp(0): Span(0, 0)})
     sink.add([prow(2)])
     assert not sink.due()  # the clock restarted with the new buffer
 
@@ -169,10 +170,10 @@ def test_switch_sends_new_vectors_to_their_own_directory(tmp_path):
     sink.add([prow(0)])
     with pytest.raises(AssertionError):
         sink.switch(BF16)  # rows of the old vectors are still buffered
-    sink.flush({tp(0): 0})
+    sink.flush({tp(0): Span(0, 0)})
     sink.switch(BF16)
     sink.add([prow(1)])
-    (path,) = sink.flush({tp(0): 1})
+    (path,) = sink.flush({tp(0): Span(1, 1)})
     assert len(parts(tmp_path)) == 2 and len({p.parent for p in parts(tmp_path)}) == 2
     assert FeatureId.from_parquet_metadata(pq.read_schema(path).metadata) == BF16
     with pytest.raises(IncompatibleFeatures, match="precision bf16 vs fp32"):
@@ -193,7 +194,7 @@ def test_writes_to_a_temp_name_then_renames(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.pq, "write_table", spy)
     sink = ParquetSink(str(tmp_path), META)
     sink.add([prow(0), prow(1)])
-    (path,) = map(Path, sink.flush({tp(0): 0}))
+    (path,) = map(Path, sink.flush({tp(0): Span(0, 0)}))
     assert len(written) == 1 and written[0].parent == path.parent and not written[0].exists()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from pipeline.storage import table_standin as table
+from pipeline.storage import table
 from pipeline.storage.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow
 

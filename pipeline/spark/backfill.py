@@ -42,7 +42,7 @@ from pipeline.config import Settings
 from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.spark import sources, tasks
 from pipeline.spark.session import spark_session
-from pipeline.storage import table_standin as table
+from pipeline.storage import table
 from pipeline.storage.identity import FeatureId
 
 WRITER = "backfill"

@@ -33,7 +33,7 @@ from pipeline import maven
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
 from pipeline.storage import s3_options, write_bytes_atomic
-from pipeline.storage import table_standin as table
+from pipeline.storage import table
 
 #: The pins. pyspark's own pin (4.1.x) is in pyproject.toml; the runtime must match its Spark
 #: minor version and Scala 2.13.

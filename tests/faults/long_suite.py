@@ -1,12 +1,17 @@
 """The fault suite: ``bash scripts/fault-suite.sh`` (or ``python -m tests.faults.long_suite``).
 
-    --broker kafka|tansu  --guarantee exactly-once|at-least-once  [--images N] [--summary PATH]
+    --broker kafka|tansu  --guarantee exactly-once|at-least-once  [--sink table|parquet]
+    [--images N] [--summary PATH]
 
 Starts one private broker of that kind (Apache Kafka keeps its data on disk; Tansu runs
 durable), then per scenario ``--images`` photos: 10 featurizer SIGKILLs, 10 scorer SIGKILLs,
-and 4 broker kill-and-restart cycles (SIGKILL, then a start on the same data). Prints the
-summary, writes it as JSON and exits 0 only when it is clean (see tests/faults/scenarios.py;
-on Apache Kafka with exactly-once that includes zero duplicates).
+and 4 broker kill-and-restart cycles (SIGKILL, then a start on the same data), stored through
+``--sink`` (default: the feature table); then the table's own scenarios
+(tests/faults/table_scenarios.py): 10 self-inflicted SIGKILLs between the table commit and
+the Kafka commit or while writing a data file, the catalog locked for 30 s, and two
+featurizers racing on one table (one SIGKILLed 4 times). Prints the summary, writes it as JSON
+and exits 0 only when it is clean (see tests/faults/scenarios.py; on Apache Kafka with
+exactly-once that includes zero duplicates).
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ from pathlib import Path
 
 from pipeline.config import GUARANTEES
 from pipeline.app.devrig import RigBroker, broker_unavailable
-from tests.faults.scenarios import SCENARIOS, Plan
+from tests.faults import table_scenarios
+from tests.faults.scenarios import SCENARIOS as STREAM_SCENARIOS
+from tests.faults.scenarios import Plan
 from tests.faults.summary import format_summary, summarize
+
+SCENARIOS = {**STREAM_SCENARIOS, **table_scenarios.SCENARIOS}
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,10 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/fault-suite.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", choices=("kafka", "tansu"), default="kafka")
     p.add_argument("--guarantee", choices=GUARANTEES, default="exactly-once")
+    p.add_argument("--sink", choices=("table", "parquet"), default="table",
+                   help="where the first three scenarios store rows (the table scenarios always use the table)")
     p.add_argument("--images", type=int, default=400, help="photos per scenario")
     p.add_argument("--featurizer-kills", type=int, default=10)
     p.add_argument("--scorer-kills", type=int, default=10)
     p.add_argument("--broker-restarts", type=int, default=4)
+    p.add_argument("--table-kills", type=int, default=10, help="table_kills: self-inflicted SIGKILLs")
+    p.add_argument("--catalog-lock-seconds", type=float, default=30.0, help="catalog_unavailable: how long")
+    p.add_argument("--racing-kills", type=int, default=4, help="featurizers_racing: SIGKILLs of one of the two")
     p.add_argument("--crash-every", type=int, default=1,
                    help="every Nth broker restart is a crash (SIGKILL); 0: clean restarts only")
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios to run")
@@ -55,7 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _kwargs(args: argparse.Namespace) -> dict[str, dict]:
     return {"featurizer_crashes": {"kills": args.featurizer_kills},
             "scorer_crashes": {"kills": args.scorer_kills},
-            "broker_restarts": {"restarts": args.broker_restarts, "crash_every": args.crash_every}}
+            "broker_restarts": {"restarts": args.broker_restarts, "crash_every": args.crash_every},
+            "table_kills": {"kills": args.table_kills},
+            "catalog_unavailable": {"seconds": args.catalog_lock_seconds},
+            "featurizers_racing": {"kills": args.racing_kills}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fault suite on {args.broker} ({args.guarantee}) in {workdir}; weights cache {cache_dir}", flush=True)
     broker = RigBroker(workdir / "broker", args.broker, conditional_s3=not args.raw_localbucket).start()
     plan = Plan(broker, workdir, cache_dir, args.guarantee, args.images, args.seed,
-                log=lambda line: print(line, flush=True))
+                log=lambda line: print(line, flush=True), sink=args.sink)
     started = time.monotonic()
     results, errors = [], {}
     try:
