@@ -67,6 +67,20 @@ class _Rebalance(ConsumerRebalanceListener):
                   error=repr(exc))
         self.worker.attempts.forget(list(revoked))
 
+    def on_partitions_lost(self, lost):
+        """Our session expired (a long pause, a cut-off host): the partitions may already have a
+        new owner, so nothing of ours may be committed or published; the work is redone by
+        whoever owns them now (zombie fencing: docs/cluster.md)."""
+        if not lost:
+            return
+        event(log, "partitions lost: the group moved on without us; dropping uncommitted work", logging.WARNING,
+              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
+        try:
+            self.worker.drop_uncommitted()
+        except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
+            event(log, "dropping uncommitted work failed", logging.ERROR, error=repr(exc))
+        self.worker.attempts.forget(list(lost))
+
     def on_partitions_assigned(self, assigned):
         event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
         if self.worker._paused_until and assigned:  # handed new partitions while the sink is down
@@ -356,7 +370,9 @@ class StreamWorker:
             self.starts[tp] = first
             markers[tp] = prior + 1
         if self.sink is not None:
-            removed = self.sink.remove_uncommitted({tp: self.starts[tp] for tp in first_offsets})
+            published, removed = self.sink.recover({tp: self.starts[tp] for tp in first_offsets})
+            if published:
+                event(log, "published part files a previous owner committed", files=len(published))
             if removed:
                 event(log, "removed part files of uncommitted work", files=len(removed))
         if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
@@ -383,12 +399,14 @@ class StreamWorker:
         anything failed; the worker has then rewound or paused.
         """
         self._collect_all()
+        if self.sink is not None and self.sink.unpublished() and not self._publish():
+            return False
         if not self.ckpt.holds_anything() and not markers and not (clean and self.attempts.armed):
             return True
         started = time.perf_counter()
         if self.sink is not None and len(self.sink):
-            try:
-                written = self.sink.flush(self.starts)
+            try:  # written under staged names: final names only once the commit below succeeded
+                written = self.sink.stage(self.starts, self.ckpt.pending)
             except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
                 self._storage_failed(exc)
                 return False
@@ -417,16 +435,33 @@ class StreamWorker:
             n = markers[tp][1] if markers and tp in markers else (0 if clean else 1)
             self.attempts.remember(tp, offset, n)
         self._last_checkpoint = time.monotonic()
+        published = self.sink is None or self._publish()
         self.metrics.stage_seconds.labels(self.stage, "checkpoint").observe(time.perf_counter() - started)
         event(log, "checkpoint", logging.DEBUG, reason=reason, offsets=len(committed))
+        return published
+
+    def _publish(self) -> bool:
+        """Committed part files get their final names; a failure pauses like a failed write (the
+        next checkpoint renames them before anything else)."""
+        try:
+            self.sink.publish()
+        except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
+            self._storage_failed(exc)
+            return False
         return True
 
-    def rewind(self) -> None:
-        """Seek back to the committed offsets and drop unflushed output: the work is redone."""
+    def drop_uncommitted(self) -> None:
+        """Forget work in flight, buffered rows, staged files and the open transaction, without
+        touching the consumer's positions (the partitions are gone; new ones start from their
+        committed offsets)."""
         self.abandon()
         if self.sink is not None:
             self.sink.discard()
         self.ckpt.abort()
+
+    def rewind(self) -> None:
+        """Seek back to the committed offsets and drop unflushed output: the work is redone."""
+        self.drop_uncommitted()
         for tp in self.consumer.assignment():  # not only those pending: abandoned work may be anywhere
             committed = self.consumer.committed(tp)
             if committed is None:

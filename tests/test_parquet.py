@@ -123,25 +123,21 @@ def test_a_replay_from_the_same_start_replaces_the_file(root):
     assert len(fs) == 5 and fs.duplicates_dropped == 0
 
 
-def test_remove_uncommitted_deletes_files_at_or_after_the_committed_offset(root):
+def test_recover_never_removes_final_files(root):
+    """Final names are given only after a commit (tests/test_parquet_fencing.py), so every final
+    file is committed work, whatever the committed offset a (possibly late) caller passes."""
     sink = ParquetSink(root, META, max_rows=100)
     for start in (0, 10, 20):
         sink.add([prow(start, 0), prow(start + 1, 0)])
         sink.flush({tp(0): start})
-    sink.add([prow(5, 1)])
-    sink.flush({tp(1): 5})
     before = names(root)
-    assert len(before) == 4
-    assert ParquetSink(root, META).remove_uncommitted({}) == []  # partitions not named: untouched
-    removed = sink.remove_uncommitted({tp(0): 10, tp(1): 6})
-    assert sorted(Path(r).name for r in removed) == [f"deeper.images+0+{s:019d}.parquet" for s in (10, 20)]
-    assert names(root) == [before[0], before[3]]  # partition 0 from 0 (committed), partition 1 from 5 < 6
-    assert sorted(read_features([root]).image_ids) == sorted(prow(i).image_id for i in (0, 1, 5))
-    assert sink.remove_uncommitted({tp(0): 10}) == []  # nothing left to remove
+    assert ParquetSink(root, META).recover({}) == ([], [])
+    assert sink.recover({tp(0): 10, tp(1): 6}) == ([], [])
+    assert names(root) == before and len(before) == 3
 
 
-def test_remove_uncommitted_before_anything_was_written(root):
-    assert ParquetSink(root, META).remove_uncommitted({tp(0): 0}) == []
+def test_recover_before_anything_was_written(root):
+    assert ParquetSink(root, META).recover({tp(0): 0}) == ([], [])
 
 
 def test_sink_rolls_by_time(tmp_path):
@@ -214,11 +210,13 @@ def test_failed_write_leaves_nothing_and_keeps_the_rows(tmp_path, monkeypatch):
     sink.add([prow(0, 0), prow(1, 0), prow(10, 1), prow(11, 1), prow(12, 1)])
     with pytest.raises(OSError, match="disk full"):
         sink.flush({})
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"deeper.images+0+{0:019d}.parquet"]
+    (staged,) = [p.name for p in tmp_path.rglob("*") if p.is_file()]  # partition 0's, hidden until published
+    assert staged.startswith(f".staged-deeper.images+0+{0:019d}+{2:019d}-") and feature_files([tmp_path]) == []
     assert len(sink) == 3  # ...and is removed; partition 1's rows are kept for the retry
     monkeypatch.setattr(storage.pq, "write_table", real_write)
-    (retried,) = sink.flush({})
+    first, retried = sink.flush({})  # both published now that the whole checkpoint is written
     assert pq.read_table(retried).column("kafka_offset").to_pylist() == [10, 11, 12] and len(sink) == 0
+    assert Path(first).name == f"deeper.images+0+{0:019d}.parquet"
     assert len(read_features([tmp_path])) == 5
 
 

@@ -136,12 +136,38 @@ def make_transactional_producer(settings: Settings, transactional_id: str) -> Ka
     """
     producer = KafkaProducer(**_producer_config(settings, transactional_id=transactional_id,
                                                 transaction_timeout_ms=TRANSACTION_TIMEOUT_MS))
+    _retry_unreachable_coordinators(producer)
     try:
         producer.init_transactions()
     except BaseException:
         close_producer(producer, timeout=1)
         raise
     return producer
+
+
+def _retry_unreachable_coordinators(producer: KafkaProducer) -> None:
+    """Make kafka-python 3.0.12 retry a transactional request whose coordinator it cannot reach.
+
+    Its sender asks the client to wait until the coordinator's node is ready; when the node is
+    dead the client *raises* instead of answering False, and on that path the sender looks the
+    coordinator up again but never re-queues the request (Java's Sender does both): add the
+    offsets, commit, abort or init then wait for ever. That happened whenever a cluster node that
+    hosted the group or transaction coordinator was killed (docs/cluster.md). Answering False
+    takes the path that looks up the new coordinator and retries. One producer's client only;
+    if the library changes shape, nothing is patched (the checkpoint's own timeout still holds).
+    """
+    client = getattr(getattr(producer, "_sender", None), "_client", None)
+    original = getattr(client, "await_ready", None)
+    if original is None:
+        return
+
+    def await_ready(node_id, timeout_ms=30000):
+        try:
+            return original(node_id, timeout_ms=timeout_ms)
+        except kafka_errors.KafkaConnectionError:
+            return False
+
+    client.await_ready = await_ready
 
 
 #: A checkpoint's transaction lives a few seconds; if its producer dies, the broker aborts it

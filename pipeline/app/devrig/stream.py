@@ -28,20 +28,30 @@ class StreamRun:
     """Fresh topics, groups, data dir and registry on a broker, and the two worker processes.
 
     Nothing is started here: ``featurizer.start()`` / ``scorer.start()`` when the run wants
-    them. ``guarantee`` is ``DEEPER_GUARANTEE`` for both workers.
+    them. ``guarantee`` is ``DEEPER_GUARANTEE`` for both workers. ``featurizer_hosts`` runs one
+    featurizer per launcher (``featurizers``; ``featurizer`` is the first), e.g. one per test
+    host; ``scorer_host`` places the scorer, ``scorer_bootstrap`` lets it reach the broker
+    another way (through proxies).
     """
 
     def __init__(self, bootstrap_servers: str, root: Path, cache_dir: Path, name: str,
                  guarantee: str = "exactly-once", featurizer_args: Sequence[str] = FEATURIZER_ARGS,
-                 scorer_args: Sequence[str] = SCORER_ARGS, partitions: int = 4):
+                 scorer_args: Sequence[str] = SCORER_ARGS, partitions: int = 4,
+                 featurizer_hosts: Sequence[Sequence[str]] = ((),), scorer_host: Sequence[str] = (),
+                 scorer_bootstrap: str | None = None):
         self.name = name
         self.root = Path(root)
         base = Settings.from_env(bootstrap_servers=bootstrap_servers, cache_dir=str(cache_dir), model=MODEL,
                                  metrics_port="0", guarantee=guarantee)
         self.settings = fresh_settings(base, self.root, prefix=name, partitions=partitions)
         env = worker_env(self.settings)
-        self.featurizer = WorkerProcess("featurizer", env, self.root / "logs", featurizer_args)
-        self.scorer = WorkerProcess("scorer", env, self.root / "logs", scorer_args)
+        many = len(featurizer_hosts) > 1
+        self.featurizers = [WorkerProcess("featurizer", env, self.root / "logs", featurizer_args,
+                                          name=f"featurizer{i}" if many else None, launcher=host)
+                            for i, host in enumerate(featurizer_hosts)]
+        self.featurizer = self.featurizers[0]
+        scorer_env = {**env, "KAFKA_BOOTSTRAP_SERVERS": scorer_bootstrap} if scorer_bootstrap else env
+        self.scorer = WorkerProcess("scorer", scorer_env, self.root / "logs", scorer_args, launcher=scorer_host)
         self.temps = TempWatcher(self.features_root)
         self.temps.start()
         self.planted: set[str] = set()  # temp files the rig made itself
@@ -54,7 +64,7 @@ class StreamRun:
 
     @property
     def workers(self) -> list[WorkerProcess]:
-        return [self.featurizer, self.scorer]
+        return [*self.featurizers, self.scorer]
 
     def unique_ids(self) -> set[str]:
         from pipeline.storage.parquet_reader import feature_files, read_features

@@ -158,16 +158,18 @@ class WorkerProcess:
     """``python -m pipeline.app.cli ROLE ARGS`` as a real subprocess, restartable after a kill.
 
     ``env`` is the whole environment (see :func:`pipeline.app.devrig.topics.worker_env`); each
-    incarnation logs to ``log_dir/<name>-<index>.log``.
+    incarnation logs to ``log_dir/<name>-<index>.log``. ``launcher`` goes before the command
+    line (a test host's ``ip netns exec HOST``: :mod:`pipeline.app.devrig.hosts`).
     """
 
     def __init__(self, role: str, env: Mapping[str, str], log_dir: Path, args: Sequence[str] = (),
-                 name: str | None = None):
+                 name: str | None = None, launcher: Sequence[str] = ()):
         self.role = role
         self.env = dict(env)
         self.log_dir = Path(log_dir)
         self.args = list(args)
         self.name = name or role
+        self.launcher = list(launcher)
         self.incarnations: list[Incarnation] = []
         self.unexpected_exits: list[dict[str, Any]] = []
 
@@ -184,7 +186,7 @@ class WorkerProcess:
         index = len(self.incarnations)
         log_path = self.log_dir / f"{self.name}-{index:02d}.log"
         log_file = open(log_path, "wb")
-        process = subprocess.Popen([sys.executable, "-c", _BOOT, self.role, *self.args],
+        process = subprocess.Popen([*self.launcher, sys.executable, "-c", _BOOT, self.role, *self.args],
                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    env=self.env, cwd=REPO)
         incarnation = Incarnation(self.role, index, process, LogTail(log_path), time.time(), _log_file=log_file)
@@ -200,6 +202,16 @@ class WorkerProcess:
         inc.ended_at, inc.killed = at, True
         inc._log_file.close()
         return at
+
+    def freeze(self) -> float:
+        """SIGSTOP the current incarnation (a long GC pause, a stalled VM); return when."""
+        self.current.process.send_signal(signal.SIGSTOP)
+        return time.time()
+
+    def thaw(self) -> float:
+        """SIGCONT: the frozen incarnation runs on from where it stopped; return when."""
+        self.current.process.send_signal(signal.SIGCONT)
+        return time.time()
 
     def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM: the worker checkpoints and leaves its group; return the exit status."""
