@@ -65,8 +65,8 @@ def unavailable_reason() -> str | None:
     probe = f"deeper-probe-{uuid.uuid4().hex[:8]}"
     try:
         _ip("netns", "add", probe)
-        _ip("-n", probe, "link", "add", "a", "type", "veth", "peer", "name", "b")
-        _ip("-n", probe, "link", "add", "s", "type", "bridge")
+        _ip("-n", probe, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1")
+        _ip("-n", probe, "link", "add", "probebr", "type", "bridge")
     except (NetworkError, OSError, subprocess.SubprocessError) as exc:
         return f"network namespaces, veth pairs or bridges are not available here: {exc}"
     finally:
