@@ -125,9 +125,10 @@ class Checkpoint:
             self._in_transaction = True
         manager = self.producer._transaction_manager
         if offsets:
+            group = self._member_metadata()
+            _forget_refused_offsets(manager)
             # The offsets join the transaction: they count only if its records do.
-            self._await(manager.send_offsets_to_transaction(offsets, self._member_metadata()),
-                        "adding the offsets to the transaction")
+            self._await(manager.send_offsets_to_transaction(offsets, group), "adding the offsets to the transaction")
         self._await(manager.begin_commit(), "committing the transaction")  # records + offsets, all or nothing
         self._in_transaction = False
 
@@ -219,3 +220,22 @@ class Checkpoint:
         if self._in_transaction:
             self.abort()
         close_producer(self.producer)
+
+
+def _forget_refused_offsets(manager: Any) -> None:
+    """Drop offsets an earlier transaction failed to add, before this one adds its own.
+
+    kafka-python 3.0.12 keeps the offsets of a refused TxnOffsetCommit (a zombie's stale
+    generation: UnknownMemberId, IllegalGeneration) in ``_pending_txn_offset_commits`` after the
+    transaction is aborted, and sends them again with the next transaction's offsets: a zombie
+    that rejoined its group committed the old positions of partitions it no longer owned, under
+    its new, valid generation, and their records were done twice (the cluster suite's zombie
+    scenario: the group's offset history showed a partition's committed offset go from 11 back
+    to 6, committed by the rejoined zombie along with its own). Nothing is pending between
+    transactions, so clearing it here loses nothing.
+    """
+    pending = getattr(manager, "_pending_txn_offset_commits", None)
+    if pending:
+        event(log, "dropping offsets a failed transaction left behind in the producer", logging.WARNING,
+              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in pending))
+        pending.clear()

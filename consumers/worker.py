@@ -303,12 +303,17 @@ class StreamWorker:
     # -- arming, careful mode, poison ---------------------------------------------------------
     def _admit(self, messages: list[Any]) -> list[Any]:
         """Arm partitions seen for the first time; let careful partitions through one message at a time."""
+        assigned = self.consumer.assignment()
         by_tp: dict[TopicPartition, list[Any]] = defaultdict(list)
         for m in messages:
-            by_tp[TopicPartition(m.topic, m.partition)].append(m)
+            tp = TopicPartition(m.topic, m.partition)
+            if tp in assigned:  # a rebalance inside the poll's top-up may have taken it away
+                by_tp[tp].append(m)
         unarmed = [tp for tp in by_tp if tp not in self.attempts.armed]
         if unarmed:
-            outcome = self._arm_contained({tp: by_tp[tp][0].offset for tp in unarmed})
+            outcome, behind = self._arm_contained({tp: by_tp[tp][0].offset for tp in unarmed})
+            for tp in behind:  # already sought to their committed offsets
+                del by_tp[tp]
             if outcome != "armed":
                 # Nothing of this poll may be worked on now: it is fetched again later. After a
                 # rewind the consumer already seeks to the committed offsets; otherwise (storage
@@ -348,29 +353,47 @@ class StreamWorker:
         self._checkpoint_now = True
         return [first]
 
-    def _arm_contained(self, first_offsets: dict[TopicPartition, int]) -> str:
-        """``armed``, ``rewound`` (the checkpoint failed and rewound) or ``held`` (try again later)."""
+    def _arm_contained(self, first_offsets: dict[TopicPartition, int]) -> tuple[str, set[TopicPartition]]:
+        """``armed``, ``rewound`` (the checkpoint failed and rewound) or ``held`` (try again later),
+        and the partitions whose records were behind their committed offset (skipped)."""
+        behind: set[TopicPartition] = set()
         try:
-            if self._arm(first_offsets):
-                return "armed"
-            return "held" if self._paused_until else "rewound"
+            if self._arm(first_offsets, behind):
+                return "armed", behind
+            return ("held" if self._paused_until else "rewound"), behind
         except Exception as exc:  # noqa: BLE001 - broker or storage away: a stage error, wait and retry
             event(log, "cannot arm partitions yet; retrying", logging.ERROR, error=repr(exc))
             time.sleep(1.0)
-            return "held"
+            return "held", behind
 
-    def _arm(self, first_offsets: dict[TopicPartition, int]) -> bool:
-        """Read each new partition's attempt count, add one, commit it before any processing."""
+    def _arm(self, first_offsets: dict[TopicPartition, int], behind: set[TopicPartition]) -> bool:
+        """Read each new partition's attempt count, add one, commit it before any processing.
+
+        A partition whose records start below its committed offset is not armed but sought to
+        that offset (and added to ``behind``): those records are committed work, and arming at
+        the first of them would move the committed offset back (the group coordinator takes any
+        current member's offsets, for any partition), so they would be done twice. A position
+        can lag like that after a rebalance: kafka-python keeps the position of a partition that
+        stays with a member, and records polled just before a rebalance are still in hand.
+        """
         markers: dict[TopicPartition, int] = {}
         for tp, first in first_offsets.items():
             committed = self.consumer.committed(tp, metadata=True)
+            if committed is not None and first < committed.offset:
+                self.consumer.seek(tp, committed.offset)
+                behind.add(tp)
+                event(log, "fetched records behind the committed offset; skipping to it", logging.WARNING,
+                      partition=f"{tp.topic}/{tp.partition}", first=first, committed=committed.offset)
+                continue
             metadata = getattr(committed, "metadata", None)
             prior = self.attempts.prior(tp, first, metadata)
             self.attempts.arm(tp, first, prior)
             self.starts[tp] = first
             markers[tp] = prior + 1
+        if not markers:
+            return True
         if self.sink is not None:
-            published, removed = self.sink.recover({tp: self.starts[tp] for tp in first_offsets})
+            published, removed = self.sink.recover({tp: self.starts[tp] for tp in markers})
             if published:
                 event(log, "published part files a previous owner committed", files=len(published))
             if removed:

@@ -36,9 +36,10 @@ class _Copier(StreamWorker):
             self.send(self.settings.features_topic, m.key, m.value, [])
 
 
-def _process_without_committing(worker: StreamWorker, until_offset: int, timeout: float = 60.0) -> None:
+def _process_without_committing(worker: StreamWorker, until_offset: int, timeout: float = 60.0,
+                                partition: int = 0) -> None:
     """The loop's turns (poll, arm, process, collect) minus its checkpoints."""
-    tp = TopicPartition(worker.topic, 0)
+    tp = TopicPartition(worker.topic, partition)
     deadline = time.monotonic() + timeout
     while worker.ckpt.pending.get(tp, 0) < until_offset:
         assert time.monotonic() < deadline, "the records were never processed"
@@ -68,3 +69,68 @@ def test_a_worker_that_lost_its_group_membership_commits_nothing(kafka_settings,
         close_producer(worker.ckpt.producer)
     if broker_kind == "kafka":  # Tansu shows aborted records to read_committed readers (docs/broker.md)
         assert read_records(settings, settings.features_topic, timeout=10, quiet_s=2) == []
+
+
+def test_records_behind_the_committed_offset_are_never_done_again(kafka_settings, tmp_path):
+    """After a rebalance a worker can hold records of a partition below its committed offset (a
+    position kafka-python kept, records polled just before it). Re-arming at them moved the
+    committed offset back and did them twice; now the worker skips to the committed offset."""
+    settings = dataclasses.replace(fresh_settings(kafka_settings, tmp_path, prefix="behind", partitions=1),
+                                   guarantee="exactly-once")
+    producer = make_producer(settings)
+    for i in range(6):
+        producer.send(settings.images_topic, f"v{i}".encode(), key=f"k{i}".encode())
+    producer.flush()
+    worker = _Copier(settings, settings.images_topic, settings.featurizer_group)
+    tp = TopicPartition(settings.images_topic, 0)
+    try:
+        _process_without_committing(worker, until_offset=6)
+        assert worker.checkpoint() is True and worker.consumer.committed(tp) == 6
+        worker.attempts.forget([tp])  # what a rebalance does: the partition is armed again at its next poll
+        worker.consumer.seek(tp, 2)  # ...at a position older than its committed offset
+        deadline = time.monotonic() + 30
+        while worker.consumer.position(tp) < 6 and time.monotonic() < deadline:
+            assert worker._admit(worker._poll(200)) == []
+        assert worker.consumer.committed(tp) == 6 and worker.consumer.position(tp) == 6
+        producer.send(settings.images_topic, b"v6", key=b"k6")
+        producer.flush()
+        _process_without_committing(worker, until_offset=7)
+        assert worker.checkpoint() is True and worker.consumer.committed(tp) == 7
+    finally:
+        worker.consumer.close(autocommit=False)
+        close_producer(worker.ckpt.producer)
+        close_producer(producer)
+    keys = [r.key for r in read_records(settings, settings.features_topic, timeout=20, quiet_s=2)]
+    assert sorted(keys) == [f"k{i}".encode() for i in range(7)]
+
+
+def test_offsets_of_a_refused_commit_never_ride_on_the_next_transaction(kafka_settings, needs_apache_kafka, tmp_path):
+    """A zombie's commit is refused (its generation is stale); once it has rejoined, its next
+    transaction must carry its own offsets only. kafka-python 3.0.12 kept the refused ones and
+    sent them along: the rejoined zombie moved a partition it no longer owned back to an old
+    offset (the cluster suite's zombie scenario: 11 -> 6, and those records done twice)."""
+    settings = dataclasses.replace(fresh_settings(kafka_settings, tmp_path, prefix="refused", partitions=2),
+                                   guarantee="exactly-once")
+    producer = make_producer(settings)
+    for i in range(12):
+        producer.send(settings.images_topic, f"v{i}".encode(), key=f"k{i}".encode(), partition=i % 2)
+    assert close_producer(producer)
+    worker = _Copier(settings, settings.images_topic, settings.featurizer_group)
+    tp0, tp1 = (TopicPartition(settings.images_topic, p) for p in (0, 1))
+    try:
+        _process_without_committing(worker, until_offset=6, partition=0)
+        _process_without_committing(worker, until_offset=6, partition=1)
+        real = worker.consumer.group_metadata
+        stale = real()._replace(generation_id=real().generation_id - 1)  # what a zombie's snapshot holds
+        worker.consumer.group_metadata = lambda: stale
+        assert worker.checkpoint() is False  # refused by the group coordinator: ILLEGAL_GENERATION
+        worker.consumer.group_metadata = real
+        assert worker.consumer.committed(tp0) == 0 and worker.consumer.committed(tp1) == 0  # the arming markers
+        worker.consumer.pause(tp0)  # the next transaction covers partition 1 only
+        _process_without_committing(worker, until_offset=6, partition=1)
+        assert worker.checkpoint() is True
+        assert worker.consumer.committed(tp1) == 6
+        assert worker.consumer.committed(tp0) == 0, "the refused commit's offset for partition 0 was sent again"
+    finally:
+        worker.consumer.close(autocommit=False)
+        close_producer(worker.ckpt.producer)

@@ -244,9 +244,6 @@ class Node:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def to_json(self) -> dict:
-        return {**self.__dict__, "launcher": list(self.launcher)}
-
     @classmethod
     def from_json(cls, data: dict) -> "Node":
         return cls(**{**data, "launcher": tuple(data.get("launcher") or ())})
