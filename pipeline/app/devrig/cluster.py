@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.app.devrig.hosts import RigHost, RigNetwork
 from pipeline.app.devrig.toxiproxy import Toxiproxy
@@ -74,7 +74,7 @@ class RigCluster:
         broker.stop(self.state_dir, grace_s=5.0)
 
     def findings(self) -> dict[str, Any]:
-        return {"kind": "kafka", "durable": True, "nodes": self.count,
+        return {"kind": "kafka-cluster", "durable": True, "nodes": self.count,
                 "hosts": {n: h.address for n, h in self.hosts.items()},
                 "proxied": self.proxied_bootstrap_servers is not None}
 
@@ -97,37 +97,36 @@ class RigCluster:
 
     def leader(self, topic: str, partition: int) -> int | None:
         """The node leading ``topic``/``partition`` now (None while there is none)."""
-        from pipeline.kafka.kafka_io import make_admin
-
-        admin = make_admin(self.settings(), request_timeout_ms=10_000)
-        try:
-            for described in admin.describe_topics([topic]):
-                for p in described.get("partitions") or []:
-                    if p["partition_index"] == partition:
-                        leader = p.get("leader_id")
-                        return None if leader is None or leader < 0 else int(leader)
-        finally:
-            admin.close()
+        for described in self._ask(lambda admin: admin.describe_topics([topic])):
+            for p in described.get("partitions") or []:
+                if p["partition_index"] == partition:
+                    leader = p.get("leader_id")
+                    return None if leader is None or leader < 0 else int(leader)
         return None
 
     def active_controller(self) -> int:
         """The KRaft quorum's leader: the node whose controller is active."""
-        from pipeline.kafka.kafka_io import make_admin
-
-        admin = make_admin(self.settings(), request_timeout_ms=10_000)
-        try:
-            quorum = admin.describe_metadata_quorum()
-        finally:
-            admin.close()
+        quorum = self._ask(lambda admin: admin.describe_metadata_quorum())
         return int(quorum["topics"][0]["partitions"][0]["leader_id"])
 
-    def in_sync(self, topics: list[str]) -> bool:
-        """Whether every partition of ``topics`` has all its replicas in sync again."""
+    def _ask(self, question: Callable[[Any], Any], timeout: float = 60.0) -> Any:
+        """An admin request to the nodes that run now, retried while the cluster settles (a
+        node just killed can still be picked before its connection fails)."""
+        from kafka import errors as kafka_errors
+
         from pipeline.kafka.kafka_io import make_admin
 
-        admin = make_admin(self.settings(), request_timeout_ms=10_000)
-        try:
-            return all(len(p["isr_nodes"]) == len(p["replica_nodes"])
-                       for t in admin.describe_topics(topics) for p in t.get("partitions") or [])
-        finally:
-            admin.close()
+        assert self.info is not None, "cluster not started"
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [n.address for n in self.info.nodes if n.node_id in self.alive()]
+            try:
+                admin = make_admin(Settings.from_env(bootstrap_servers=",".join(alive)), request_timeout_ms=10_000)
+                try:
+                    return question(admin)
+                finally:
+                    admin.close()
+            except (kafka_errors.KafkaError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
