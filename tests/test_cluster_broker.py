@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from kafka import OffsetAndMetadata, TopicPartition
+from kafka import OffsetAndMetadata
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.kafka import apache_kafka, broker, kafka_io
