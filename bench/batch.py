@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (BACKBONES, CAMERA_SIZE, LAYERS, REPO, Context, camera_jpeg, car_photos, distinct_copy,
-                          distinct_photos, inception_weights, interleaved_runs, load, preprocessed, rate_summary, say,
-                          tile, timed_runs)
+from bench.common import (BACKBONES, CAMERA_SIZE, LAYERS, MODEL_BACKBONES, REPO, Context, camera_jpeg, car_photos,
+                          distinct_copy, distinct_photos, inception_weights, interleaved_runs, load, preprocessed,
+                          rate_summary, say, tile, timed_runs)
 
 
 # --------------------------------------------------------------------------- model alone
@@ -29,10 +29,10 @@ def model_alone(ctx: Context) -> dict[str, Any]:
     runs = ctx.scale(7, 3)
     paths, source = car_photos(ctx)
     rows = []
-    for name in BACKBONES:
+    for name in MODEL_BACKBONES:
         backbone = load(ctx, name)
         images = preprocessed(backbone, paths)
-        layer = LAYERS[name]["features"]
+        layer = LAYERS.get(name, {"features": "prelogits"})["features"]
         for bs in batch_sizes:
             batch = tile(images, bs)
             calls = max(1, 32 // bs)  # a run is >= 32 images so batch 1 isn't timer noise

@@ -32,6 +32,9 @@ LAYERS = {
     "inception_v1": {"features": "AvgPool_0a_7x7", "logits": "Logits"},
 }
 BACKBONES = tuple(LAYERS)
+#: The model-alone figure also times the bigger Lite variants (the speed side of the recipe choice,
+#: bench/recipes.py); the other figures keep to the two backbones above.
+MODEL_BACKBONES = (*BACKBONES, "efficientnet_lite1", "efficientnet_lite2")
 
 
 @dataclass
@@ -280,9 +283,9 @@ def inception_weights(ctx: Context) -> tuple[str | None, str]:
 
 def load(ctx: Context, name: str, precision: str = "fp32", **kwargs: Any):
     """The named backbone in ``precision``, fresh (not the factory's per-process cache)."""
-    import importlib
+    from pipeline.model.nets.factory import network
 
-    module = importlib.import_module(f"pipeline.model.nets.{name}")
+    module = network(name)
     if name == "inception_v1":
         weights, _ = inception_weights(ctx)
         return module.load(weights=weights, cache_dir=ctx.cache_dir, progress=False, precision=precision, **kwargs)

@@ -145,7 +145,7 @@ def _legacy_effnet(backbone) -> Callable[[np.ndarray], Any]:
     and ``+ b`` (same numbers as now; kept here only to measure the change)."""
     import tensorflow as tf
 
-    from pipeline.model.nets import efficientnet_lite0 as lite0
+    from pipeline.model.nets.efficientnet_lite import LITE0
 
     weights = backbone._weights
 
@@ -168,7 +168,7 @@ def _legacy_effnet(backbone) -> Callable[[np.ndarray], Any]:
     @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
     def prelogits(images):
         x = conv(images, weights["stem/w"], weights["stem/b"], stride=2)
-        for spec in lite0.BLOCKS:
+        for spec in LITE0.blocks:
             n = f"block_{spec.index}"
             h = x
             if spec.expand != 1:

@@ -18,7 +18,17 @@ which :data:`STAMP_CLASSES` are used (sub-folders included, cartoons left out), 
 :data:`STAMPS_PER_CLASS` photos each (sorted by path).
 A set that is absent is skipped with a line saying so.
 
+4. *choice* (``bench/fewshot.py``): the default backbone and layer on evidence: every candidate
+   (EfficientNet-Lite0/1/2 x ``prelogits``, ``prelogits+stage_6+stage_7``) 10-shot over 20
+   random splits on every set (cars, examples, Stellarium's deep-sky photos), closed-set accuracy
+   and accuracy with unknown, paired differences against the default, and the speed of each
+   backbone alone (interleaved);
+5. *novelty* (``bench/novelty.py``): the cars and examples models against photos of other things.
+
+Sections 4 and 5 write ``bench/results/recipe-choice.json``; 1-3 ``--out``.
+
     python -m bench.recipes [--model efficientnet_lite0] [--out bench/results/recipes.json]
+    python -m bench.recipes --only choice novelty
 """
 
 from __future__ import annotations
@@ -112,6 +122,9 @@ class Vectors:
         self.backbone, self.cache = backbone, cache
 
     def __call__(self, photos: list[Photo], layer: str) -> tuple[np.ndarray, list[str]]:
+        layer = self.backbone.info.resolve_layer(layer)
+        if not photos:
+            return np.zeros((0, self.backbone.info.end_points[layer]), np.float32), []
         result = featurize_photos(photos, self.backbone, layer, cache=self.cache, progress=False)
         if result.failures:
             print(f"  {len(result.failures)} photos failed: {result.failures[0].reason}")
@@ -202,13 +215,62 @@ def calibration(vectors: Vectors, sets: dict[str, dict], name: str, layer: str) 
     return out
 
 
+SECTIONS = ("recipes", "levels", "calibration", "choice", "novelty")
+
+
+def choice_and_novelty(cache_dir: str, sections: list[str], out: Path) -> None:
+    """Sections 4 and 5: every candidate backbone, through the product's featurizer and cache."""
+    from bench import fewshot, novelty
+
+    cache = default_cache(cache_dir)
+
+    def vectors(photos: list[Photo], backbone: str, layer: str) -> tuple[np.ndarray, list[str]]:
+        return Vectors(load_backbone(backbone, cache_dir=cache_dir, progress=False), cache)(photos, layer)
+
+    sets, others = fewshot.photo_sets()
+    results = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+               "candidates": {"backbones": fewshot.CANDIDATE_BACKBONES, "layers": fewshot.CANDIDATE_LAYERS},
+               "not_evaluated": "inception_v1: its real weights can't be downloaded here"}
+    if "novelty" in sections:
+        print("\nnovelty: the default recipe's models against photos of other things")
+        results["novelty"] = novelty.run(vectors, others, fewshot.CANDIDATE_BACKBONES)
+    if "choice" in sections:
+        print(f"\nchoice: {fewshot.SHOTS}-shot, {fewshot.SPLITS} splits per set")
+        results["choice"] = fewshot.run(vectors, sets, others)
+        results["speed"] = fewshot.speed(lambda name: load_backbone(name, cache_dir=cache_dir, progress=False))
+        print(f"speed (model alone, batch 32, interleaved): {results['speed']}")
+        _print_choice(results["choice"], results["speed"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+
+
+def _print_choice(choice: dict, speed: dict) -> None:
+    print(f"\n{'recipe':<48}" + "".join(f"{n:>16}" for n in choice["sets"]) + f"{'vs default (CI)':>26}"
+          f"{'with unknown vs default':>28}{'img/s':>8}")
+    for recipe, s in choice["summary"].items():
+        cells = "".join(f"{s['per_set'][n]['closed_accuracy']:>16.3f}" for n in choice["sets"])
+        vs = s["vs_baseline"] or {}
+        closed, unknown = vs.get("closed_accuracy"), vs.get("accuracy_with_unknown")
+        text = (lambda d: "" if not d else f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}]")
+        print(f"{recipe:<48}{cells}{text(closed):>26}{text(unknown):>28}"
+              f"{speed['img_per_s'].get(recipe.split('/')[0], float('nan')):>8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "go-deeper"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "recipes.json"))
+    parser.add_argument("--choice-out", default=str(REPO / "bench" / "results" / "recipe-choice.json"))
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                        help=f"sections to run ({', '.join(SECTIONS)}; default: all)")
     parser.add_argument("--skip-recipes", action="store_true", help="only the levels and calibration sections")
     args = parser.parse_args()
+    if {"choice", "novelty"} & set(args.only):
+        choice_and_novelty(args.cache_dir, args.only, Path(args.choice_out))
+    if not {"recipes", "levels", "calibration"} & set(args.only):
+        return
     backbone = load_backbone(args.model, cache_dir=args.cache_dir, progress=False)
     vectors = Vectors(backbone, default_cache(args.cache_dir))
     sets = photo_sets()
@@ -217,7 +279,7 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "classifier": DEFAULT_SPEC.describe(),
                "sets": {k: {"n": len(v["train"]) + len(v["test"]),
                             "classes": sorted({p.label for p in v["train"]})} for k, v in sets.items()}}
-    if not args.skip_recipes:
+    if not args.skip_recipes and "recipes" in args.only:
         results["datasets"] = {name: [r for layer in ("logits", "prelogits") for r in recipes(vectors, s, layer)]
                                for name, s in sets.items() if s["test"]}
         for name, rows in results["datasets"].items():

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import batch, precision, stream, stream_more  # noqa: E402
+from bench import batch, precision, sink, stream, stream_more  # noqa: E402
 from bench.common import RESULTS, Context, machine, say  # noqa: E402
 
 #: name -> (what it measures, function). Order matters: later figures reuse earlier results
@@ -43,6 +43,7 @@ FIGURES: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "precision": ("fp32 vs bf16 / fp32-lite / int8: speed and fidelity", precision.precision_figure),
     "stream": ("the stream end to end (broker + featurizer + scorer processes)", stream.stream_throughput),
     "guarantee": ("the stream, exactly-once vs at-least-once, on Apache Kafka", stream.guarantee_cost),
+    "sink": ("the stream into the Iceberg feature table vs into Parquet part files", sink.sink_cost),
     "scorer": ("the scorer alone on pre-made feature records", stream_more.scorer_alone),
     "latency": ("produce -> label latency at half the stream's capacity", stream_more.latency),
     "memory": ("featurizer RSS over a long stream", stream_more.memory),
@@ -198,6 +199,18 @@ def table(report: dict[str, Any]) -> str:
             lines.append(row(f"stream {name} ({r['broker']}, {r['images']} photos)", f"{c['per_s']:.1f} img/s",
                              f"x{c['ratio_to_at_least_once']:.2f} of at-least-once end to end; featurizer "
                              f"{c['featurizer_per_s']:.1f} img/s (x{c['featurizer_ratio_to_at_least_once']:.2f})"))
+    if "sink" in f:
+        r, ratio = f["sink"], f["sink"]["ratio_table_to_parquet"]
+        for name, c in r["configs"].items():
+            lines.append(row(f"stream into the {name} ({r['broker']}, {r['images']} photos)", f"{c['per_s']:.1f} img/s",
+                             f"featurizer {c['featurizer_per_s']:.1f} img/s, {c['featurizer_cpu_ms_per_image']} "
+                             "core-ms/photo"))
+        lines.append(row("  table / Parquet (same run)", f"x{ratio['end_to_end']:.3f}",
+                         f"featurizer x{ratio['featurizer']:.3f}, its CPU per photo x{ratio['featurizer_cpu_per_image']:.3f}"))
+        share = r["time_in_table"]
+        lines.append(row("  featurizer time in table writes + commits", f"{share['median_share']:.1%}",
+                         f"per commit: write {share['median_write_s']} s, commit {share['median_commit_s']} s "
+                         f"({r['table_snapshots_before']} snapshots before)"))
     if "scorer" in f:
         r = f["scorer"]
         lines.append(row(f"scorer alone ({r['records']} feature records)", f"{r['per_s']:.0f} labels/s", ""))

@@ -1,16 +1,18 @@
-"""The featurizer consumer: images topic -> backbone -> Parquet part files + features topic.
+"""The featurizer consumer: images topic -> backbone -> the feature table (or Parquet) + features topic.
 
 One consumer group on the images topic; run more processes with the same group to share its
 partitions. Each poll is submitted to :class:`pipeline.model.inference.Inference` (the same tf.data
 path ``deeper featurize`` uses: parallel decode, batches cut by size or time, a model thread)
 and the loop goes back to polling while the model works; up to ``MAX_IN_FLIGHT_BATCHES``
 batches' worth of messages are in flight. Finished polls are collected in order: rows go to
-the Parquet sink (:mod:`pipeline.storage.parquet_sink`, files named by topic/partition/offset), feature
-records to the features topic, and both are committed with the consumed offsets at each
-checkpoint (:mod:`consumers.worker`).
+the sink it is given (:mod:`pipeline.storage.sink`: by default the Iceberg feature table,
+``DEEPER_SINK=parquet`` for part files named by topic/partition/offset), feature records to the
+features topic, and both are committed with the consumed offsets at each checkpoint
+(:mod:`consumers.worker`).
 
 Any message is an image (``DEEPER_IMAGE_CONTRACT=open``): a foreign producer's raw bytes with
-any key or none, or a claim check (:mod:`pipeline.kafka.claim_check`) naming where the bytes are. A
+any key or none, or a claim check (:mod:`pipeline.kafka.claim_check`) naming where the bytes are,
+fetched off the poll loop within the fetch policy and one deadline (:mod:`consumers.claims`). A
 message that can't be an image, an image that doesn't decode, and any error while handling one
 message become that message's dead letter; its batch-mates carry on.
 
@@ -28,27 +30,26 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from consumers.claims import ClaimFetcher, PollWork, Refusal
 from consumers.outputs import cap_text
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
-from pipeline.errors import SchemaError
 from pipeline.kafka import claim_check
 from pipeline.model.featurize import feature_meta
 from pipeline.storage.identity import split_backbone
 from pipeline.model.inference import (
     DEFAULT_BATCH_TIMEOUT,
+    Failed,
     Featurized,
     ImageRecord,
     Inference,
     StageTimes,
-    Submission,
 )
 from pipeline.logs import event
 from pipeline.model.nets.base import Backbone
-from pipeline.storage.parquet_sink import ParquetSink
 from pipeline.storage.parquet_writer import FeatureRow
-from pipeline.storage import TEMP_PREFIX, is_uri
-from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message
+from pipeline.storage.sink import Sink, build_sink
+from schemas.messages import FeatureRecord, describe_key, encode_features, parse_image_message, printable
 
 if TYPE_CHECKING:
     from pipeline.model.threads import ThreadPlan
@@ -58,145 +59,128 @@ log = logging.getLogger(__name__)
 #: Messages in flight (submitted, not yet collected), in batches: enough that the model always
 #: has the next batch decoded while the loop polls, few enough to bound memory (raw photos).
 MAX_IN_FLIGHT_BATCHES = 3
-#: A temporary part file older than this is left over from a writer killed mid-write.
-STALE_TEMP_SECONDS = 120.0
-#: Part files roll (and, with exactly-once, outputs become visible) at least this often while
-#: photos keep coming; when the input goes quiet they roll at once (consumers/worker.py,
-#: QUIET_POLL_MS). Outputs of a checkpoint's transaction are invisible to read_committed readers
-#: until it commits, and a checkpoint must write the Parquet it covers first, so this is
-#: exactly-once's latency bound under load; a longer roll means fewer, larger files.
+#: Buffered rows are stored (one table commit, or part files) and, with exactly-once, outputs
+#: become visible at least this often while photos keep coming; when the input goes quiet at
+#: once (consumers/worker.py, QUIET_POLL_MS). Outputs of a checkpoint's transaction are invisible
+#: to read_committed readers until it commits, and a checkpoint must store the rows it covers
+#: first, so this is exactly-once's latency bound under load; a longer roll means fewer, larger
+#: data files and fewer snapshots.
 ROLL_SECONDS = 5.0
 #: How often the featurizer looks at the registry's current model (one small file read).
 FOLLOW_SECONDS = 5.0
 
 
 def features_dir(settings: Settings) -> Path:
+    """The Parquet sink's root (``DEEPER_SINK=parquet``)."""
     return Path(settings.features_location())
 
 
-def remove_stale_temp_files(root: Path, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Delete ``.tmp-`` part files a killed featurizer left behind; return what was removed.
-
-    A SIGKILL during a part-file write leaves its temporary file (the rename never happens, so
-    readers never see it and its rows are redone from Kafka). Only files older than
-    ``older_than_s`` go: a featurizer sharing this directory may be writing a fresh one now.
-    """
-    removed: list[Path] = []
-    if not root.exists():
-        return removed
-    cutoff = time.time() - older_than_s
-    for path in root.rglob(f"{TEMP_PREFIX}*"):
-        try:
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue  # renamed or removed meanwhile
-    if removed:
-        event(log, "removed stale temporary part files", files=len(removed))
-    return removed
-
-
 class Featurizer(StreamWorker):
+    """``sink``: where rows go (:func:`pipeline.storage.sink.build_sink` from the settings if not
+    given); the featurizer only adds rows and switches identity, the worker does the rest."""
+
     stage = "featurizer"
 
     def __init__(self, settings: Settings, backbone: Backbone, layer: str = "logits", batch_size: int = 32,
                  group_id: str | None = None, roll_rows: int = 5000, roll_seconds: float = ROLL_SECONDS,
-                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, follow_model: bool = False):
+                 batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, follow_model: bool = False,
+                 sink: Sink | None = None):
         self.meta = feature_meta(backbone, layer)
         self.follow_model = follow_model  # switch layers with the registry (when --layer was not given)
         super().__init__(settings, settings.images_topic, group_id or settings.featurizer_group,
                          max_poll_records=batch_size,
                          checkpoint_seconds=min(5.0, roll_seconds),
                          max_in_flight=MAX_IN_FLIGHT_BATCHES * batch_size,
-                         sink=ParquetSink(settings.features_location(), self.meta, roll_rows, roll_seconds),
+                         sink=sink or build_sink(settings, self.meta, roll_rows, roll_seconds),
                          output_topics=[settings.features_topic],
                          # photos are ~100 KB-1 MB: kafka-python's 1 MiB per partition holds few
                          max_partition_fetch_bytes=16 * 1024 * 1024)
         self.backbone = backbone
         self.inference = Inference(backbone, layer, batch_size, batch_timeout=batch_timeout,
                                    model_threads=model_threads)
-        self._submitted: deque[tuple[Sequence[Any], Submission]] = deque()
+        self._submitted: deque[PollWork] = deque()
         self._submitted_messages = 0
         self._logged_times = StageTimes()
         self._followed = time.monotonic()
         self._followed_version: str | None = None
         self.fetch_limits = claim_check.FetchLimits.from_settings(settings)
-        if not is_uri(settings.features_location()):
-            remove_stale_temp_files(features_dir(settings))
+        # one fetch thread per message that may be in flight: claim checks never queue for one
+        self.claims = ClaimFetcher(self.fetch_limits, (MAX_IN_FLIGHT_BATCHES + 1) * batch_size)
 
     # -- StreamWorker -----------------------------------------------------------------------
     def submit(self, messages: Sequence[Any]) -> None:
         self._follow_model()
-        self._submitted.append((messages, self.inference.submit(self._valid_records(messages))))
+        self._submitted.append(self.claims.start(messages, self.inference, self._image_record))
         self._submitted_messages += len(messages)
 
     def collect(self, block: bool) -> list[Sequence[Any]]:
+        for work in self._submitted:
+            work.advance()
         finished = []
-        while self._submitted and (self._submitted[0][1].done() or (block and not finished)):
-            messages, submission = self._submitted.popleft()
-            self._submitted_messages -= len(messages)
-            self._write(messages, submission)
-            finished.append(messages)
+        while self._submitted and (self._submitted[0].done() or (block and not finished)):
+            work = self._submitted.popleft()
+            work.wait()
+            self._submitted_messages -= len(work.messages)
+            self._write(work)
+            finished.append(work.messages)
         return finished
 
     def in_flight(self) -> int:
         return self._submitted_messages
 
     def abandon(self) -> None:
-        for _, submission in self._submitted:
-            submission.cancel()
+        for work in self._submitted:
+            work.cancel()
         self._submitted.clear()
         self._submitted_messages = 0
 
-    def _write(self, messages: Sequence[Any], submission: Submission) -> None:
-        """One poll's results: rows to the sink, feature records and dead letters out.
+    def close(self, checkpoint: bool = True) -> None:
+        try:
+            super().close(checkpoint)
+        finally:
+            self.claims.close()
 
-        Each result is handled on its own: whatever goes wrong with one message becomes its
+    def _write(self, work: PollWork) -> None:
+        """One poll's outcomes, in its message order: rows to the sink, feature records and
+        dead letters out.
+
+        Each outcome is handled on its own: whatever goes wrong with one message becomes its
         dead letter, never its batch-mates' problem.
         """
         rows = []
-        for result in submission.wait():
-            message = result.record.context
+        for message, outcome in work.outcomes():
             try:
-                if isinstance(result, Featurized):
-                    row = self._row(result, message)
+                if isinstance(outcome, Featurized):
+                    row = self._row(outcome, message)
                     if self.send(self.settings.features_topic, *encode_features(self._feature_record(row, message)),
                                  origin=message):
                         rows.append(row)
+                elif isinstance(outcome, Failed):
+                    self.dead_letter(message, outcome.reason, outcome.detail)
                 else:
-                    self.dead_letter(message, result.reason, result.detail)
+                    self._refuse(message, outcome)
             except Exception as exc:  # noqa: BLE001 - contained: this message's dead letter
                 self.dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
         self.sink.add(rows)
         self.metrics.images.labels(self.stage).inc(len(rows))
-        self.metrics.batch_seconds.labels(self.stage).observe(submission.seconds())
-        self._log_batch(len(messages), len(rows), submission.seconds())
+        self.metrics.batch_seconds.labels(self.stage).observe(work.seconds())
+        self._log_batch(len(work.messages), len(rows), work.seconds())
+
+    def _refuse(self, message: Any, refusal: Refusal) -> None:
+        """A message that never reached the model; what a server answered goes to our log only."""
+        if refusal.cause:
+            event(log, "claim check not redeemed", logging.WARNING, reason=refusal.reason,
+                  cause=refusal.cause[:500], uri=(claim_check.reference_uri(message.headers) or "")[:300],
+                  topic=message.topic, partition=message.partition, offset=message.offset)
+        self.dead_letter(message, refusal.reason, refusal.detail)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _valid_records(self, messages: Sequence[Any]) -> list[ImageRecord]:
-        records = []
-        for m in messages:
-            try:
-                records.append(self._image_record(m))
-            except SchemaError as exc:
-                self.dead_letter(m, "invalid_message", str(exc))
-            except Exception as exc:  # noqa: BLE001 - a bad message is its own dead letter
-                # a claim check that failed names its reason (FetchFailed.reason); anything else is ours
-                self.dead_letter(m, getattr(exc, "reason", None) or "internal_error", f"{type(exc).__name__}: {exc}")
-        return records
-
-    def _image_record(self, m: Any) -> ImageRecord:
-        value = self._claimed_value(m)
+    def _image_record(self, m: Any, value: bytes | None) -> ImageRecord:
+        """The model's record of a message whose bytes (inline or fetched) are ``value``."""
         image = parse_image_message(m.key, value, m.headers, self.settings.image_contract,
                                     self.settings.source_header, self.settings.label_header)
-        source = cap_text(image.source) or f"kafka://{m.topic}/{m.partition}/{m.offset}"
-        return ImageRecord(image.image_id, image.data, source, cap_text(image.label), context=m)
-
-    def _claimed_value(self, m: Any) -> bytes | None:
-        """The message's bytes, fetched first when it is a claim check (an ``image-uri`` header);
-        a message with both a value and a claim check is refused (``invalid_uri``)."""
-        return claim_check.resolve_value(m.key, m.value, m.headers, self.fetch_limits)
+        source = cap_text(printable(image.source)) or f"kafka://{m.topic}/{m.partition}/{m.offset}"
+        return ImageRecord(image.image_id, image.data, source, image.label, context=m)
 
     @staticmethod
     def _row(result: Featurized, m: Any) -> FeatureRow:
@@ -206,7 +190,7 @@ class Featurizer(StreamWorker):
 
     def _feature_record(self, row: FeatureRow, m: Any) -> FeatureRecord:
         origin = {"precision": self.meta.precision, "origin": f"{m.topic}/{m.partition}/{m.offset}",
-                  "kafka_key": describe_key(m.key)}
+                  "kafka_key": cap_text(describe_key(m.key))}
         return FeatureRecord(row.image_id, row.vector, self.meta.backbone, self.meta.weights_digest,
                              self.meta.layer, row.source, row.label, row.width, row.height, extra=origin)
 
@@ -343,9 +327,12 @@ def cmd_featurizer(args: argparse.Namespace) -> int:
                              progress=False, announce=lambda msg: event(log, msg), precision=precision)
     batch_size = gpu_batch_size(args.batch_size, gpus)
     plan = _settle_thread_plan(plan, backbone, layer, batch_size)
+    sink = build_sink(settings, feature_meta(backbone, layer), args.roll_rows, args.roll_seconds)
+    sink.open()  # a table of another identity is refused here, in one line
+    event(log, "sink", sink=sink.kind, where=sink.describe())
     worker = Featurizer(settings, backbone, layer, batch_size, args.group,
                         args.roll_rows, args.roll_seconds, args.batch_timeout_ms / 1000.0, plan.model_threads,
-                        follow_model=args.layer is None)
+                        follow_model=args.layer is None, sink=sink)
     event(log, "inference warmed up", seconds=round(worker.inference.warm_up(), 3))
     worker.install_signal_handlers()
     worker.run(max_idle_seconds=args.exit_when_idle)
@@ -357,7 +344,7 @@ def add_parser(sub) -> None:
     from pipeline.cli_help import from_setting
     from pipeline.model.nets.factory import MODEL_CHOICES, PRECISION_CHOICES
 
-    p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> Parquet + features topic)")
+    p = sub.add_parser("featurizer", help="run the featurizer consumer (images topic -> feature table + features topic)")
     add_stage_options(p, {"images_topic": "topic to read photos from",
                           "features_topic": "topic to write feature vectors to",
                           "dead_letter_topic": "topic for photos that cannot be featurized"}, "featurizer_group")
@@ -379,11 +366,12 @@ def add_parser(sub) -> None:
                    help="batches the model runs side by side, cores split between them; "
                         "0 = measured at start (a few seconds), one on a GPU or TF-Lite")
     p.add_argument("--partitions", type=int, default=4, metavar="N", help="partitions for topics it must create")
-    p.add_argument("--roll-rows", type=int, default=5000, metavar="N", help="rows per Parquet part file (at most)")
+    p.add_argument("--roll-rows", type=int, default=5000, metavar="N",
+                   help="rows buffered before a checkpoint stores them (a table commit or Parquet part files)")
     p.add_argument("--roll-seconds", type=float, default=ROLL_SECONDS, metavar="SECONDS",
-                   help="seconds before a part file is rolled while photos keep coming (it also rolls "
-                        "as soon as they stop); with exactly-once also the longest a featurized photo "
-                        "waits to be visible downstream (its checkpoint)")
+                   help="seconds before buffered rows are stored while photos keep coming (also as soon as "
+                        "they stop): one table commit (or part file) per checkpoint; with exactly-once also "
+                        "the longest a featurized photo waits to be visible downstream")
     add_wait_option(p, 60.0)
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="stop after this long without messages (batch jobs, tests; default: never)")

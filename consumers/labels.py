@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from kafka import TopicPartition
 
@@ -22,11 +22,13 @@ from schemas.messages import LabelRecord, decode_label
 
 def follow_labels(settings: Settings, expected_ids: Iterable[str] | None = None, timeout: float = 120.0,
                   on_label: Callable[[LabelRecord], None] | None = None, topic: str | None = None,
-                  version: str | None = None) -> dict[str, LabelRecord]:
+                  version: str | None = None,
+                  on_invalid: Callable[[Any, SchemaError], None] | None = None) -> dict[str, LabelRecord]:
     """Read label records until every expected id has one (or ``timeout``); latest record wins.
 
     ``version`` keeps only labels from that classifier version (older runs' labels for the
-    same photos are still on the topic).
+    same photos are still on the topic). A record that fails validation (anyone who can write
+    to the topic can forge one) is skipped, and handed to ``on_invalid`` to be counted.
     """
     from pipeline.kafka.kafka_io import make_consumer
 
@@ -37,7 +39,7 @@ def follow_labels(settings: Settings, expected_ids: Iterable[str] | None = None,
         partitions = _partitions(consumer, topic, timeout)
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
-        return _read_until(consumer, wanted, time.monotonic() + timeout, on_label, version)
+        return _read_until(consumer, wanted, time.monotonic() + timeout, on_label, version, on_invalid)
     finally:
         consumer.close()
 
@@ -54,14 +56,17 @@ def _partitions(consumer, topic: str, timeout: float) -> list[TopicPartition]:
 
 
 def _read_until(consumer, wanted: set[str] | None, deadline: float,
-                on_label: Callable[[LabelRecord], None] | None, version: str | None) -> dict[str, LabelRecord]:
+                on_label: Callable[[LabelRecord], None] | None, version: str | None,
+                on_invalid: Callable[[Any, SchemaError], None] | None = None) -> dict[str, LabelRecord]:
     seen: dict[str, LabelRecord] = {}
     while time.monotonic() < deadline:
         for part in consumer.poll(timeout_ms=500).values():
             for m in part:
                 try:
                     record = decode_label(m.value)
-                except SchemaError:
+                except SchemaError as exc:
+                    if on_invalid:
+                        on_invalid(m, exc)
                     continue
                 if wanted is not None and record.image_id not in wanted:
                     continue
@@ -88,8 +93,16 @@ def cmd_labels(args: argparse.Namespace) -> int:
         else:
             print(f"{record.label:<12} {record.source}  (model {record.classifier_version})", flush=True)
 
-    seen = follow_labels(settings, None, args.timeout, show, version=args.model_version)
-    print(f"{len(seen)} labelled images", file=sys.stderr)
+    invalid: list[str] = []
+
+    def skip(m: Any, exc: SchemaError) -> None:
+        invalid.append(f"{m.topic}/{m.partition}@{m.offset}")
+        if len(invalid) <= 5:
+            print(f"skipped an invalid label record at {invalid[-1]}: {exc}", file=sys.stderr)
+
+    seen = follow_labels(settings, None, args.timeout, show, version=args.model_version, on_invalid=skip)
+    skipped = f" ({len(invalid)} invalid records skipped)" if invalid else ""
+    print(f"{len(seen)} labelled images{skipped}", file=sys.stderr)
     return 0
 
 

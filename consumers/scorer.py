@@ -180,7 +180,9 @@ class Scorer(StreamWorker):
                                 confidence=None if r.confidence is None else round(r.confidence, 6),
                                 unknown=r.unknown, origin=f"{m.topic}/{m.partition}/{m.offset}",
                                 image_origin=str(record.extra.get("origin", "")),
-                                kafka_key=record.extra.get("kafka_key"))
+                                kafka_key=record.extra.get("kafka_key"),
+                                novelty=None if r.novelty is None else round(r.novelty, 6),
+                                unknown_reason=r.unknown_reason)
             self.send(self.settings.labels_topic, *encode_label(label), origin=m)
         self.metrics.images.labels(self.stage).inc(len(good))
         self.metrics.stage_seconds.labels(self.stage, "model").observe(time.perf_counter() - started)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kafka import TopicPartition
+from kafka import errors as kafka_errors
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers import attempts as attempts_lib
@@ -45,14 +46,18 @@ from pipeline.config import Settings
 from pipeline.kafka.kafka_io import closing_quietly, consumer_lag, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
-from pipeline.storage.parquet_sink import Sink
+from pipeline.storage.sink import Sink, Span, Superseded
 from schemas.messages import dead_letter_headers
 
 log = logging.getLogger(__name__)
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Checkpoint before partitions move, so the next owner starts where we stopped."""
+    """Checkpoint before partitions move, so the next owner starts where we stopped.
+
+    kafka-python calls these on its I/O thread, where no blocking consumer call may be made
+    (``committed()`` raises there): ``worker.in_rebalance`` tells :meth:`StreamWorker.rewind` so.
+    """
 
     def __init__(self, worker: "StreamWorker"):
         self.worker = worker
@@ -60,26 +65,33 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked):
         if not revoked:
             return
+        self.worker.in_rebalance = True
         try:
             self.worker.checkpoint(reason="rebalance", clean=True)
         except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
             event(log, "checkpoint before a rebalance failed; the next owner redoes the work", logging.ERROR,
                   error=repr(exc))
+        finally:
+            self.worker.in_rebalance = False
         self.worker.attempts.forget(list(revoked))
 
     def on_partitions_lost(self, lost):
-        """Our session expired (a long pause, a cut-off host): the partitions may already have a
-        new owner, so nothing of ours may be committed or published; the work is redone by
-        whoever owns them now (zombie fencing: docs/cluster.md)."""
+        """Our session expired (the broker unreachable for longer than the session timeout, a long
+        pause, a cut-off host): the partitions may already have a new owner, so nothing of ours
+        may be committed or published; the work is redone by whoever owns them now (zombie
+        fencing: docs/cluster.md)."""
         if not lost:
             return
-        event(log, "partitions lost: the group moved on without us; dropping uncommitted work", logging.WARNING,
-              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
+        self.worker.in_rebalance = True
         try:
             self.worker.drop_uncommitted()
-        except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
-            event(log, "dropping uncommitted work failed", logging.ERROR, error=repr(exc))
+        except Exception as exc:  # noqa: BLE001 - as above
+            event(log, "dropping the work of lost partitions failed", logging.ERROR, error=repr(exc))
+        finally:
+            self.worker.in_rebalance = False
         self.worker.attempts.forget(list(lost))
+        event(log, "partitions lost; their uncommitted work is redone by their next owner", logging.WARNING,
+              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
     def on_partitions_assigned(self, assigned):
         event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
@@ -137,6 +149,12 @@ class StreamWorker:
         self._last_lag = 0.0
         self._paused_until = 0.0
         self._finished: list[Sequence[Any]] = []
+        self.in_rebalance = False  # inside kafka-python's rebalance callback (its I/O thread)
+        self._poll_failures = 0
+        self._poll_failure_logged = float("-inf")
+        #: per partition, the offset up to which the sink already stores rows past Kafka's commit
+        #: (a crash between the two commits): those messages were processed to the end once
+        self._stored_ahead: dict[TopicPartition, int] = {}
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -278,9 +296,22 @@ class StreamWorker:
         try:
             batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except Exception as exc:  # noqa: BLE001 - unparseable records: find, dead-letter, skip
+            if not names_a_record(exc):
+                # The broker or the client, not a record (a connection refused while the broker
+                # restarts, kept by kafka-python and raised by the next poll): try again.
+                self._poll_failed(exc)
+                return []
             self._skip_unreadable(exc)
             return []
         return [m for part in batch.values() for m in part]
+
+    def _poll_failed(self, exc: BaseException) -> None:
+        """Wait a little before the next poll; say so at most every 10 s (an outage can be long)."""
+        self._poll_failures += 1
+        if time.monotonic() - self._poll_failure_logged >= 10.0:
+            self._poll_failure_logged = time.monotonic()
+            event(log, "poll failed; retrying", logging.WARNING, error=repr(exc)[:300], failures=self._poll_failures)
+        time.sleep(POLL_RETRY_S)
 
     def _skip_unreadable(self, exc: BaseException) -> None:
         """Dead-letter the record that broke ``poll`` and step over it.
@@ -333,7 +364,9 @@ class StreamWorker:
         if armed is None:
             return queue
         first = queue[0]
-        if self.attempts.is_poison(armed, first.offset):
+        # a message whose row the sink stored was processed to the end: the runs died after it
+        stored = first.offset < self._stored_ahead.get(tp, -1)
+        if self.attempts.is_poison(armed, first.offset) and not stored:
             self.dead_letter(first, "poison", f"{armed.attempts} runs of the {self.stage} died on this message "
                                               f"(limit DEEPER_MAX_ATTEMPTS={self.attempts.max_attempts})")
             self.mark_done([first])
@@ -392,12 +425,10 @@ class StreamWorker:
             markers[tp] = prior + 1
         if not markers:
             return True
-        if self.sink is not None:
-            published, removed = self.sink.recover({tp: self.starts[tp] for tp in markers})
-            if published:
-                event(log, "published part files a previous owner committed", files=len(published))
-            if removed:
-                event(log, "removed part files of uncommitted work", files=len(removed))
+        if self.sink is not None:  # what the sink holds past Kafka's commit is replayed, not stored twice
+            for tp in markers:
+                self._stored_ahead.pop(tp, None)
+            self._stored_ahead.update(self.sink.assigned({tp: self.starts[tp] for tp in markers}))
         if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
             return False
         for tp, n in markers.items():
@@ -427,15 +458,8 @@ class StreamWorker:
         if not self.ckpt.holds_anything() and not markers and not (clean and self.attempts.armed):
             return True
         started = time.perf_counter()
-        if self.sink is not None and len(self.sink):
-            try:  # written under staged names: final names only once the commit below succeeded
-                written = self.sink.stage(self.starts, self.ckpt.pending)
-            except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
-                self._storage_failed(exc)
-                return False
-            if written:
-                self.metrics.flushes.inc(len(written))
-                event(log, "parquet part written", paths=written)
+        if self.sink is not None and len(self.sink) and not self._flush_sink():
+            return False
         running = attempts_lib.encode(0 if clean else 1)
         metadata = {tp: running for tp in self.ckpt.pending}
         extra = {}
@@ -473,6 +497,22 @@ class StreamWorker:
             return False
         return True
 
+    def _flush_sink(self) -> bool:
+        """Rows durable before the Kafka commit; False if the checkpoint must not go on: another
+        writer owns a partition now (rewound) or storage is away (paused, retried later)."""
+        spans = {tp: Span(self.starts.get(tp, end), end) for tp, end in self.ckpt.pending.items()}
+        try:
+            written = self.sink.flush(spans)
+        except Superseded as exc:  # this process lost a partition: its outputs must not be committed
+            event(log, "checkpoint superseded by another writer; rewinding", logging.ERROR, error=str(exc)[:500])
+            self.rewind()
+            return False
+        except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
+            self._storage_failed(exc)
+            return False
+        self.metrics.flushes.inc(len(written))
+        return True
+
     def drop_uncommitted(self) -> None:
         """Forget work in flight, buffered rows, staged files and the open transaction, without
         touching the consumer's positions (the partitions are gone; new ones start from their
@@ -483,8 +523,18 @@ class StreamWorker:
         self.ckpt.abort()
 
     def rewind(self) -> None:
-        """Seek back to the committed offsets and drop unflushed output: the work is redone."""
+        """Seek back to the committed offsets and drop unflushed output: the work is redone.
+
+        Inside a rebalance callback the broker can't be asked (kafka-python's I/O thread), and
+        kafka-python keeps the position of a revoked partition that comes straight back to us:
+        each goes back to where this worker's last commit left it (``starts``).
+        """
         self.drop_uncommitted()
+        if self.in_rebalance:
+            for tp in self.consumer.assignment():
+                if tp in self.starts:
+                    self.consumer.seek(tp, self.starts[tp])
+            return
         for tp in self.consumer.assignment():  # not only those pending: abandoned work may be anywhere
             committed = self.consumer.committed(tp)
             if committed is None:
@@ -495,7 +545,8 @@ class StreamWorker:
                 self.starts[tp] = committed
 
     def _storage_failed(self, exc: BaseException) -> None:
-        """Pause consuming (memory stays bounded) and retry the flush with a backoff."""
+        """Pause consuming (memory stays bounded) and retry the flush with a backoff: a full disk,
+        an object store or a table catalog that is down or locked (``database is locked``)."""
         backoff = 5.0
         event(log, "sink write failed; pausing consumption and retrying", logging.ERROR, error=repr(exc),
               retry_in_s=backoff)
@@ -589,6 +640,20 @@ class StreamWorker:
             if self._instance_lock is not None:
                 self._instance_lock.close()
             event(log, f"{self.stage} stopped")
+
+
+#: kafka-python errors raised by ``poll()`` that are about a record batch it cannot read. Every
+#: other KafkaError is about the broker or the client (connection refused, timeouts, authorization)
+#: and is no reason to skip a record; errors from outside kafka-python's error tree (a header key
+#: that isn't UTF-8) come from parsing a record.
+RECORD_ERRORS = (kafka_errors.CorruptRecordError, kafka_errors.UnsupportedCodecError)
+#: Pause after a poll that failed for a reason other than a record, before polling again.
+POLL_RETRY_S = 0.5
+
+
+def names_a_record(exc: BaseException) -> bool:
+    """Whether an exception from ``poll()`` is about one unreadable record (to dead-letter and skip)."""
+    return isinstance(exc, RECORD_ERRORS) or not isinstance(exc, kafka_errors.KafkaError)
 
 
 def _resume(consumer: Any, partitions: Any) -> None:

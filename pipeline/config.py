@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from pipeline.errors import DeeperError
 
 GUARANTEES = ("exactly-once", "at-least-once")
+SINKS = ("table", "parquet")
 
 
 class ConfigError(DeeperError):
@@ -68,6 +69,17 @@ class Settings:
     #: where the featurizer writes Parquet: a directory or ``s3://bucket/prefix``; empty means
     #: ``$DEEPER_DATA_DIR/features``.
     features_uri: str = _setting("DEEPER_FEATURES_URI", "")
+    #: where the stream's rows go: ``table`` (an Apache Iceberg table, pipeline/storage/table.py)
+    #: or ``parquet`` (part files under ``features_uri``)
+    sink: str = _setting("DEEPER_SINK", "table")
+    #: the pyiceberg catalog's name; configured the standard pyiceberg way (~/.pyiceberg.yaml,
+    #: PYICEBERG_CATALOG__<NAME>__*) or else the embedded SQLite catalog under the data dir
+    catalog: str = _setting("DEEPER_CATALOG", "deeper")
+    #: the feature table: "namespace.name", with {backbone}, {precision}, {layer} filled in
+    table: str = _setting("DEEPER_TABLE", "deeper.features_{backbone}_{precision}_{layer}")
+    #: the embedded catalog's warehouse: ``file://...`` or ``s3://bucket/prefix``; empty means
+    #: ``file://<absolute $DEEPER_DATA_DIR>/warehouse``
+    warehouse: str = _setting("DEEPER_WAREHOUSE", "")
     # -- the model ---------------------------------------------------------------------------------
     model: str = _setting("DEEPER_MODEL", "auto")
     precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.model.precision)
@@ -93,10 +105,17 @@ class Settings:
     # S3 endpoint, region and credentials are the AWS SDK's own variables (pipeline/storage/__init__.py).
     fetch_max_bytes: str = _setting("DEEPER_FETCH_MAX_BYTES", str(32 * 1024 * 1024))
     fetch_timeout_s: str = _setting("DEEPER_FETCH_TIMEOUT_S", "5")
-    #: schemes a claim check may use; drop http,https where producers are not trusted (SSRF)
+    #: schemes a claim check may use at most; each is off until its own setting below opens it
     fetch_schemes: str = _setting("DEEPER_FETCH_SCHEMES", "s3,http,https")
     #: ``file://`` claim checks read only under this directory; empty: ``file://`` is off
     fetch_file_root: str = _setting("DEEPER_FETCH_FILE_ROOT", "")
+    #: hosts http(s) claim checks may name (``name``, ``.suffix``, ``*``, each with optional ``:port``);
+    #: empty: http(s) is off. The fetch policy (pipeline/kafka/fetch_policy.py) says the rest.
+    fetch_hosts: str = _setting("DEEPER_FETCH_HOSTS", "")
+    #: ``bucket`` or ``bucket/prefix`` entries s3:// claim checks may name; empty: s3:// is off
+    fetch_s3: str = _setting("DEEPER_FETCH_S3", "")
+    #: address ranges (CIDRs) claim checks may connect to although they are loopback/private/...
+    fetch_allow_nets: str = _setting("DEEPER_FETCH_ALLOW_NETS", "")
     # -- observability -----------------------------------------------------------------------------
     metrics_port: str = _setting("DEEPER_METRICS_PORT", "0")
     metrics_addr: str = _setting("DEEPER_METRICS_ADDR", "127.0.0.1")
@@ -131,6 +150,13 @@ class Settings:
         if self.guarantee not in GUARANTEES:
             raise ConfigError(f"DEEPER_GUARANTEE={self.guarantee!r}: choose one of {', '.join(GUARANTEES)}")
         return self.guarantee == "exactly-once"
+
+    @property
+    def sink_kind(self) -> str:
+        """``table`` or ``parquet`` (``DEEPER_SINK``), checked."""
+        if self.sink not in SINKS:
+            raise ConfigError(f"DEEPER_SINK={self.sink!r}: choose one of {', '.join(SINKS)}")
+        return self.sink
 
     @property
     def message_limit(self) -> int:

@@ -34,7 +34,7 @@ class Metrics:
         self.fallback_scored = Counter("deeper_fallback_scored_total",
                                        "Vectors labelled by an older model because the current one doesn't fit them",
                                        ["version"], registry=registry)
-        self.flushes = Counter("deeper_parquet_files_total", "Parquet part files written", registry=registry)
+        self.flushes = Counter("deeper_parquet_files_total", "data files the sink wrote (Parquet parts or table data files)", registry=registry)
 
 
 _metrics: Metrics | None = None

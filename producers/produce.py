@@ -48,7 +48,7 @@ from pipeline.cli_help import from_setting
 from pipeline.config import Settings
 from pipeline.errors import DecodeError, DeeperError
 from pipeline.model.photos import display_path
-from schemas.messages import IMAGE_CONTENT_TYPES, ImageMessage, make_image_message, now_iso
+from schemas.messages import IMAGE_CONTENT_TYPES, ImageMessage, label_problem, make_image_message, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,8 @@ class ImageProducer:
         to be), or None if refused up front (see the summary)."""
         source = source_text(source)
         label = source_text(label) if label is not None else None
+        if self._label_refused(source, label):
+            return None
         content_type = content_type or sniff_content_type(data)
         budget = self._budget(source, label)
         if self.max_side:
@@ -280,12 +282,21 @@ class ImageProducer:
             try:
                 data = fetch_image(uri, self.fetch_limits)
             except FetchFailed as exc:
-                self._fail(source, f"claim check not sent: {exc}")
+                self._fail(source, f"claim check not sent: {exc}" + (f" ({exc.cause})" if exc.cause else ""))
                 return None
             image_id, content_type = hashlib.sha256(data).hexdigest(), content_type or sniff_content_type(data)
         label = source_text(label) if label is not None else None
+        if self._label_refused(source, label):
+            return None
         message = ImageMessage(image_id, b"", source, content_type or "application/octet-stream", now_iso(), label)
         return self._send(message, b"", source, uri)
+
+    def _label_refused(self, source: str, label: str | None) -> bool:
+        """A known label must be a class name (the featurizer dead-letters any other): refused here."""
+        problem = label_problem(label) if label is not None else None
+        if problem:
+            self._fail(source, f"label {label[:80]!r} is not a class name: {problem}")
+        return problem is not None
 
     def flush(self, timeout: float | None = 60) -> ProduceSummary:
         """Wait for every queued image's acknowledgement; what isn't acked in time is failed."""
@@ -352,7 +363,7 @@ class ImageProducer:
             uri = upload_s3(self.claim_check_prefix or "", data, _SUFFIXES.get(content_type, ""), self.fetch_limits,
                             content_type)
         except FetchFailed as exc:
-            self._fail(source, f"claim check upload failed: {exc}")
+            self._fail(source, f"claim check upload failed: {exc}" + (f" ({exc.cause})" if exc.cause else ""))
             return None
         return self.send_reference(uri, source, label, image_id=hashlib.sha256(data).hexdigest(),
                                    content_type=content_type)

@@ -22,8 +22,10 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -48,9 +50,90 @@ IMAGE_CONTENT_TYPES = {
     "JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "BMP": "image/bmp",
     "WEBP": "image/webp", "TIFF": "image/tiff",
 }
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
 Headers = Sequence[tuple[str, bytes]]
+
+
+# -- what a field that names something may hold ---------------------------------------------------
+# Records are validated where they are decoded: whoever can write to a topic can forge a record,
+# and a field that names something (an id, a class, a version, a layer) ends up in pages, CSV
+# files, logs and file names. A record that fails is a dead letter (scorer) or skipped and
+# counted (the UI, the labels reader); it is never shown.
+
+#: An image id: the sha256 of the photo's bytes, lowercase hex (``fullmatch``: no trailing newline).
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+#: A classifier version, a precision: ``v0003``, ``bf16``.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A backbone, optionally ``@precision``: ``efficientnet_lite0@bf16``.
+BACKBONE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_.-]{0,31})?")
+#: A layer spec: end points joined with ``+`` (``prelogits+block_14``).
+LAYER = re.compile(r"[A-Za-z0-9_]{1,64}(\+[A-Za-z0-9_]{1,64}){0,15}")
+#: A weights digest (sha256 hex of the weights file, or another hash of at most 128 characters).
+DIGEST = re.compile(r"[0-9A-Za-z]{1,128}")
+#: Longest class name.
+MAX_LABEL_CHARS = 128
+#: Longest free text field (a source after :func:`consumers.outputs.cap_text`'s cut and marker).
+MAX_TEXT_CHARS = 4096 + 64
+#: Unicode categories no field may hold: controls (newlines, escapes), format characters
+#: (bidirectional overrides, zero-width), line/paragraph separators, surrogates.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+#: A class name may not start with what spreadsheets run as a formula (CSV injection).
+_FORMULA_START = "=+-@"
+
+
+def is_image_id(value: Any) -> bool:
+    return isinstance(value, str) and IMAGE_ID.fullmatch(value) is not None
+
+
+def text_problem(value: Any, limit: int = MAX_TEXT_CHARS) -> str | None:
+    """Why ``value`` is not a free text field (a source, an origin), or None."""
+    if not isinstance(value, str):
+        return "not a string"
+    if len(value) > limit:
+        return f"longer than {limit} characters"
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in value):
+        return "holds control or format characters"
+    return None
+
+
+def label_problem(value: Any) -> str | None:
+    """Why ``value`` is not a class name, or None. A class name is 1-128 printable characters,
+    not starting with a space or a formula character (``= + - @``) nor ending with a space."""
+    problem = text_problem(value, MAX_LABEL_CHARS)
+    if problem:
+        return problem
+    if not value or value != value.strip() or value[0] in _FORMULA_START:
+        return "empty, padded with spaces, or starting with = + - @"
+    return None
+
+
+def printable(text: str | None) -> str | None:
+    """``text`` with every control or format character written as ``\\xNN``/``\\uNNNN``: what a
+    foreign producer's header becomes before it is a field of ours (a newline in a source would
+    otherwise break every line-based reader downstream)."""
+    if text is None or not any(unicodedata.category(c) in _UNPRINTABLE for c in text):
+        return text
+    return "".join(c if unicodedata.category(c) not in _UNPRINTABLE else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
+
+
+def _check(name: str, problem: str | None) -> None:
+    if problem:
+        raise SchemaError(f"{name}: {problem}")
+
+
+def _pattern(name: str, value: Any, pattern: re.Pattern[str]) -> None:
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        _check(name, f"does not match {pattern.pattern}")
+
+
+def _check_class_map(name: str, values: Any) -> None:
+    """Scores or probabilities: class name -> finite number."""
+    if not isinstance(values, dict) or len(values) > 10_000:
+        _check(name, "not an object of at most 10000 classes")
+    for label, number in values.items():
+        _check(f"{name} class", label_problem(label))
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            _check(name, "a class's value is not a finite number")
 
 
 def now_iso() -> str:
@@ -124,22 +207,29 @@ def parse_image_message(key: bytes | None, value: bytes | None, headers: Headers
     image_id = hashlib.sha256(value).hexdigest()
     if contract == "strict" or ours:
         claimed = (key or b"").decode("utf-8", "replace").strip().lower()
-        if not _SHA256.match(claimed):
+        if not is_image_id(claimed):
             raise SchemaError("key is not a sha256 hex image id")
         if claimed != image_id:
             raise SchemaError("key does not match sha256 of the value (corrupted or mis-keyed message)")
+    label = h.get(label_header) or None
+    if label is not None:
+        _check(f"{label_header} header (a known label must be a class name)", label_problem(label))
     return ImageMessage(image_id, value, h.get(source_header, ""), h.get(H_CONTENT_TYPE, ""),
-                        h.get(H_PRODUCED_AT, ""), h.get(label_header) or None, original_key=key)
+                        h.get(H_PRODUCED_AT, ""), label, original_key=key)
 
 
 def describe_key(key: bytes | None) -> str | None:
-    """A message key as text for JSON and Parquet: UTF-8 as is, other bytes as ``base64:...``."""
+    """A message key as text for JSON and Parquet: printable UTF-8 as is, other bytes (control
+    characters included) as ``base64:...``."""
     if key is None:
         return None
     try:
-        return key.decode("utf-8")
+        text = key.decode("utf-8")
+        if text_problem(text, limit=len(text)) is None and not text.startswith("base64:"):
+            return text
     except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(key).decode()
+        pass
+    return "base64:" + base64.b64encode(key).decode()
 
 
 # -- features -----------------------------------------------------------------------------------
@@ -203,11 +293,33 @@ def decode_features(key: bytes | None, value: bytes | None, headers: Headers | N
     vector = np.frombuffer(body, dtype="<f4").astype(np.float32)
     if not np.isfinite(vector).all():
         raise SchemaError("vector contains NaN or infinity")
+    _check_feature_header(header, width, height)
     known = {"image_id", "backbone", "weights_digest", "layer", "dim", "source", "label", "width", "height",
              "created_at"}
     return FeatureRecord(vector=vector, source=source, label=label, width=width, height=height,
                          created_at=str(header.get("created_at", "")),
                          extra={k: v for k, v in header.items() if k not in known}, **fields)
+
+
+def _check_feature_header(header: dict[str, Any], width: int, height: int) -> None:
+    """Every field of a feature record that names something, against its pattern."""
+    if not is_image_id(header["image_id"]):
+        _check("image_id", "not 64 lowercase hex digits")
+    _pattern("backbone", header["backbone"], BACKBONE)
+    _pattern("weights_digest", header["weights_digest"], DIGEST)
+    _pattern("layer", header["layer"], LAYER)
+    _check("source", text_problem(header.get("source", "")))
+    if header.get("label") is not None:
+        _check("label", label_problem(header["label"]))
+    if "precision" in header:
+        _pattern("precision", header["precision"], NAME)
+    for name in ("origin", "created_at"):
+        if name in header:
+            _check(name, text_problem(header[name], 512))
+    if header.get("kafka_key") is not None:
+        _check("kafka_key", text_problem(header["kafka_key"]))
+    if not (0 <= width <= 1_000_000 and 0 <= height <= 1_000_000):
+        _check("width/height", "out of range")
 
 
 # -- labels -------------------------------------------------------------------------------------
@@ -217,10 +329,12 @@ class LabelRecord:
     ``origin`` (the feature record it labels, ``topic/partition/offset``), ``image_origin`` (the
     image message behind it) and ``kafka_key`` (that message's own key, for foreign producers'
     keys: UTF-8 text, or ``base64:...``). Version 1 records (which lack them) still decode, with
-    None/None/False and empty provenance: "no calibration", not "zero confidence"."""
+    None/None/False and empty provenance: "no calibration", not "zero confidence".
+    Version 3 adds ``novelty`` and ``unknown_reason`` (``novel`` or ``unconfident``); a version 2
+    record decodes with novelty None, and an unknown one with the reason it could only have had."""
 
-    SCHEMA_VERSION: ClassVar[str] = "2"
-    READS: ClassVar[frozenset[str]] = frozenset({"1", "2"})
+    SCHEMA_VERSION: ClassVar[str] = "3"
+    READS: ClassVar[frozenset[str]] = frozenset({"1", "2", "3"})
 
     image_id: str
     label: str  # the top class, or the unknown label when ``unknown``
@@ -236,6 +350,8 @@ class LabelRecord:
     origin: str = ""  # features topic/partition/offset this label is for
     image_origin: str = ""  # images topic/partition/offset of the photo
     kafka_key: str | None = None  # the image message's original key
+    novelty: float | None = None  # distance to the training photos; None: model without a summary
+    unknown_reason: str | None = None  # "novel" or "unconfident" when ``unknown``, else None
 
 
 def encode_label(record: LabelRecord) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -252,9 +368,43 @@ def decode_label(value: bytes) -> LabelRecord:
         version = str(data.pop("schema_version"))
         if version not in LabelRecord.READS:
             raise ValueError(f"unknown schema version {version!r}; this reader reads {sorted(LabelRecord.READS)}")
-        return LabelRecord(**data)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if version == "2" and data.get("unknown") and not data.get("unknown_reason"):
+            data["unknown_reason"] = "unconfident"  # the only reason a version 2 record could be unknown
+        record = LabelRecord(**data)
+        check_label_record(record)
+        return record
+    except (ValueError, KeyError, TypeError, AttributeError, SchemaError) as exc:
         raise SchemaError(f"label record invalid: {exc}") from None
+
+
+def check_label_record(record: LabelRecord) -> None:
+    """Every field of a label record that names something, against its pattern."""
+    if not is_image_id(record.image_id):
+        _check("image_id", "not 64 lowercase hex digits")
+    _check("label", label_problem(record.label))
+    _check_class_map("scores", record.scores)
+    if record.probabilities is not None:
+        _check_class_map("probabilities", record.probabilities)
+    _pattern("classifier_version", record.classifier_version, NAME)
+    _pattern("backbone", record.backbone, BACKBONE)
+    _pattern("layer", record.layer, LAYER)
+    _check("source", text_problem(record.source))
+    for name in ("scored_at", "origin", "image_origin"):
+        _check(name, text_problem(getattr(record, name), 512))
+    if record.kafka_key is not None:
+        _check("kafka_key", text_problem(record.kafka_key))
+    confidence = record.confidence
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                                   or not 0.0 <= confidence <= 1.0):
+        _check("confidence", "not a number from 0 to 1")
+    if not isinstance(record.unknown, bool):
+        _check("unknown", "not true or false")
+    novelty = record.novelty
+    if novelty is not None and (isinstance(novelty, bool) or not isinstance(novelty, (int, float))
+                                or not 0.0 <= novelty <= 2.0):
+        _check("novelty", "not a cosine distance from 0 to 2")
+    if record.unknown_reason not in (None, "novel", "unconfident"):
+        _check("unknown_reason", "not novel or unconfident")
 
 
 # -- dead letters -------------------------------------------------------------------------------

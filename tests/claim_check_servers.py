@@ -2,12 +2,19 @@
 local S3 (tests/local_s3_server.py) with a bucket of photos.
 
 ``from tests.claim_check_servers import http_url, s3`` in a test module makes them fixtures.
+:func:`serve` starts one more on a given loopback address (127.0.0.2, ...). Every request a
+server gets is recorded (:attr:`Handler.requests`: address, path, Host), so a test can show
+that a refused claim check never reached it.
 """
 
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
+import time
+import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -27,16 +34,47 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sent: dict[str, int] = {}
     finished = {"huge": threading.Event(), "huge-nolength": threading.Event()}
     release = threading.Event()
+    #: (server address, path, Host header) of every request any server of this module got
+    requests: list[tuple[str, str, str]] = []
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
 
     def do_GET(self) -> None:
-        route = getattr(self, "route_" + self.path.strip("/").replace("-", "_"), None)
+        self.requests.append((self.server.server_address[0], self.path, self.headers.get("Host", "")))
+        parts = urllib.parse.urlsplit(self.path)
+        self.query = dict(urllib.parse.parse_qsl(parts.query))
+        route = getattr(self, "route_" + parts.path.strip("/").replace("-", "_"), None)
         if route is None:
-            self.send_error(404)
+            self.send_error(404, "Not Found: secret-server-banner")
             return
         route()
+
+    def route_redirect(self) -> None:  # /redirect?to=URL
+        self.send_response(int(self.query.get("code", "302")))
+        self.send_header("Location", self.query["to"])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_loop(self) -> None:  # redirects to itself, forever
+        self.send_response(302)
+        self.send_header("Location", "/loop")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_drip_headers(self) -> None:  # a header byte at a time: each read is quick, the whole never ends
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(600):
+                if self.release.wait(0.05):
+                    return
+                self.wfile.write(b"a")
+                self.wfile.flush()
+        except OSError:  # the client hung up at its deadline: what we want
+            self.close_connection = True
+
+    def route_teapot(self) -> None:  # an error whose text a dead letter must not carry
+        self.send_error(418, "secret-server-banner")
 
     def route_photo(self) -> None:
         self._head(200, len(PHOTO))
@@ -59,11 +97,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Connection", "close")
         self.end_headers()
-        for _ in range(200):
-            if self.release.wait(0.05):
-                return
-            self.wfile.write(b"x")
-            self.wfile.flush()
+        try:
+            for _ in range(200):
+                if self.release.wait(0.05):
+                    return
+                self.wfile.write(b"x")
+                self.wfile.flush()
+        except OSError:  # the client hung up at its deadline
+            self.close_connection = True
 
     def route_to_ftp(self) -> None:
         self.send_response(302)
@@ -92,16 +133,48 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.finished[name].set()
 
 
-@pytest.fixture(scope="module")
-def http_url() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+@contextmanager
+def serve(address: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """:class:`Handler` on ``address`` (any loopback address works on Linux); yields its port."""
+    server = http.server.ThreadingHTTPServer((address, port), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    Handler.release.set()
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server.server_address[1]
+    finally:
+        Handler.release.set()
+        server.shutdown()
+        server.server_close()
+        Handler.release.clear()
+
+
+@pytest.fixture(scope="module")
+def http_url() -> Iterator[str]:
+    with serve() as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def full_backlog(address: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """A listening port whose accept queue is full: a new connection's SYN is dropped, so
+    connecting hangs (what an address that never answers looks like)."""
+    server = socket.socket()
+    server.bind((address, port))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):  # backlog 0 still queues one or two; then SYNs are dropped
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(server.getsockname())
+        fillers.append(client)
+    time.sleep(0.2)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        for client in fillers:
+            client.close()
+        server.close()
 
 
 @pytest.fixture(scope="module")

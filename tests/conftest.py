@@ -6,12 +6,13 @@ Kafka-protocol broker (or uses ``KAFKA_BOOTSTRAP_SERVERS``), and files are real 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pipeline.model import tf_startup
+
+tf_startup.quiet()  # before anything imports TensorFlow: its level, without its start-up lines
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"

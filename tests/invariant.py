@@ -1,8 +1,9 @@
 """The stream's invariant, checked after stream tests: every offset ends in exactly one outcome.
 
-For the images topic every record offset must end as a Parquet row *and* a feature record
+For the images topic every record offset must end as a stored row *and* a feature record
 (both carrying that offset as their origin), or as a dead letter naming that offset, never
-both, never neither. For the features topic every offset must end as a label record or a
+both, never neither. Rows are read where the stream's sink put them (``DEEPER_SINK``): the
+current snapshot of the feature table, or every Parquet part on disk. For the features topic every offset must end as a label record or a
 dead letter. Each consumer group must have committed the end of each partition (nothing left
 behind), and outputs are read ``read_committed`` (what downstream sees).
 
@@ -34,7 +35,7 @@ class Outcomes:
 
     offsets: set[Offset] = field(default_factory=set)
     processed: Counter = field(default_factory=Counter)  # offset -> output records
-    rows: Counter = field(default_factory=Counter)  # offset -> Parquet rows (featurizer only)
+    rows: Counter = field(default_factory=Counter)  # offset -> stored rows (featurizer only)
     dead: Counter = field(default_factory=Counter)  # offset -> dead letters
     reasons: dict[Offset, str] = field(default_factory=dict)
 
@@ -47,7 +48,7 @@ class Outcomes:
             elif not done and not dead:
                 out.append(f"{o}: no outcome" + (" (a row but no record)" if rows else ""))
             elif done and with_rows and not rows:
-                out.append(f"{o}: a record but no Parquet row")
+                out.append(f"{o}: a record but no stored row")
             elif exactly_once and (done > 1 or dead > 1 or rows > 1):
                 out.append(f"{o}: repeated (records {done}, rows {rows}, dead letters {dead})")
         return out
@@ -121,16 +122,28 @@ def featurizer_outcomes(settings: Settings) -> Outcomes:
     for r in read_all(settings, settings.features_topic):
         record = decode_features(r.key, r.value, r.headers)
         out.processed[_origin(record.extra["origin"])] += 1
+    out.rows = stored_rows(settings)
+    out.dead, out.reasons = _dead_letters(settings, settings.images_topic)
+    return out
+
+
+def stored_rows(settings: Settings) -> Counter:
+    """(topic, partition, offset) -> rows the sink stored: in the table's current snapshot, or raw
+    in every Parquet part (no de-duplication either way)."""
+    rows: Counter = Counter()
+    if settings.sink_kind == "table":
+        from pipeline.app.devrig.readback import table_on_disk
+
+        rows.update(tuple(p) for p in table_on_disk(settings)["positions"])
+        return rows
     try:
         files = storage.list_parquet(settings.features_location())
     except storage.StorageError:
         files = []
     for location in files:
         table = pq.read_table(storage.open_input(location), columns=["kafka_topic", "kafka_partition", "kafka_offset"])
-        for t, p, o in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-            out.rows[(t, p, o)] += 1
-    out.dead, out.reasons = _dead_letters(settings, settings.images_topic)
-    return out
+        rows.update(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    return rows
 
 
 def scorer_outcomes(settings: Settings) -> Outcomes:

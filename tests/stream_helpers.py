@@ -26,7 +26,10 @@ STREAMS: list[Settings] = []
 
 def unique_settings(base: Settings, tmp_path: Path, partitions: int = 4, **overrides: Any) -> Settings:
     """Fresh topics, groups, data dir and registry for one test, on the session's broker
-    (``overrides``: other settings of this stream, e.g. ``features_uri``)."""
+    (``overrides``: other settings of this stream, e.g. ``features_uri``). The sink is Parquet
+    unless ``sink="table"`` says otherwise: the stream tests written before the feature table
+    check Parquet part files; ``tests/test_table_stream.py`` and the fault suite run the table."""
+    overrides.setdefault("sink", "parquet")
     settings = dataclasses.replace(fresh_settings(base, tmp_path, prefix="t", partitions=partitions), **overrides)
     STREAMS.append(settings)
     return settings

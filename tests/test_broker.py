@@ -95,19 +95,6 @@ def poll_until(consumer: KafkaConsumer, count: int, timeout_s: float = 30.0) -> 
     return records
 
 
-def _wait_for_partitions(settings: Settings, topic: str, partitions: int, timeout_s: float = 30.0) -> None:
-    """Until metadata shows the new topic: a group leader that assigns before that (seen on both
-    brokers right after CreateTopics: "No partition metadata for topic") gives everyone nothing."""
-    consumer = KafkaConsumer(**settings.kafka_client_config())
-    try:
-        deadline = time.monotonic() + timeout_s
-        while consumer.partitions_for_topic(topic) != set(range(partitions)):
-            assert time.monotonic() < deadline, f"{topic} never showed {partitions} partitions"
-            time.sleep(0.1)
-    finally:
-        consumer.close()
-
-
 @pytest.fixture
 def state_dir(tmp_path: Path):
     """A broker state dir whose broker is always stopped, even when a test fails."""
@@ -367,27 +354,6 @@ def test_oversized_message_is_refused_by_the_client(kafka_settings: Settings, ka
             producer.send(kafka_topic, b"x" * 2_000_000)
     finally:
         kafka_io.close_producer(producer)
-
-
-def test_two_consumers_in_a_group_split_partitions(kafka_settings: Settings, kafka_topic: str) -> None:
-    kafka_io.ensure_topics(kafka_settings, {kafka_topic: 4})
-    _wait_for_partitions(kafka_settings, kafka_topic, 4)
-    group = f"{kafka_topic}.group"
-    first = kafka_io.make_consumer(kafka_settings, group, [kafka_topic])
-    second = kafka_io.make_consumer(kafka_settings, group, [kafka_topic])
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            first.poll(timeout_ms=100)
-            second.poll(timeout_ms=100)
-            a, b = first.assignment(), second.assignment()
-            if a and b and not (a & b) and len(a | b) == 4:
-                break
-        assert len(first.assignment()) == 2 and len(second.assignment()) == 2
-        assert not (first.assignment() & second.assignment())
-    finally:
-        first.close()
-        second.close()
 
 
 def test_wait_for_broker_fails_clearly_when_nothing_listens() -> None:

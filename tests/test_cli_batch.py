@@ -140,8 +140,9 @@ def test_train_and_predict_cars(cars, cars_model, capsys, monkeypatch):
     for i in items:
         assert i["model_version"] == "v0001" and i["backbone"] == MODEL
         assert set(i["scores"]) == {"classic", "modern"}
-        assert i["label"] == max(i["scores"], key=i["scores"].get)
+        assert i["label"] == ("unknown" if i["unknown"] else max(i["scores"], key=i["scores"].get))
         assert i["image_id"] == _sha256(Path(i["source"]))
+    assert sum(i["unknown"] for i in items) <= 1, [(i["source"], i["unknown_reason"]) for i in items]
     layer = Registry(registry).load_current().feature_meta.layer
     print(f"\ncars ({MODEL}/{layer}): {right}/{len(items)} test photos right; "
           f"train CV accuracy {cv.group(1)}% ({cv.group(2)})")
@@ -363,9 +364,9 @@ def test_predict_csv_and_table_with_a_corrupt_photo(cars_model, photos_with_corr
         if Path(r["source"]).name == "broken.jpg":
             assert r["label"] == "" and re.match(r"(truncated|corrupt)\b", r["error"]), r
         else:
-            assert r["label"] in {"classic", "modern"} and r["error"] == ""
+            assert r["label"] in {"classic", "modern", "unknown"} and r["error"] == ""
             scores = {c: float(r[f"score_{c}"]) for c in ("classic", "modern")}
-            assert r["label"] == max(scores, key=scores.get)
+            assert r["label"] == ("unknown" if r["unknown"] == "1" else max(scores, key=scores.get))
 
     rc, out, err = deeper(capsys, "predict", photos_with_corrupt, "--format", "table", "-q")
     assert rc == 1, err
@@ -376,7 +377,7 @@ def test_predict_csv_and_table_with_a_corrupt_photo(cars_model, photos_with_corr
     assert re.search(r"ERROR (truncated|corrupt)", body["broken.jpg"])
     for name in names:
         if name != "broken.jpg":
-            assert body[name].split()[1] in {"classic", "modern"}
+            assert body[name].split()[1] in {"classic", "modern", "unknown"}
 
     rc, out, err = deeper(capsys, "predict", photos_with_corrupt, "--format", "json", "-q")
     assert rc == 1, err
@@ -487,10 +488,18 @@ def test_report_is_self_contained(cars_model, photos_with_corrupt, tmp_path, mon
     predicted = [json.loads(line) for line in out.splitlines()]
     for item in predicted:
         if item["label"]:
-            assert f"<div class='label'>{item['label']}</div>" in page
+            css = "label unknown" if item["unknown"] else "label"
+            assert f"<div class='{css}'>{item['label']}</div>" in page
+            assert not item["unknown"] or f"<div class='reason'>{item['unknown_reason']}</div>" in page
+            assert f"novelty {item['novelty']:.3f}" in page
     n_labels = sum(1 for item in predicted if item["label"])
-    assert len(re.findall(r"<div class='label'>(classic|modern)</div>", page)) == n_labels == 7
+    assert len(re.findall(r"<div class='label(?: unknown)?'>(classic|modern|unknown)</div>", page)) == n_labels == 7
     assert "error" in page and re.search(r"(truncated|corrupt)", page)
+
+    cost = Registry(registry).load_current().metadata["unknown_cost"]  # what unknown costs, next to accuracy
+    assert "What unknown costs" in page
+    assert f"<th>photos answered (coverage)</th><td>{cost['coverage']:.1%}</td>" in page
+    assert f"<td>{cost['answered_accuracy']:.1%}</td>" in page and f"<td>{cost['accuracy']:.1%}</td>" in page
 
     cv = Registry(registry).load_current().metadata["cv"]
     parser = _Confusion()

@@ -5,7 +5,7 @@ One real three-node cluster (three JVMs, KRaft, loopback, free ports) per module
 cluster guarantees and the pipeline relies on: every topic and both internal logs replicated
 three times with two in sync for a write; no unclean election; and, since kafka-python 3.0.12
 would otherwise wait for ever, a transactional producer that finds the new coordinator when the
-node of the old one dies (pipeline/kafka/kafka_io.py, ``_retry_unreachable_coordinators``).
+node of the old one dies (pipeline/kafka/client_fixes.py, ``retry_unready_coordinator``).
 """
 
 from __future__ import annotations

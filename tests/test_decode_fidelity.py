@@ -41,11 +41,14 @@ def camera_photos(cars) -> list[bytes]:
 
 def test_covering_side_matches_every_backbone():
     """decode.CENTRAL_FRACTION stands for the nets' own: a smaller crop would make scaled decodes too small."""
-    from pipeline.model.nets import efficientnet_lite0, inception_v1
+    from pipeline.model.nets import inception_v1
+    from pipeline.model.nets.efficientnet_lite import VARIANTS
 
-    for net in (efficientnet_lite0, inception_v1):
-        assert net.CENTRAL_FRACTION >= CENTRAL_FRACTION, net.__name__
-        assert covering_side(net.INFO.image_size) * net.CENTRAL_FRACTION >= net.INFO.image_size
+    fractions = {"inception_v1": (inception_v1.CENTRAL_FRACTION, inception_v1.INFO.image_size),
+                 **{v.name: (v.central_fraction, v.image_size) for v in VARIANTS.values()}}
+    for name, (fraction, size) in fractions.items():
+        assert fraction >= CENTRAL_FRACTION, name
+        assert covering_side(size) * fraction >= size, name
 
 
 def test_scaled_decode_keeps_the_features_and_the_labels(effnet, cars, camera_photos):

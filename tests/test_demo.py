@@ -1,4 +1,4 @@
-"""``deeper demo`` shows one review round: least-confident labels corrected, retrained, served.
+"""``deeper demo`` shows one review round: the review queue's head corrected, retrained, served.
 
 The demo runs as a user runs it (``python -m pipeline.app.cli demo``, its featurizer and scorer as
 separate processes) against the session's broker with fresh topics. What it says is checked
@@ -54,16 +54,20 @@ def demo(kafka_settings, tmp_path_factory, cache_dir):
     return done.stdout, data, settings
 
 
-def test_the_least_confident_labels_are_corrected_from_the_known_answers(demo):
+def test_the_head_of_the_review_queue_is_corrected_from_the_known_answers(demo):
     out, data, _ = demo
     truth = _truth()
-    shown = re.findall(r"^\s+(photo_\d+\.jpg)\s+-> \S+ (\d+)%", out, re.M)  # step 5: each label's confidence
+    # step 5: each label's confidence, and why it is unknown where it is
+    shown = re.findall(r"^\s+(photo_\d+\.jpg)\s+-> \S+ (\d+)%(?: \((novel|unconfident)\))?", out, re.M)
     assert len(shown) == 9, out
-    confidence = {name: int(percent) for name, percent in shown}
+    rank = {name: ({"novel": 0, "unconfident": 1}.get(reason, 2), int(percent)) for name, percent, reason in shown}
     reviewed = re.findall(r"^\s+(photo_\d+\.jpg)\s+\S+ \d+% -> (\S+) \((?:confirmed|corrected)\)", out, re.M)
     assert len(reviewed) == 3, out
-    rest = set(confidence) - {name for name, _ in reviewed}
-    assert max(confidence[name] for name, _ in reviewed) <= min(confidence[name] for name in rest), out
+    rest = set(rank) - {name for name, _ in reviewed}
+    assert max(rank[name][0] for name, _ in reviewed) <= min(rank[name][0] for name in rest), out
+    same = [name for name in rest if rank[name][0] == max(rank[n][0] for n, _ in reviewed)]
+    assert all(rank[name][1] <= rank[other][1] for name, _ in reviewed for other in same
+               if rank[name][0] == rank[other][0] != 0), out  # novel ones go by novelty
     with open(data / "corrections.csv", newline="") as fh:
         rows = {r["image_id"]: r["label"] for r in csv.DictReader(fh)}
     assert len(rows) == 3 and all(truth[i] == label for i, label in rows.items())
@@ -80,7 +84,9 @@ def test_retraining_used_the_stored_features_plus_the_corrections(demo):
     metadata = registry.load("v0002").metadata
     assert metadata["n_train"] == len(train) + 3
     assert metadata["training_set_sha256"] == training_set_hash(list(seen), list(seen.values()))
-    assert "[7/9] retrained from the Parquet features" in out and "model v0002 is now current" in out
+    assert "[7/9] retrained from the feature table deeper.features_efficientnet_lite0_fp32_prelogits (snapshot " \
+        in out and "tagged model-v0002" in out and "model v0002 is now current" in out
+    assert metadata["data"]["source"] == "table" and metadata["data"]["rows"] == 33
 
 
 def test_the_running_scorer_switched_to_the_new_version(demo):
@@ -101,4 +107,16 @@ def test_the_report_shows_each_photos_confidence(demo):
     assert page.count("class='card'") == 9
     assert len(re.findall(r"<div class='confidence'>\d+% confident</div>", page)) == 9
     assert page.count("data:image/jpeg;base64,") == 9
-    assert re.search(r"^\[9/9\] done\. Parquet: 33 photos' feature rows", out, re.M), out  # 24 training + 9 streamed
+    assert re.search(r"^\[9/9\] done\. Table deeper\.features_efficientnet_lite0_fp32_prelogits: 33 photos' "
+                     r"feature rows", out, re.M), out  # 24 training + 9 streamed
+
+
+def test_the_demo_says_how_to_read_the_table_and_that_works(demo):
+    out, data, _ = demo
+    lines = out.splitlines()
+    pyiceberg = lines[lines.index("      read it with pyiceberg:") + 1].strip()
+    assert pyiceberg.startswith("python -c ") and str(data) in pyiceberg
+    code = pyiceberg[len("python -c "):].strip('"')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=data)
+    assert done.returncode == 0 and done.stdout.strip() == "34 rows", done.stdout + done.stderr  # + the photo sent again
+    assert "      or with DuckDB:" in lines

@@ -126,7 +126,7 @@ def _send_ours(settings, expected: dict[str, str]) -> None:
     expected[_sha(data)] = "ok"
     data = bad_images.jpeg(seed=105)  # a value *and* a claim check: which one is the image?
     raw.send(settings.images_topic, key=b"both", value=data, headers=[("image-uri", b"s3://photos/a.jpg")])
-    expected[_sha(data)] = "invalid_uri"
+    expected[_sha(data)] = "fetch_refused"
     raw.flush()
     raw.close()
 
@@ -205,7 +205,7 @@ def test_each_message_has_its_expected_outcome(hostile_run):
             assert image_id in labelled, f"{image_id[:12]} ({outcome}) was not labelled"
     reasons = {(_header(d, "dlq-reason"), _header(d, "dlq-value-omitted") is not None) for d in dead.values()}
     assert ("unsupported_format", False) in reasons
-    assert ("invalid_uri", False) in reasons, "a message with a value and a claim check must be refused"
+    assert ("fetch_refused", False) in reasons, "a message with a value and a claim check must be refused"
     assert ("unsupported_format", True) in reasons, "the oversize message's dead letter must omit its value"
 
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import DeeperError
 from pipeline.model.featurize import featurize_photos
 from pipeline.model.inference import Inference
-from pipeline.model.nets import efficientnet_lite0 as lite0
+from pipeline.model.nets.efficientnet_lite import LITE0 as lite0
 from pipeline.model.nets import inception_v1
 from pipeline.model.nets.base import combine_levels
 from pipeline.model.photos import find_photos

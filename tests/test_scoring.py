@@ -1,4 +1,4 @@
-"""Calibrated probabilities, the "unknown" rule, the one scoring function, label records v1/v2.
+"""Calibrated probabilities, the "unknown" rule, the one scoring function, label records v1/v2/v3.
 
 No mocks: real scikit-learn fits on synthetic blobs (where the truth is known), a real registry
 on disk, real label-record bytes.
@@ -160,13 +160,25 @@ def test_a_class_named_like_the_unknown_label_is_refused(tmp_path):
 
 
 # -- label records ------------------------------------------------------------------------------
-def test_label_record_v2_round_trip():
+def test_label_record_v3_round_trip():
     record = LabelRecord("ab" * 32, UNKNOWN_LABEL, {"a": -0.2, "b": -0.1}, "v0002", "efficientnet_lite0",
                          "prelogits+block_15", "cam/1.jpg", probabilities={"a": 0.45, "b": 0.55}, confidence=0.55,
-                         unknown=True)
+                         unknown=True, novelty=0.61, unknown_reason="novel")
     key, value, headers = encode_label(record)
-    assert json.loads(value)["schema_version"] == "2" and dict(headers)["schema-version"] == b"2"
+    assert json.loads(value)["schema_version"] == "3" and dict(headers)["schema-version"] == b"3"
+    assert json.loads(value)["novelty"] == 0.61 and json.loads(value)["unknown_reason"] == "novel"
     assert decode_label(value) == record
+
+
+def test_label_record_v2_still_decodes_without_novelty():
+    v2 = {"schema_version": "2", "image_id": "cd" * 32, "label": UNKNOWN_LABEL, "scores": {"a": -0.2, "b": -0.1},
+          "classifier_version": "v0003", "backbone": "efficientnet_lite0", "layer": "prelogits", "source": "x.jpg",
+          "scored_at": "2026-11-22T18:30:00.123+00:00", "probabilities": {"a": 0.45, "b": 0.55},
+          "confidence": 0.55, "unknown": True, "origin": "deeper.features/0/7", "image_origin": "", "kafka_key": None}
+    record = decode_label(json.dumps(v2).encode())
+    assert record.novelty is None and record.unknown_reason == "unconfident"  # the only reason v2 knew
+    known = decode_label(json.dumps({**v2, "label": "b", "unknown": False}).encode())
+    assert known.novelty is None and known.unknown_reason is None
 
 
 def test_label_record_v1_still_decodes_without_confidence():
@@ -177,4 +189,4 @@ def test_label_record_v1_still_decodes_without_confidence():
     assert record.label == "modern" and record.confidence is None and record.probabilities is None
     assert record.unknown is False
     with pytest.raises(SchemaError, match="version"):
-        decode_label(json.dumps({**v1, "schema_version": "3"}).encode())
+        decode_label(json.dumps({**v1, "schema_version": "4"}).encode())

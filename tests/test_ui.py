@@ -143,8 +143,12 @@ def test_page_is_self_contained(ui):
     status, headers, body = _http(url)
     page = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert "/api/state" in page and "/api/corrections" in page and "/api/retrain" in page
-    assert "http://" not in page and "https://" not in page and "<link" not in page and "src=\"http" not in page
+    status, headers, script = _http(url + "ui.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    script = script.decode()
+    assert "/api/state" in script and "/api/corrections" in script and "/api/retrain" in script
+    for text in (page, script, _http(url + "ui.css")[2].decode()):
+        assert "http://" not in text and "https://" not in text and "src=\"http" not in text and "@import" not in text
 
 
 def test_thumbnail_comes_from_the_original_message(ui):
@@ -212,10 +216,12 @@ def test_corrections_then_retrain_registers_a_new_current_model(ui):
     state = _json(url + "api/state")[1]
     assert state["review"] == [] and state["corrections"]["count"] == 4
 
-    # Four photos of three classes cannot be cross-validated (two per class needed)...
+    # Four photos of three classes: red and blue (one photo each) are left out, and teal alone
+    # is no training (two classes of two photos each needed)...
     assert _json(url + "api/retrain", {})[0] == 202
     status = _wait(url + "api/retrain", lambda s: s["state"] != "running")
-    assert status["state"] == "failed" and "at least 2 images" in status["error"]
+    assert status["state"] == "failed" and "at least two classes with at least 2 images" in status["error"]
+    assert "'red': 1 photo" in status["error"] and "'blue': 1 photo" in status["error"]
     # ... so the reviewer puts blue-2 back into blue and red-2 into red, and trains again.
     _json(url + "api/corrections", {"image_id": sent["blue-2"], "label": "blue"})
     _json(url + "api/corrections", {"image_id": sent["red-2"], "label": "red"})

@@ -10,15 +10,16 @@ Help text is rendered by ``pipeline.cli_help`` so every subcommand shows its def
 
 from __future__ import annotations
 
-import os
+from pipeline.model import tf_startup
 
 # Before TensorFlow is imported anywhere: keep its C++ start-up chatter off the user's terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf_startup.quiet()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 from pathlib import Path
@@ -70,7 +71,8 @@ def _registry(args: argparse.Namespace):
 
 def _training_options(args: argparse.Namespace) -> dict:
     """What ``deeper train``'s flags say about "unknown", for ``train_and_register``."""
-    return {"unknown_threshold": args.unknown_threshold, "unknown_label": _settings(args).unknown_label}
+    return {"unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold,
+            "unknown_label": _settings(args).unknown_label}
 
 
 def _report_failures(failures) -> None:
@@ -115,20 +117,35 @@ def cmd_imagenet(args: argparse.Namespace) -> int:
 # -- featurize --------------------------------------------------------------------------------
 def cmd_featurize(args: argparse.Namespace) -> int:
     from pipeline.model.featurize import featurize_photos
-    from pipeline.storage.parquet_writer import write_features
     from pipeline.model.photos import find_photos
 
+    if args.out and args.table:
+        raise DeeperError("give --out FILE (a Parquet file) or --table (the feature table), not both")
     photos = find_photos(args.photos, labels_from_folders=True)
     backbone = _backbone(args)
     result = featurize_photos(photos, backbone, args.layer, args.batch_size, _cache(args), not args.quiet)
     _report_failures(result.failures)
     if not result.rows:
         raise DeeperError("no image could be featurized; nothing written")
-    write_features(result.rows, result.meta, Path(args.out))
+    where = _write_featurized(args, result)
     rate = result.computed / result.seconds if result.seconds and result.computed else 0.0
-    _say(f"wrote {len(result.rows)} rows ({result.meta.describe()}) to {display_path(args.out)}: "
+    _say(f"wrote {len(result.rows)} rows ({result.meta.describe()}) to {where}: "
          f"{result.computed} computed ({rate:.1f} img/s), {result.cached} from cache, {len(result.failures)} failed")
     return _photo_status(result.failures)
+
+
+def _write_featurized(args: argparse.Namespace, result) -> str:
+    """A Parquet file (``--out``) or one snapshot appended to the feature table; where, in words."""
+    if args.out:
+        from pipeline.storage.parquet_writer import write_features
+
+        write_features(result.rows, result.meta, Path(args.out))
+        return display_path(args.out)
+    from pipeline.storage import table as tables
+
+    settings = _settings(args)
+    table, snapshot = tables.append_rows(settings, result.meta, result.rows, writer="featurize")
+    return f"table {'.'.join(table.name())} (snapshot {snapshot.snapshot_id}, {tables.describe_catalog(settings)})"
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -150,18 +167,71 @@ def _layer(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.learning.training import apply_labels, labels_from_csv, train_and_register
 
+    if args.reproduce:
+        return _reproduce(args)
     if bool(args.features) == bool(args.dir):
-        raise DeeperError("give either a photo directory (deeper train DIR) or --features PARQUET...")
+        raise DeeperError("give either a photo directory (deeper train DIR), --features PARQUET.../TABLE "
+                          "or --reproduce VERSION")
     table = labels_from_csv(args.labels) if args.labels else None  # a bad CSV is found before any model work
     spec = _spec(args)
     if args.dir:
         return _train_from_dir(args, spec, table)
+    if _names_a_table(args.features):
+        return _train_from_table(args, spec, table)
+    if args.snapshot is not None or args.as_of is not None:
+        raise DeeperError("--snapshot and --as-of read a table: give --features NAMESPACE.TABLE")
     ids, sources, labels, vectors, meta = _features_from_parquet(args.features)
     if table:
         labels = apply_labels(ids, sources, labels, table)
-    outcome = train_and_register(ids, labels, vectors, meta, spec, _registry(args), **_training_options(args))
+    provenance = {"source": "parquet", "paths": [str(p) for p in args.features], "rows": len(ids)}
+    outcome = train_and_register(ids, labels, vectors, meta, spec, _registry(args), provenance=provenance,
+                                 **_training_options(args))
     _print_training(outcome, spec, meta)
     return 0
+
+
+def _names_a_table(features: Sequence[str]) -> bool:
+    """``--features deeper.features_x``: one argument that is no path, no URI and no file name."""
+    from pipeline import storage
+
+    if len(features) != 1:
+        return False
+    name = features[0]
+    return ("." in name and "/" not in name and os.sep not in name and not storage.is_uri(name)
+            and not name.endswith(".parquet") and not Path(name).exists())
+
+
+def _train_from_table(args: argparse.Namespace, spec, labels: dict[str, str] | None) -> int:
+    from pipeline.learning.from_table import train_from_table
+
+    settings = _settings(args)
+    outcome, read = train_from_table(settings, _registry(args), args.features[0], args.snapshot, args.as_of,
+                                     labels, spec, args.unknown_threshold, args.novelty_threshold)
+    fs = read.features
+    _say(f"read {len(fs)} vectors ({fs.meta.describe()}) from table {read.table} snapshot {read.snapshot_id} "
+         f"({read.snapshot_at})" + (f", {fs.duplicates_dropped} repeated image ids dropped"
+                                    if fs.duplicates_dropped else ""))
+    _print_training(outcome, spec, fs.meta)
+    print(f"tagged snapshot {read.snapshot_id} of {read.table} as model-{outcome.version}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from pipeline.learning.from_table import reproduce
+
+    if args.features or args.dir or args.labels:
+        raise DeeperError("--reproduce VERSION takes its rows, labels and options from the version; "
+                          "give no photos, --features or --labels")
+    result = reproduce(_settings(args), _registry(args), args.reproduce)
+    same = "the same" if result.same_training_set else "a DIFFERENT"
+    print(f"retrained {args.reproduce} from its snapshot: {result.outcome.n_images} images, {same} training set; "
+          f"largest difference of any coefficient {result.max_difference:.3g}; saved as {result.outcome.version} "
+          "(not made current)")
+    return 0 if result.same_training_set and result.max_difference <= REPRODUCE_TOLERANCE else 1
+
+
+#: ``deeper train --reproduce``: arrays equal within this count as the same model.
+REPRODUCE_TOLERANCE = 1e-6
 
 
 def _train_from_dir(args: argparse.Namespace, spec, table: dict[str, str] | None) -> int:
@@ -171,7 +241,8 @@ def _train_from_dir(args: argparse.Namespace, spec, table: dict[str, str] | None
     photos = find_photos([args.dir], labels_from_folders=True)  # before the model loads
     trained = train_from_photos(photos, _backbone(args), _registry(args), _layer(args), spec, labels=table,
                                 cache=_cache(args), batch_size=args.batch_size, progress=not args.quiet,
-                                on_failures=_report_failures, **_training_options(args))
+                                on_failures=_report_failures, **_training_options(args),
+                                provenance={"source": "photos", "path": display_path(args.dir)})
     _print_training(trained.outcome, spec, trained.features.meta)
     return _photo_status(trained.features.failures)
 
@@ -192,16 +263,32 @@ def _print_training(outcome, spec, meta) -> None:
     brier = "" if cv.brier is None else f", Brier score {cv.brier:.3f} (0 is perfect)"
     print(f"cross-validated accuracy: {cv.accuracy:.1%} ({cv.method}){brier}")
     if outcome.unknown_threshold:
-        print(f"unknown below {outcome.unknown_threshold:.0%} confidence: "
-              f"{outcome.cv_false_unknown:.1%} of the training photos would be unknown under cross-validation")
+        print(f"unknown below {outcome.unknown_threshold:.0%} confidence (unconfident): "
+              f"{outcome.cv_false_unknown:.1%} of the training photos would be under cross-validation")
     else:
-        print("unknown: off (every photo gets its top class)")
+        print("unconfident: off (no photo is unknown for its confidence)")
+    if outcome.novelty_threshold:
+        print(f"unknown beyond cosine distance {outcome.novelty_threshold:.3f} from the nearest training photo (novel): "
+              f"{outcome.cv_novel:.1%} of the training photos would be, each left out")
+    else:
+        print("novel: off (no photo is unknown for being unlike the training photos)")
+    _print_cost(outcome.cost)
     width = max(len(c) for c in cv.classes) + 2
     print("confusion matrix (rows: true, columns: predicted)")
     print(" " * width + "".join(f"{c:>{width}}" for c in cv.classes))
     for c, row in zip(cv.classes, cv.confusion):
         print(f"{c:<{width}}" + "".join(f"{n:>{width}}" for n in row))
     print(f"saved model {outcome.version} (now current)")
+
+
+def _print_cost(cost) -> None:
+    """What "unknown" costs, next to plain accuracy: the answer to "should I turn it off?"."""
+    if cost is None:
+        return
+    answered = "-" if cost.answered_accuracy is None else f"{cost.answered_accuracy:.1%}"
+    print(f"what unknown costs (training photos under cross-validation): answers {cost.coverage:.1%} of them "
+          f"(novel {cost.novel:.1%}, unconfident {cost.unconfident:.1%}); accuracy of the answered {answered}, "
+          f"plain accuracy (answering all) {cost.accuracy:.1%}")
 
 
 # -- predict / report -------------------------------------------------------------------------
@@ -236,7 +323,7 @@ def _predict(args: argparse.Namespace):
 def cmd_predict(args: argparse.Namespace) -> int:
     model, predictions = _predict(args)
     classes = model.classifier.classes
-    threshold = model.classifier.unknown_threshold
+    threshold, novelty_threshold = model.classifier.unknown_threshold, model.classifier.novelty_threshold
 
     def _number(value: float | None) -> str:  # CSV: empty when absent (failed photo, uncalibrated model)
         return "" if value is None else f"{value:.6f}"
@@ -245,7 +332,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for p in predictions:
             item = {"source": p.source, "image_id": p.image_id, "label": p.label, "scores": p.scores,
                     "probabilities": p.probabilities, "confidence": p.confidence, "unknown": p.unknown,
-                    "unknown_threshold": threshold, "model_version": model.version,
+                    "unknown_reason": p.unknown_reason, "novelty": p.novelty,
+                    "unknown_threshold": threshold, "novelty_threshold": novelty_threshold,
+                    "model_version": model.version,
                     "backbone": model.feature_meta.backbone, "layer": model.feature_meta.layer,
                     "weights_digest": model.feature_meta.weights_digest}
             if p.error:
@@ -253,22 +342,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(item))
     elif args.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["source", "image_id", "label", "confidence", "unknown", *[f"score_{c}" for c in classes],
-                         *[f"probability_{c}" for c in classes], "error"])
+        writer.writerow(["source", "image_id", "label", "confidence", "unknown", "unknown_reason", "novelty",
+                         *[f"score_{c}" for c in classes], *[f"probability_{c}" for c in classes], "error"])
         for p in predictions:
             probs = p.probabilities or {}
             writer.writerow([p.source, p.image_id, p.label or "", _number(p.confidence), int(p.unknown),
+                             p.unknown_reason or "", _number(p.novelty),
                              *[_number(p.scores.get(c)) for c in classes], *[_number(probs.get(c)) for c in classes],
                              p.error or ""])
     else:
         width = max([len(Path(p.source).name) for p in predictions] + [6]) + 2
-        print(f"{'photo':<{width}}{'label':<14}{'confidence':>11}" + "".join(f"{c:>12}" for c in classes))
+        print(f"{'photo':<{width}}{'label':<14}{'why':<13}{'confidence':>11}{'novelty':>9}"
+              + "".join(f"{c:>12}" for c in classes))
         for p in predictions:
             scores = "".join(f"{p.scores[c]:>+12.3f}" for c in classes) if p.scores else f"  ERROR {p.error}"
             confidence = "-" if p.confidence is None else f"{p.confidence:.0%}"
-            print(f"{Path(p.source).name:<{width}}{(p.label or '-'):<14}{confidence:>11}{scores}")
-        if threshold is not None:
-            print(f"(unknown: confidence below {threshold:.0%}; scores are SVM margins)")
+            novelty = "-" if p.novelty is None else f"{p.novelty:.3f}"
+            print(f"{Path(p.source).name:<{width}}{(p.label or '-'):<14}{(p.unknown_reason or ''):<13}"
+                  f"{confidence:>11}{novelty:>9}{scores}")
+        rules = []
+        if threshold:
+            rules.append(f"confidence below {threshold:.0%} (unconfident)")
+        if novelty_threshold:
+            rules.append(f"novelty above {novelty_threshold:.3f} (novel)")
+        if rules:
+            print(f"(unknown: {' or '.join(rules)}; scores are SVM margins)")
     return _photo_status([p for p in predictions if p.error])
 
 
@@ -284,6 +382,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.learning.from_table import describe
+
     registry = _registry(args)
     current = registry.current_version()
     for version in registry.versions():
@@ -293,10 +393,43 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{'*' if version == current else ' '} {version}  {m['created_at']}  {m['features']['backbone']}/"
                   f"{m['features']['layer']}  {m['classifier']['kind']}  classes={','.join(m['classes'])}  "
                   f"cv={cv.get('accuracy', float('nan')):.3f}")
+            print(f"    {describe(m.get('data'))}")
         except DeeperError as exc:
             print(f"  {version}  BROKEN: {exc}")
     _say_if_stream_lags_behind(registry, _settings(args))
     return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from pipeline.storage import table as tables
+    from pipeline.storage import table_maintenance as maintenance
+
+    settings = _settings(args)
+    names = args.table or tables.feature_tables(settings)
+    if not names:
+        _say(f"no feature tables in {tables.describe_catalog(settings)}")
+        return 0
+    max_age_ms = None if args.keep_hours is None else int(args.keep_hours * 3600 * 1000)
+    for name in names:
+        table = tables.load_named(settings, name)
+        done = maintenance.compact(table, int(args.target_mb * 1024 * 1024))
+        table = table.refresh()
+        before = len(table.metadata.snapshots)
+        table = maintenance.expire_snapshots(table, max_age_ms)
+        removed = maintenance.remove_unreferenced_files(table, args.orphan_hours * 3600)
+        print(f"{name}: data files {done.files_before} -> {done.files_after} ({done.rewritten} rewritten into "
+              f"{done.written}); snapshots {before} -> {len(table.metadata.snapshots)}; unreferenced files "
+              f"removed: {'not listable here' if removed is None else len(removed)}"
+              + "".join(f"\n  skipped: {s}" for s in done.skipped))
+    return 0
+
+
+def _newest_table_identity(settings: Settings):
+    """The identity of the feature table the newest commit went to (None: no table yet)."""
+    from pipeline.storage import table as tables
+
+    name = tables.newest_table(settings)
+    return tables.identity(tables.load_named(settings, name)) if name else None
 
 
 def _say_if_stream_lags_behind(registry, settings: Settings) -> None:
@@ -306,9 +439,12 @@ def _say_if_stream_lags_behind(registry, settings: Settings) -> None:
 
     try:
         current = registry.load_current()
-        newest = max(storage.list_parquet(settings.features_location()), default=None,
-                     key=lambda loc: (0.0 if storage.is_uri(loc) else Path(loc).stat().st_mtime, str(loc)))
-        made = read_meta(newest) if newest is not None else None
+        if settings.sink_kind == "table":
+            made = _newest_table_identity(settings)
+        else:
+            newest = max(storage.list_parquet(settings.features_location()), default=None,
+                         key=lambda loc: (0.0 if storage.is_uri(loc) else Path(loc).stat().st_mtime, str(loc)))
+            made = read_meta(newest) if newest is not None else None
     except (DeeperError, OSError):
         return
     if made is None or not made.differences(current.feature_meta):
@@ -367,6 +503,26 @@ def _probability(text: str) -> float:
     return value
 
 
+def _distance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine distance between 0 and 2")
+    return value
+
+
+def _timestamp(text: str):
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T09:00Z)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.learning.classifier import KINDS, MAX_FALSE_UNKNOWN, NORMALIZATIONS
 
@@ -385,9 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_imagenet)
 
-    p = sub.add_parser("featurize", help="photos -> Parquet feature vectors")
+    p = sub.add_parser("featurize", help="photos -> feature vectors in the feature table (or a Parquet file)")
     p.add_argument("photos", nargs="+", help="photo files or directories (sub-folder name = label)")
-    p.add_argument("--out", required=True, metavar="FILE", help="Parquet file to write")
+    p.add_argument("--out", metavar="FILE", help="write a Parquet file instead of appending to the table")
+    p.add_argument("--table", action="store_true",
+                   help="append to the feature table (the default without --out): $DEEPER_TABLE in $DEEPER_CATALOG")
     p.add_argument("--layer", default=None,
                    help="logits, prelogits, or any end point name (default: training's default, prelogits)")
     _common(p)
@@ -395,8 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier (labels = sub-folder names) and register it")
     p.add_argument("dir", nargs="?", help="photo directory with one sub-folder per class")
-    p.add_argument("--features", nargs="+", metavar="PARQUET",
-                   help="train from Parquet feature files/directories instead (no network run)")
+    p.add_argument("--features", nargs="+", metavar="PARQUET|TABLE",
+                   help="train from Parquet feature files/directories, or from a feature table "
+                        "(NAMESPACE.TABLE, e.g. deeper.features_efficientnet_lite0_fp32_prelogits), instead (no "
+                        "network run)")
+    p.add_argument("--snapshot", type=int, default=None, metavar="ID", help="with a table: read this snapshot")
+    p.add_argument("--as-of", type=_timestamp, default=None, metavar="TIME",
+                   help="with a table: read the snapshot current at TIME (ISO 8601, e.g. 2026-12-01T09:00Z)")
+    p.add_argument("--reproduce", metavar="VERSION",
+                   help="train VERSION again from exactly its table snapshot, labels and options; prints "
+                        "how far the new coefficients are from the original (exit 1 over 1e-6)")
     p.add_argument("--labels", metavar="CSV",
                    help="CSV of (image id, source path or file name; label) overriding stored labels")
     p.add_argument("--layer", default=None,
@@ -412,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label a photo with $DEEPER_UNKNOWN_LABEL (default: unknown) when its top calibrated "
                         "probability is below P; 0 turns it off (default: chosen by cross-validation, the "
                         f"highest that marks at most {MAX_FALSE_UNKNOWN:.0%}% of the training photos unknown)")
+    p.add_argument("--novelty-threshold", type=_distance, default=None, metavar="D",
+                   help="label a photo unknown (novel) when the cosine distance from its vector to the nearest "
+                        "training photo's is above D (0..2; 0 turns it off) (default: chosen on the training "
+                        "photos, each left out, so that at most "
+                        f"{MAX_FALSE_UNKNOWN:.0%}% of new photos of the known classes are novel)")
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -430,9 +601,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_report)
         _common(p)
 
-    p = sub.add_parser("models", help="list the registry's versions")
+    p = sub.add_parser("models", help="list the registry's versions and the data each was trained on")
     _common(p, model=False)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("compact", help="feature tables: rewrite small data files, expire old snapshots, "
+                                       "remove unreferenced files")
+    p.add_argument("--table", action="append", metavar="NAME",
+                   help="a table to compact (repeatable; default: every feature table of $DEEPER_CATALOG)")
+    p.add_argument("--target-mb", type=float, default=128.0, metavar="MB",
+                   help="size of the files small ones are rewritten into")
+    p.add_argument("--keep-hours", type=float, default=None, metavar="H",
+                   help="expire snapshots older than this (default: the table's history.expire.max-snapshot-age-ms"
+                        ", 1 h for tables made here); tagged snapshots (model-vNNNN) are always kept")
+    p.add_argument("--orphan-hours", type=float, default=72.0, metavar="H",
+                   help="remove files no kept snapshot names only when older than this (Iceberg's default: "
+                        "commits in flight, and a featurizer waiting for its catalog, are never touched)")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_compact)
 
     _add_streaming(sub)
     _describe_subcommands(sub)

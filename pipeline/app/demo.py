@@ -3,17 +3,20 @@
 1. a broker: the one ``KAFKA_BOOTSTRAP_SERVERS`` names, or a local Tansu started (and stopped)
    here on a free loopback port;
 2. train a classifier on ``examples/train`` (labels = folder names) into the registry, and keep
-   those training features as Parquet next to the stream's, so retraining needs no network run;
+   those training features in the feature table the stream writes to (an Apache Iceberg table in
+   the embedded catalog under the data dir; ``DEEPER_SINK=parquet``: Parquet next to the
+   stream's parts), so retraining needs no network run;
 3. start the featurizer and the scorer as separate processes, as they run in production;
 4. produce the held-out ``examples/test`` photos to the images topic;
 5. print each label as it arrives on the labels topic (what a downstream system sees);
-6. review: the least-confident labels get corrections, here from the known answers
+6. review: the review queue's first labels (unknown, then least confident) get corrections, here from the known answers
    (``examples/test_labels.csv``), written to the corrections CSV ``deeper ui`` keeps;
-7. retrain from the stored Parquet features plus those corrections, exactly as ``deeper ui``'s
-   Retrain button does, which registers a new current version;
+7. retrain from the table's current snapshot plus those corrections, exactly as ``deeper ui``'s
+   Retrain button does, which registers a new current version (and tags the snapshot);
 8. produce one reviewed photo again: the running scorer labels it with the new version,
    without a restart;
-9. stop everything cleanly, leaving Parquet features, the registry and an HTML report on disk.
+9. stop everything cleanly, leaving the feature table, the registry and an HTML report on disk,
+   and print how to read the table with pyiceberg or DuckDB.
 
 ``--batch`` runs the same train/predict/report without Kafka (and without the review round).
 """
@@ -38,9 +41,9 @@ from pipeline.errors import DeeperError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STEPS = 9
-#: How many of the least-confident labels the review round corrects.
+#: How many labels from the head of the review queue the review round corrects.
 REVIEWED = 3
-#: Where the demo keeps the training photos' features, under the stream's Parquet root.
+#: Where the demo keeps the training photos' features with the Parquet sink, under the stream's root.
 TRAINING_FEATURES = "examples-train.parquet"
 
 
@@ -74,12 +77,10 @@ def _broker(settings: Settings, data_dir: Path) -> Iterator[Settings]:
 
 def _train(settings: Settings, examples: Path, model: str, keep_features: bool = False):
     """Train on ``examples/train`` (:func:`pipeline.learning.train_photos.train_from_photos`); with
-    ``keep_features`` the training rows are also written under the stream's Parquet root."""
+    ``keep_features`` the training rows are also stored where the stream stores its rows."""
     from pipeline.model.featurize import default_cache
     from pipeline.model.nets.factory import load_backbone
-    from pipeline.storage.parquet_writer import write_features
     from pipeline.learning.registry import Registry
-    from pipeline.storage import join
     from pipeline.learning.train_photos import train_from_photos
     from pipeline.learning.training import DEFAULT_SPEC
 
@@ -90,12 +91,24 @@ def _train(settings: Settings, examples: Path, model: str, keep_features: bool =
     outcome = trained.outcome
     _say(f"trained {DEFAULT_SPEC.describe()} on {outcome.n_images} photos ({', '.join(outcome.classes)}): "
          f"cross-validated accuracy {outcome.cv.accuracy:.0%} ({outcome.cv.method}), "
-         f"'unknown' below {outcome.unknown_threshold:.0%} confidence; model {outcome.version}")
+         f"'unknown' below {outcome.unknown_threshold:.0%} confidence or beyond distance "
+         f"{outcome.novelty_threshold:.2f} from every training photo; model {outcome.version}")
     if keep_features:
-        where = write_features(trained.features.rows, trained.features.meta,
-                               join(settings.features_location(), TRAINING_FEATURES))
-        _say(f"      their features: {where}")
+        _say(f"      their features: {_keep(settings, trained.features.rows, trained.features.meta)}")
     return backbone, outcome.version
+
+
+def _keep(settings: Settings, rows, meta) -> str:
+    """Store the training rows with the stream's (one ``featurize`` snapshot of the table)."""
+    if settings.sink_kind == "table":
+        from pipeline.storage import table as tables
+
+        table, snapshot = tables.append_rows(settings, meta, rows, writer="featurize")
+        return f"table {'.'.join(table.name())}, snapshot {snapshot.snapshot_id}"
+    from pipeline.storage import join
+    from pipeline.storage.parquet_writer import write_features
+
+    return str(write_features(rows, meta, join(settings.features_location(), TRAINING_FEATURES)))
 
 
 def _report_failures(failures) -> None:
@@ -151,6 +164,7 @@ class _Stream:
         expected = self.truth.get(self.name(record.image_id))
         mark = "" if expected is None else ("  ✓" if expected == record.label else f"  ✗ (expected {expected})")
         label = record.label + ("" if record.confidence is None else f" {record.confidence:.0%}")
+        label += f" ({record.unknown_reason})" if record.unknown_reason else ""
         return f"      {lead + self.name(record.image_id):<16} -> {label:<16} {_scores(record.scores)}{mark}"
 
 
@@ -217,17 +231,17 @@ def _labels(stream: _Stream, version: str, *processes: subprocess.Popen) -> dict
 
 
 def _review(stream: _Stream, labels: dict, corrections) -> list[str]:
-    """Correct the least-confident labels (``deeper ui``'s review queue) from the known answers."""
-    from pipeline.app.ui import confidence_of
+    """Correct the head of ``deeper ui``'s review queue (unknown, then least confident) from the known answers."""
+    from pipeline.app.ui import confidence_of, review_order
 
-    queue = sorted(labels, key=lambda i: confidence_of(labels[i]))
+    queue = sorted(labels, key=lambda i: review_order(labels[i]))
     reviewed = [i for i in queue if stream.name(i) in stream.truth][:REVIEWED]
     if not reviewed:
         _step(6, "review skipped: no known answers to correct with (the examples folder has no "
                  "test_labels.csv naming its test photos)")
         return []
-    _step(6, f"review: the {len(reviewed)} least-confident labels, corrected from examples/test_labels.csv "
-             f"(as a reviewer would in `deeper ui`):")
+    _step(6, f"review: the first {len(reviewed)} labels of the review queue (unknown, then least confident), "
+             f"corrected from examples/test_labels.csv (as a reviewer would in `deeper ui`):")
     for image_id in reviewed:
         record, truth = labels[image_id], stream.truth[stream.name(image_id)]
         corrections.set(image_id, truth)
@@ -238,10 +252,10 @@ def _review(stream: _Stream, labels: dict, corrections) -> list[str]:
 
 
 def _retrain(stream: _Stream, reviewed: list[str], corrections) -> str:
-    """What ``deeper ui``'s Retrain runs: stored Parquet features + the corrections -> a new current version."""
+    """What ``deeper ui``'s Retrain runs: stored features + the corrections -> a new current version."""
     from pipeline.app.ui import Retrainer
 
-    _wait_for_parquet(stream.settings, reviewed, stream.timeout)
+    _wait_for_rows(stream.settings, reviewed, stream.timeout)
     retrainer = Retrainer(stream.settings, corrections)
     retrainer.start()
     status = retrainer.status()
@@ -250,21 +264,31 @@ def _retrain(stream: _Stream, reviewed: list[str], corrections) -> str:
         status = retrainer.status()
     if status["state"] != "done":
         raise DeeperError(f"retraining failed: {status['error']}")
-    _step(7, f"retrained from the Parquet features under {stream.settings.features_location()} plus "
-             f"{len(corrections.table())} corrections: {status['n_train']} labelled photos, cross-validated "
-             f"accuracy {status['cv_accuracy']:.0%}; model {status['version']} is now current")
+    _step(7, f"retrained from {_where(stream.settings, status['version'])} plus {len(corrections.table())} "
+             f"corrections: {status['n_train']} labelled photos, cross-validated accuracy "
+             f"{status['cv_accuracy']:.0%}; model {status['version']} is now current")
     return status["version"]
 
 
-def _wait_for_parquet(settings: Settings, image_ids: list[str], timeout: float) -> None:
-    """The featurizer writes Parquet parts every few seconds: wait until they hold these photos."""
+def _where(settings: Settings, version: str) -> str:
+    """What a version was trained from, in words (its recorded provenance)."""
+    from pipeline.learning.registry import Registry
+
+    data = Registry(settings.registry_dir).load(version).metadata.get("data") or {}
+    if data.get("source") == "table":
+        return f"the feature table {data['table']} (snapshot {data['snapshot_id']}, tagged model-{version})"
+    return f"the Parquet features under {settings.features_location()}"
+
+
+def _wait_for_rows(settings: Settings, image_ids: list[str], timeout: float) -> None:
+    """The featurizer stores rows every few seconds: wait until they hold these photos."""
     wanted, deadline = set(image_ids), time.monotonic() + timeout
     while True:
         found = set(_stored_ids(settings)[0])
         if wanted <= found:
             return
         if time.monotonic() > deadline:
-            raise DeeperError(f"the featurizer wrote no Parquet rows for {len(wanted - found)} reviewed photos "
+            raise DeeperError(f"the featurizer stored no rows for {len(wanted - found)} reviewed photos "
                               f"within {timeout:.0f} s")
         time.sleep(0.5)
 
@@ -303,7 +327,8 @@ def _write_report(settings: Settings, version: str, rows: list[tuple[str, str, o
 
     model = Registry(settings.registry_dir).load(version)
     path = Path(settings.data_dir) / "report.html"
-    predictions = [Prediction(source, image_id, r.label, r.scores, None, r.probabilities, r.confidence, r.unknown)
+    predictions = [Prediction(source, image_id, r.label, r.scores, None, r.probabilities, r.confidence, r.unknown,
+                              r.novelty, r.unknown_reason)
                    for source, image_id, r in sorted(rows, key=lambda row: row[:2])]
     path.write_text(render(predictions, model.metadata, f"go-deeper demo (labels by {version})"), encoding="utf-8")
     _say(f"      report: {path}")
@@ -355,12 +380,15 @@ def _check_processes(*processes: subprocess.Popen) -> None:
 
 
 def _stored_ids(settings: Settings) -> tuple[list[str], int]:
-    """The image id of every row in the Parquet files under the features root, and the file count."""
+    """The image id of every stored row (the table's current snapshot, or every Parquet file
+    under the features root), and how many data files hold them."""
     import pyarrow.parquet as pq
 
     from pipeline.storage.parquet_reader import feature_files
     from pipeline.storage import open_input
 
+    if settings.sink_kind == "table":
+        return _table_ids(settings)
     ids: list[str] = []
     files = feature_files([settings.features_location()])
     for f in files:
@@ -369,12 +397,34 @@ def _stored_ids(settings: Settings) -> tuple[list[str], int]:
     return ids, len(files)
 
 
+def _table_ids(settings: Settings) -> tuple[list[str], int]:
+    from pipeline.storage import table as tables
+
+    name = tables.newest_table(settings)
+    if name is None:
+        return [], 0
+    table = tables.load_named(settings, name)
+    snapshot = table.current_snapshot()
+    ids = tables.scan(table, snapshot, ["image_id"]).column("image_id").to_pylist()
+    return ids, len(list(table.scan(snapshot_id=snapshot.snapshot_id).plan_files()))
+
+
 def _summarize(settings: Settings) -> None:
     ids, files = _stored_ids(settings)
     again = len(ids) - len(set(ids))
-    _step(STEPS, f"done. Parquet: {len(set(ids))} photos' feature rows"
-                 + (f" (+{again} for the photo sent again; readers keep one per photo)" if again else "")
-                 + f" in {files} file(s) under {settings.features_location()}; registry: {settings.registry_dir}")
+    sent_again = f" (+{again} for the photo sent again; readers keep one per photo)" if again else ""
+    if settings.sink_kind != "table":
+        _step(STEPS, f"done. Parquet: {len(set(ids))} photos' feature rows{sent_again} in {files} file(s) under "
+                     f"{settings.features_location()}; registry: {settings.registry_dir}")
+        return
+    from pipeline.storage import table as tables
+
+    name = tables.newest_table(settings)
+    _step(STEPS, f"done. Table {name}: {len(set(ids))} photos' feature rows{sent_again} in {files} data file(s), "
+                 f"{tables.describe_catalog(settings)}; registry: {settings.registry_dir}")
+    hints = tables.reading_hints(settings, name)
+    _say(f"      read it with pyiceberg:\n        {hints['pyiceberg']}")
+    _say(f"      or with DuckDB:\n        {hints['duckdb']}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -400,7 +450,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the streaming pipeline end to end on the bundled example photos")
     p.add_argument("--examples", default=str(EXAMPLES), help="folder with train/<class>/ and test/ photos")
     p.add_argument("--data-dir", default=None,
-                   help="where Parquet, the registry, logs and the report go " + from_setting("data_dir"))
+                   help="where the feature table, the registry, logs and the report go " + from_setting("data_dir"))
     p.add_argument("--registry", default=None, metavar="DIR",
                    help="model registry directory (default: $DEEPER_REGISTRY or DATA_DIR/registry)")
     p.add_argument("--model", choices=MODEL_CHOICES, default=None,

@@ -31,11 +31,13 @@ class Prediction:
     probabilities: dict[str, float] | None = None  # None: the model is uncalibrated
     confidence: float | None = None  # None: the model is uncalibrated
     unknown: bool = False
+    novelty: float | None = None  # None: the model keeps no summary of its training photos
+    unknown_reason: str | None = None  # "novel" or "unconfident" when unknown
 
     @classmethod
     def scored(cls, source: str, image_id: str, result: Scored) -> "Prediction":
         return cls(source, image_id, result.label, result.scores, None, result.probabilities, result.confidence,
-                   result.unknown)
+                   result.unknown, result.novelty, result.unknown_reason)
 
 
 def thumbnail_data_uri(path: str, size: int = 160) -> str:
@@ -66,6 +68,7 @@ def render(predictions: Sequence[Prediction], model: dict, title: str = "go-deep
         f"(dim {e(str(features.get('dim', '?')))}) · trained on {e(str(model.get('n_train', '?')))} images "
         f"· created {e(model.get('created_at', '?'))} · {e(_calibration_text(model))}</p>",
         _confusion_html(cv),
+        _cost_html(model.get("unknown_cost")),
         f"<h2>Predictions ({len(predictions)})</h2><div class='grid'>",
     ]
     parts.extend(_card(p) for p in predictions)
@@ -77,8 +80,29 @@ def _calibration_text(model: dict) -> str:
     calibration = model.get("calibration")
     if not calibration:
         return "uncalibrated model (trained before calibration): no confidence, never unknown"
-    return (f"unknown below {calibration['unknown_threshold']:.0%} confidence "
+    text = (f"unknown below {calibration['unknown_threshold']:.0%} confidence "
             f"({calibration.get('threshold_rule', '?')})")
+    novelty = model.get("novelty")
+    if not novelty:
+        return text + "; never novel (trained before novelty existed)"
+    if not novelty.get("threshold"):
+        return text + "; novelty off"
+    return text + (f" or novel: {novelty.get('method', 'distance to the training photos')} above "
+                   f"{novelty['threshold']:.3f} ({novelty.get('threshold_rule', '?')})")
+
+
+def _cost_html(cost: dict | None) -> str:
+    """What "unknown" costs, from the training photos under cross-validation (model.json)."""
+    if not cost:
+        return ""
+    answered = cost.get("answered_accuracy")
+    rows = [("photos answered (coverage)", f"{cost['coverage']:.1%}"),
+            ("unknown as novel", f"{cost['novel']:.1%}"), ("unknown as unconfident", f"{cost['unconfident']:.1%}"),
+            ("accuracy of the answered photos", "-" if answered is None else f"{answered:.1%}"),
+            ("plain accuracy (every photo answered with its top class)", f"{cost['accuracy']:.1%}")]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return (f"<h2>What unknown costs</h2><p class='meta'>On the {cost['n']} training photos, each scored by a "
+            f"model that never saw it.</p><table class='cost'>{body}</table>")
 
 
 def _card(p: Prediction) -> str:
@@ -93,8 +117,10 @@ def _card(p: Prediction) -> str:
                        + (f"<td>{probs[c]:.0%}</td>" if c in probs else "") + "</tr>"
                        for c, s in sorted(p.scores.items(), key=lambda kv: -kv[1]))
         confidence = "" if p.confidence is None else f"<div class='confidence'>{p.confidence:.0%} confident</div>"
-        body = (f"<div class='label{' unknown' if p.unknown else ''}'>{e(p.label or '')}</div>{confidence}"
-                f"<table class='scores'>{rows}</table>")
+        novelty = "" if p.novelty is None else f"<div class='confidence'>novelty {p.novelty:.3f}</div>"
+        reason = f"<div class='reason'>{e(p.unknown_reason)}</div>" if p.unknown_reason else ""
+        body = (f"<div class='label{' unknown' if p.unknown else ''}'>{e(p.label or '')}</div>{reason}{confidence}"
+                f"{novelty}<table class='scores'>{rows}</table>")
     return f"<div class='card'>{image}<div class='name'>{e(Path(p.source).name)}</div>{body}</div>"
 
 
@@ -123,6 +149,9 @@ body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 .label.error{color:#b00}
 .label.unknown{color:#a60;font-style:italic}
 .confidence{font-size:12px;color:#555}
+.reason{font-size:12px;color:#a60}
+.cost th{text-align:left;font-weight:normal;padding:2px 12px 2px 0}
+.cost td{font-weight:bold}
 .scores{font-size:12px}
 .confusion td,.confusion th{border:1px solid #ccc;padding:4px 10px;text-align:center}
 .confusion{border-collapse:collapse}

@@ -8,20 +8,37 @@ What the page shows comes from the stream itself, kept in bounded memory:
   does not look like a burst), and dead letters counted by their ``dlq-reason`` header.
 - :class:`LagWatcher` asks for the featurizer's and scorer's committed offsets (a consumer
   with the group's id but a manual assignment: it never joins the group nor commits).
-- :class:`Thumbnails` fetches a photo's original bytes through its Parquet provenance
-  (image id -> ``kafka_topic/partition/offset`` -> one assign+seek+poll), decodes it with
+- :class:`Thumbnails` fetches a photo's original bytes through its stored row's provenance
+  (image id -> ``kafka_topic/partition/offset`` in the feature table or a Parquet part -> one
+  assign+seek+poll), decodes it with
   :func:`pipeline.model.decode.decode_image` and keeps small JPEGs in an LRU bounded in bytes.
 
-The review queue is the least-confident photos; a correction is one ``image_id,label`` row in
+The review queue orders photos by what most needs a person (:func:`review_order`): unknown ones
+first (novel, most novel first; then unconfident), then the rest, least confident first. A
+correction may name a class the model does not have yet (a novel photo is often the first of
+one); Retrain then learns it. A correction is one ``image_id,label`` row in
 a CSV (``deeper train --labels`` reads it), rewritten atomically on every change. "Retrain"
-runs what ``deeper train --features DATA/features --labels CSV`` runs, in a background thread,
-and registers a new current version; the running scorers switch to it by themselves.
+runs what ``deeper train --features TABLE --labels CSV`` runs (the feature table of the current
+model's identity, its snapshot recorded and tagged; ``DEEPER_SINK=parquet``: the Parquet parts),
+in a background thread, and registers a new current version; the running scorers switch to it
+by themselves.
 
 The server is the standard library's threaded ``http.server`` and binds 127.0.0.1 by default.
-The page is one self-contained file (``ui_page.html``: inline CSS and JS, nothing fetched from
-the internet). Requests whose ``Host`` is not the loopback address are refused (DNS
-rebinding), and state-changing requests must be JSON ``POST``s, which a cross-site form
-cannot send.
+Its model of the world (docs/security.md): every record it shows may be forged by whoever can
+write to the labels, features or dead-letter topics, and every request may come from a page in
+the reviewer's browser. So:
+
+- records are validated where they are decoded (:mod:`schemas.messages`); a bad one is counted,
+  never shown, and what is shown is rendered by ``ui_page.js`` with DOM setters only, under a
+  Content-Security-Policy that runs no inline script and loads nothing from elsewhere;
+- ``Host`` is checked on every request (loopback names, plus ``--allow-host`` names when it
+  listens beyond loopback, which it refuses to do without one): a DNS-rebinding page is refused;
+- state-changing requests must be JSON ``POST``s (a cross-site form cannot send one) with a
+  ``Content-Length`` that is present, numeric and at most :data:`MAX_BODY_BYTES`, and JSON no
+  deeper than :data:`MAX_JSON_DEPTH`; every malformed request gets an answer (400/411/413),
+  never a dropped connection, and a body is never read past its cap;
+- corrections are written only for an exact image id and a valid class name, so the CSV
+  ``deeper train`` reads has one safe row per correction.
 """
 
 from __future__ import annotations
@@ -29,10 +46,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import ipaddress
 import json
 import logging
 import math
 import re
+import socket
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -40,7 +59,7 @@ from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from kafka import TopicPartition
@@ -52,7 +71,7 @@ from pipeline.model.decode import decode_image
 from pipeline.errors import DecodeError, DeeperError, SchemaError
 from pipeline.kafka.kafka_io import consumer_lag, make_consumer, wait_for_broker
 from pipeline.logs import event
-from schemas.messages import decode_label
+from schemas.messages import decode_label, is_image_id, label_problem, printable
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +88,27 @@ THUMB_SIZE = 160
 THUMB_CACHE_BYTES = 4 * 1024 * 1024
 #: A photo without a thumbnail is looked for again after this long (the page keeps asking).
 THUMB_MISS_SECONDS = 5.0
-IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
-#: A class name: what a folder name or a CSV cell can carry without surprises.
-LABEL = re.compile(r"^\w[\w .+-]{0,63}$")
+#: Files the page is made of (no inline script or style: see :data:`SECURITY_HEADERS`).
+ASSETS = {"/ui.js": ("ui_page.js", "text/javascript; charset=utf-8"),
+          "/ui.css": ("ui_page.css", "text/css; charset=utf-8")}
+#: On every answer: scripts and styles only from this server's own files (no inline script, so
+#: injected markup could not run even if some were rendered), nothing framed, nothing sniffed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+#: Largest request body read (a correction is ~120 bytes).
+MAX_BODY_BYTES = 64 * 1024
+#: Deepest JSON nesting accepted (ours is 1; Python's parser recurses and would give up ~1000).
+MAX_JSON_DEPTH = 16
+#: A dead letter's reason as shown; anything else is counted under one name (a forged dead
+#: letter may not grow the page's reason table without bound).
+DEAD_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 # --------------------------------------------------------------------------- reading topics
@@ -118,13 +155,33 @@ class LabelView:
     source: str
     name: str
     at_ms: int
+    unknown: bool = False
+    unknown_reason: str | None = None  # "novel" or "unconfident" when unknown
+    novelty: float | None = None  # None: labelled by a model without a novelty summary
 
     @classmethod
     def from_message(cls, message) -> "LabelView":
-        record = decode_label(message.value)
+        record = decode_label(message.value)  # validated there: a forged field never gets this far
+        reason = (record.unknown_reason or "unconfident") if record.unknown else None
         return cls(record.image_id, record.label, round(confidence_of(record), 4), record.scores,
                    record.classifier_version, record.source, Path(record.source).name or record.image_id[:12],
-                   int(message.timestamp or 0))
+                   int(message.timestamp or 0), record.unknown, reason, record.novelty)
+
+
+#: Review ranks of :attr:`LabelView.unknown_reason`: novel photos are what the model has never
+#: seen (a new class, or a camera gone wrong), unconfident ones sit between two known classes.
+_REVIEW_RANK = {"novel": 0, "unconfident": 1}
+
+
+def review_order(item: Any) -> tuple:
+    """Sort key of the review queue: unknown first (novel, the most novel first; then
+    unconfident), then every other photo, least confident first. ``item``: a :class:`LabelView`
+    or a label record (the demo's review round uses the same order)."""
+    confidence = confidence_of(item)
+    if getattr(item, "unknown", False):
+        rank = _REVIEW_RANK.get(getattr(item, "unknown_reason", None) or "unconfident", 1)
+        return (rank, -(getattr(item, "novelty", None) or 0.0) if rank == 0 else confidence)
+    return (len(_REVIEW_RANK), confidence)
 
 
 class _Background:
@@ -236,9 +293,14 @@ class StreamWatcher(_Background):
                 self._per_second[second] += 1
 
     def _take_dead_letter(self, message) -> None:
-        item = {name: _header(message, f"dlq-{name}") for name in ("reason", "detail", "stage", "source-topic",
-                                                                   "source-partition", "source-offset")}
-        item["reason"] = item["reason"] or "(no reason header)"
+        """Anyone who can write to the dead-letter topic can forge one: its headers are shown
+        as bounded, printable text, and an odd reason is counted as ``(invalid reason)``."""
+        item = {name: printable(_header(message, f"dlq-{name}")[:300]) or "" for name in
+                ("reason", "detail", "stage", "source-topic", "source-partition", "source-offset")}
+        if not item["reason"]:
+            item["reason"] = "(no reason header)"
+        elif not DEAD_REASON.fullmatch(item["reason"]):
+            item["reason"] = "(invalid reason)"
         with self._lock:
             self._dead_reasons[item["reason"]] += 1
             self._dead_recent = ([item] + self._dead_recent)[:DEAD_LETTERS_SHOWN]
@@ -391,7 +453,10 @@ class Thumbnails:
         return buffer.getvalue()
 
     def provenance(self, image_id: str) -> tuple[str, int, int]:
-        """Where the photo's message is: the newest Parquet part that has its row says."""
+        """Where the photo's message is: its row in the feature table, or the newest Parquet part
+        that has its row, says."""
+        if self.settings.sink_kind == "table":
+            return self._table_provenance(image_id)
         import pyarrow.parquet as pq
 
         from pipeline import storage
@@ -412,6 +477,19 @@ class Thumbnails:
                 if row["kafka_topic"] is not None and row["kafka_offset"] is not None:
                     return row["kafka_topic"], int(row["kafka_partition"]), int(row["kafka_offset"])
         raise ThumbnailUnavailable(f"photo {image_id[:12]} has no Parquet row with Kafka provenance yet")
+
+    def _table_provenance(self, image_id: str) -> tuple[str, int, int]:
+        from pipeline.storage import table as tables
+        from pipeline.storage.table_reader import kafka_position
+
+        try:
+            name = tables.newest_table(self.settings)
+            found = kafka_position(tables.load_named(self.settings, name), image_id) if name else None
+        except DeeperError as exc:
+            raise ThumbnailUnavailable(f"photo {image_id[:12]}: the feature table cannot be read ({exc})") from None
+        if found is None:
+            raise ThumbnailUnavailable(f"photo {image_id[:12]} has no row with Kafka provenance in the table yet")
+        return found
 
     def _fetch(self, image_id: str, tp: TopicPartition, offset: int, timeout_s: float = 10.0) -> bytes:
         """The one original message, by assign + seek + poll; its key must be the image id."""
@@ -492,10 +570,11 @@ class RetrainStatus:
     n_train: int | None = None
     classes: list[str] | None = None
     error: str | None = None
+    left_out_line: str = ""  # classes this training left out, and why
 
 
 class Retrainer:
-    """Runs ``deeper train --features DATA/features --labels CORRECTIONS`` in a background thread."""
+    """Runs ``deeper train --features TABLE --labels CORRECTIONS`` in a background thread."""
 
     def __init__(self, settings: Settings, corrections: Corrections):
         self.settings = settings
@@ -534,7 +613,7 @@ class Retrainer:
             s = self._status
             s.state, s.step, s.finished_at = "done", "registered", time.time()
             s.version, s.cv_accuracy, s.n_train = outcome.version, outcome.cv.accuracy, outcome.n_images
-            s.classes = list(outcome.classes)
+            s.classes, s.left_out_line = list(outcome.classes), outcome.left_out_line()
         event(log, "retrained from the ui", version=outcome.version, n_train=outcome.n_images,
               cv_accuracy=outcome.cv.accuracy)
 
@@ -543,12 +622,32 @@ class Retrainer:
         from pipeline.learning.registry import Registry
         from pipeline.learning.training import DEFAULT_SPEC, apply_labels, train_and_register
 
+        registry = Registry(self.settings.registry_dir)
+        if self.settings.sink_kind == "table":
+            return self._train_from_table(registry)
         self._step("reading features")
         fs = read_features([self.settings.features_location()])
         labels = apply_labels(fs.image_ids, fs.sources, fs.labels, self.corrections.table())
         self._step(f"cross-validating and fitting on {sum(1 for x in labels if x)} labelled photos")
-        return train_and_register(fs.image_ids, labels, fs.vectors, fs.meta, DEFAULT_SPEC,
-                                  Registry(self.settings.registry_dir), unknown_label=self.settings.unknown_label)
+        provenance = {"source": "parquet", "paths": [self.settings.features_location()], "rows": len(fs)}
+        return train_and_register(fs.image_ids, labels, fs.vectors, fs.meta, DEFAULT_SPEC, registry,
+                                  unknown_label=self.settings.unknown_label, provenance=provenance)
+
+    def _train_from_table(self, registry):
+        """The table of the current model's identity (the newest table without a model), current snapshot."""
+        from pipeline.errors import RegistryError
+        from pipeline.learning.from_table import train_from_table
+        from pipeline.storage import table as tables
+
+        try:
+            name = tables.table_name(self.settings, registry.load_current().feature_meta)
+        except RegistryError:
+            name = tables.newest_table(self.settings)
+        if name is None:
+            raise DeeperError(f"no feature table in {tables.describe_catalog(self.settings)} yet")
+        self._step(f"reading table {name} and fitting")
+        outcome, _ = train_from_table(self.settings, registry, name, labels=self.corrections.table())
+        return outcome
 
 
 # --------------------------------------------------------------------------- the app
@@ -598,7 +697,7 @@ class UiApp:
     def state(self) -> dict[str, Any]:
         labels = self.stream.labels()
         corrected = self.corrections.table()
-        review = sorted((v for v in labels if v.image_id not in corrected), key=lambda v: v.confidence)
+        review = sorted((v for v in labels if v.image_id not in corrected), key=review_order)
         thumbs, thumb_bytes = self.thumbnails.cached()
         return {
             "model": self.model(),
@@ -619,10 +718,11 @@ class UiApp:
 
     def correct(self, body: dict[str, Any]) -> dict[str, Any]:
         image_id, label = body.get("image_id"), body.get("label")
-        if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
-            raise BadRequest("image_id must be a photo's sha256 (64 lowercase hex digits)")
-        if not isinstance(label, str) or not LABEL.match(label.strip()):
-            raise BadRequest("label must be 1-64 letters, digits, spaces or . + - _ (starting with a letter or digit)")
+        if not is_image_id(image_id):
+            raise BadRequest("image_id must be a photo's sha256 (exactly 64 lowercase hex digits)")
+        problem = label_problem(label.strip()) if isinstance(label, str) else "not a string"
+        if problem:
+            raise BadRequest(f"label must be a class name: {problem}")
         if label.strip() == self.settings.unknown_label:
             raise BadRequest(f"{self.settings.unknown_label!r} is what the scorer says when no class fits; pick a class")
         count = self.corrections.set(image_id, label.strip())
@@ -634,16 +734,72 @@ class BadRequest(DeeperError):
 
 
 # --------------------------------------------------------------------------- HTTP
+class HttpError(DeeperError):
+    """A request this server answers with ``status`` and a one-line reason."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+def json_depth(text: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text, brackets inside strings not counted.
+
+    Measured before parsing, because Python's parser recurses: a 64 KiB body of ``[`` raised
+    RecursionError, which dropped the connection without an answer.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 class Handler(BaseHTTPRequestHandler):
     server: "UiServer"
     server_version = "deeper-ui"
+    #: Seconds a client may take to send its request (a slow one holds a thread only this long).
+    timeout = 30
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if not self._host_allowed():
-            return
+        self._answer(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer(self._post)
+
+    def _answer(self, route: Callable[[], None]) -> None:
+        """Every request gets an answer: a refusal is its status, anything else a 500."""
+        try:
+            self._check_host()
+            route()
+        except HttpError as exc:
+            self._json(exc.status, {"error": str(exc)})
+        except BadRequest as exc:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except Exception:  # noqa: BLE001 - logged here; the client gets a 500, not a dropped connection
+            log.exception("ui request %s %s failed", self.command, self.path[:200])
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error (see the ui's log)"})
+
+    def _get(self) -> None:
         path = urlsplit(self.path).path
         if path == "/":
             self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+        elif path in ASSETS:
+            name, content_type = ASSETS[path]
+            self._send(HTTPStatus.OK, PAGE.with_name(name).read_bytes(), content_type)
         elif path == "/api/state":
             self._json(HTTPStatus.OK, self.server.app.state())
         elif path == "/api/retrain":
@@ -651,24 +807,18 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/api/thumb/"):
             self._thumbnail(path.removeprefix("/api/thumb/").removesuffix(".jpg"))
         else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such page")
 
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._host_allowed():
-            return
+    def _post(self) -> None:
         path = urlsplit(self.path).path
         actions: dict[str, Callable[[dict[str, Any]], tuple[HTTPStatus, dict[str, Any]]]] = {
             "/api/corrections": lambda body: (HTTPStatus.OK, self.server.app.correct(body)),
             "/api/retrain": self._retrain,
         }
         if path not in actions:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such action: {path}"})
-            return
-        try:
-            status, answer = actions[path](self._body())
-        except BadRequest as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            return
+            self.close_connection = True  # its body, if any, is not read
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such action")
+        status, answer = actions[path](self._body())
         self._json(status, answer)
 
     def _retrain(self, _body: dict[str, Any]) -> tuple[HTTPStatus, dict[str, Any]]:
@@ -676,42 +826,59 @@ class Handler(BaseHTTPRequestHandler):
         return (HTTPStatus.ACCEPTED if started else HTTPStatus.CONFLICT), self.server.app.retrainer.status()
 
     def _body(self) -> dict[str, Any]:
-        """The JSON object sent; only ``application/json`` (cross-site forms cannot send it)."""
+        """The JSON object sent; only ``application/json`` (cross-site forms cannot send it).
+
+        The length is checked before a byte of the body is read: missing (or chunked) is 411,
+        not a single non-negative number is 400, over :data:`MAX_BODY_BYTES` is 413. A refused
+        body is never read, so the connection is closed after the answer.
+        """
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        text = lengths[0].strip()
+        if len(lengths) > 1 or not text.isascii() or not text.isdigit():
+            self.close_connection = True
+            raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length must be one non-negative number")
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
         if self.headers.get_content_type() != "application/json":
             raise BadRequest("send application/json")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 64 * 1024:
-            raise BadRequest("request too large")
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError as exc:
+            body = json.loads(data or b"{}")
+        except (ValueError, RecursionError) as exc:
             raise BadRequest(f"invalid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest("send a JSON object")
         return body
 
     def _thumbnail(self, image_id: str) -> None:
-        if not IMAGE_ID.match(image_id):
-            self._json(HTTPStatus.BAD_REQUEST, {"error": "not an image id"})
-            return
+        if not is_image_id(image_id):
+            raise BadRequest("not an image id")
         try:
             data = self.server.app.thumbnails.get(image_id)
         except ThumbnailUnavailable as exc:
-            self._json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
-            return
+            raise HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
         except kafka_errors.KafkaError as exc:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"Kafka: {exc}"})
-            return
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"Kafka: {exc}") from None
         # Content-addressed (the id is the photo's sha256): the same URL never changes.
         self._send(HTTPStatus.OK, data, "image/jpeg", cache="max-age=86400, immutable")
 
-    def _host_allowed(self) -> bool:
-        """On loopback, only loopback Host headers: a DNS-rebinding page cannot reach us."""
-        allowed = self.server.allowed_hosts
-        if allowed is None or (self.headers.get("Host") or "").lower() in allowed:
-            return True
-        self._json(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
-        return False
+    def _check_host(self) -> None:
+        """Only the names this server is reached by: a DNS-rebinding page (its own name, our
+        address) is refused, whatever address the server listens on."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.server.allowed_hosts:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.FORBIDDEN, "unexpected Host header (see deeper ui --allow-host)")
 
     def _json(self, status: HTTPStatus, payload: Any) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json")
@@ -721,51 +888,86 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache)
-        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    def end_headers(self) -> None:
+        """Every answer, http.server's own error pages included, carries the security headers."""
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         log.debug("ui %s - %s", self.address_string(), format % args)
 
 
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, allow_hosts: Sequence[str]) -> None:
+    """Beyond loopback only with the names the page will be reached by (``--allow-host``)."""
+    if not is_loopback(host) and not [h for h in allow_hosts if h.strip()]:
+        raise DeeperError(f"deeper ui listens beyond this machine on {host} only with --allow-host NAME "
+                          "(the names the page will be reached by; requests for any other Host are refused)")
+
+
 class UiServer(ThreadingHTTPServer):
-    """The page's HTTP server; ``port=0`` picks a free one (tests)."""
+    """The page's HTTP server; ``port=0`` picks a free one (tests).
+
+    ``allow_hosts``: names (and addresses) the page may be reached by beyond the loopback
+    ones; needed, and refused without, when ``host`` is not a loopback address.
+    """
 
     daemon_threads = True
 
-    def __init__(self, app: UiApp, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
+    def __init__(self, app: UiApp, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 allow_hosts: Sequence[str] = ()):
+        check_bind(host, allow_hosts)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
         self.app = app
         bound = self.server_address[1]
-        loopback = host in ("127.0.0.1", "localhost", "::1")
-        self.allowed_hosts = ({f"127.0.0.1:{bound}", f"localhost:{bound}", f"[::1]:{bound}"} if loopback else None)
+        names = [*LOOPBACK_HOSTS, *(h.strip().lower() for h in allow_hosts if h.strip())]
+        self.allowed_hosts = set()
+        for name in names:
+            shown = f"[{name}]" if ":" in name else name
+            self.allowed_hosts |= {f"{shown}:{bound}", *([shown] if bound == 80 else [])}
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def serve_in_thread(app: UiApp, host: str = "127.0.0.1", port: int = 0) -> UiServer:
+def serve_in_thread(app: UiApp, host: str = "127.0.0.1", port: int = 0, allow_hosts: Sequence[str] = ()) -> UiServer:
     """Start the app and its server in background threads (tests, embedding)."""
-    server = UiServer(app.start(), host, port)
+    server = UiServer(app.start(), host, port, allow_hosts)
     threading.Thread(target=server.serve_forever, name="ui-http", daemon=True).start()
     return server
 
 
 # --------------------------------------------------------------------------- CLI
 def cmd_ui(args: argparse.Namespace) -> int:
+    check_bind(args.host, args.allow_host)  # before waiting for the broker: a wrong command line fails at once
     settings = Settings.from_env(registry_dir=args.registry)
     wait_for_broker(settings, timeout=args.wait)
     app = UiApp(settings, args.recent, args.corrections)
     try:
-        server = UiServer(app, args.host, args.port)
+        server = UiServer(app, args.host, args.port, args.allow_host)
     except OSError as exc:
         raise DeeperError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    if server.allowed_hosts is None:
-        log.warning("deeper ui listens on %s: anyone who can reach it can add corrections and retrain "
-                    "(there is no login)", args.host)
+    if not is_loopback(args.host):
+        log.warning("deeper ui listens on %s for %s: anyone who can reach it can add corrections and retrain "
+                    "(there is no login)", args.host, ", ".join(args.allow_host))
     app.start()
     print(f"deeper ui: {server.url} (Ctrl-C stops)", flush=True)
     try:
@@ -778,7 +980,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ui", help="local web page: latest labels, lag, dead letters, review and retrain")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "any other address needs --allow-host)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name (or address) the page is reached by, besides the loopback ones; repeat for more. "
+                        "Requests carrying any other Host header are refused (DNS rebinding)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT, help="labelled photos kept in memory (default 500)")
     p.add_argument("--corrections", default=None,

@@ -7,8 +7,10 @@ sha256 of the photo's bytes, so an image has one identity whether it came inline
 reference, and the featurizer's usual check (key == sha256 of the bytes) also catches an object
 that was overwritten after it was referenced. :func:`resolve_value` is what a consumer calls;
 :func:`fetch_image` does the fetching, always within :class:`FetchLimits` (a size cap, enforced
-while streaming so an oversize object is abandoned early, and a deadline), and raises only
-:class:`FetchFailed` with a reason code.
+while streaming so an oversize object is abandoned early, and one deadline for the whole fetch)
+and :mod:`pipeline.kafka.fetch_policy` (what a stranger's message may make us fetch: nothing,
+by default), and raises only :class:`FetchFailed`: ``fetch_refused`` naming the rule, or
+``fetch_failed`` saying nothing a server answered.
 
 Choices, and why:
 
@@ -16,23 +18,16 @@ Choices, and why:
   and the AWS SDK inside it brings the whole credential chain (``AWS_ACCESS_KEY_ID``/
   ``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, profiles, instance and pod roles) and SigV4
   signing, so no secret passes through our settings. Its per-request timeouts
-  (``connect_timeout``/``request_timeout``, a low-speed limit under curl) bound a stalled server;
-  retries are off so a stall costs one timeout, not three. Endpoint (``AWS_ENDPOINT_URL_S3``
-  or ``AWS_ENDPOINT_URL``: MinIO, localbucket, ...), region and credentials are
-  :func:`pipeline.storage.s3_options`'s, as for feature files; :class:`FetchLimits` may name
-  another endpoint or region.
-- HTTP(S) through urllib: the size cap is checked against ``Content-Length`` first and then
-  while streaming (a server that lies or sends no length is cut off at ``max_bytes + 1``);
-  ``read1`` returns as soon as any bytes arrive, so the deadline is checked between reads and a
-  server that drips a byte at a time is abandoned too. Redirects may only lead to http(s).
-- ``file://`` reads **the featurizer's own disk**: whoever can produce to the images topic could
-  otherwise make the featurizer read (and feed to a model whose outputs they may see) any file
-  it can open. It is therefore off unless ``file_root`` is set, and then only regular files
-  under that directory (after resolving symlinks and ``..``) are read; FIFOs and devices are
-  refused without blocking. Use it for a shared volume that producers and featurizers mount.
-- ``http(s)://`` lets a producer make the featurizer send GET requests (server-side request
-  forgery: internal services, cloud metadata endpoints). Where producers are not trusted, drop
-  ``http``/``https`` from ``schemes`` and keep ``s3`` only.
+  (``connect_timeout``/``request_timeout``, a low-speed limit under curl) get the time left of
+  the deadline; retries are off so a stall costs one timeout, not three. The endpoint is the
+  operator's (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``: MinIO, localbucket, ...), so it is
+  trusted; which buckets a message may name is the policy's (``DEEPER_FETCH_S3``).
+- HTTP(S) through :mod:`pipeline.kafka.pinned_http`: a connection to the address the policy
+  checked (no second DNS lookup), one deadline for connect, TLS, headers and body, the size cap
+  checked against ``Content-Length`` first and then while reading; redirects re-checked here.
+- ``file://`` reads **the featurizer's own disk**: only regular files under ``file_root``
+  (after resolving symlinks and ``..``), opened without following a symlink swapped in since and
+  without blocking on a FIFO. Use it for a shared volume that producers and featurizers mount.
 """
 
 from __future__ import annotations
@@ -43,64 +38,18 @@ import http.client
 import os
 import stat
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.errors import DeeperError
+from pipeline.kafka import fetch_policy as policy
+from pipeline.kafka import pinned_http
+from pipeline.kafka.fetch_policy import FetchFailed, FetchLimits, FetchRefused  # callers' names for them
 
 #: Header whose value is the URI of the image's bytes; the message value is then empty.
 IMAGE_URI_HEADER = "image-uri"
-#: Largest object fetched: bounds the memory of each in-flight image (a 40-megapixel JPEG, the
-#: decoder's pixel budget, is 10-25 MB; the featurizer holds a few batches of raw photos).
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-#: Seconds allowed for one fetch (and for each network wait within it).
-DEFAULT_TIMEOUT_S = 5.0
-#: Schemes fetched by default; ``file`` is added only by setting ``file_root``.
-DEFAULT_SCHEMES = frozenset({"s3", "http", "https"})
-#: Reason codes of :class:`FetchFailed` (the featurizer's dead-letter reasons).
-REASONS = ("fetch_failed", "too_large", "timeout", "not_found", "forbidden", "unsupported_scheme",
-           "invalid_uri")
 
-_HTTP_CHUNK = 64 * 1024
+_FILE_CHUNK = 64 * 1024
 _S3_CHUNK = 4 * 1024 * 1024  # each pyarrow read is one ranged GET: keep them few
-_USER_AGENT = "go-deeper-claim-check/1"
-
-
-class FetchFailed(DeeperError):
-    """A claim check could not be redeemed; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """What a claim check may fetch, how much and how fast; built from the settings."""
-
-    max_bytes: int = DEFAULT_MAX_BYTES
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    schemes: frozenset[str] = DEFAULT_SCHEMES
-    #: file:// is refused unless this is set; then only files under it are read.
-    file_root: str | None = None
-    #: ``http://host:port`` of an S3-compatible server; empty: AWS itself.
-    s3_endpoint: str = ""
-    s3_region: str = ""
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> "FetchLimits":
-        """From the ``DEEPER_FETCH_*`` settings; S3's endpoint and region stay the AWS SDK's
-        variables, read in one place (:func:`pipeline.storage.s3_options`)."""
-        schemes = settings.fetch_schemes or ",".join(sorted(DEFAULT_SCHEMES))
-        return cls(max_bytes=int(settings.fetch_max_bytes or DEFAULT_MAX_BYTES),
-                   timeout_s=float(settings.fetch_timeout_s or DEFAULT_TIMEOUT_S),
-                   schemes=frozenset(s.strip().lower() for s in schemes.split(",") if s.strip()),
-                   file_root=settings.fetch_file_root or None)
 
 
 # --------------------------------------------------------------------------- consumers' entry point
@@ -116,109 +65,82 @@ def reference_uri(headers: Sequence[tuple[str, bytes | None]] | None) -> str | N
 
 
 def resolve_value(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
-                  limits: FetchLimits) -> bytes | None:
+                  limits: FetchLimits, deadline: float | None = None) -> bytes | None:
     """The image bytes a message stands for: its value, or the bytes its claim check names.
 
     The result goes to ``parse_image_message`` as the value, whose key == sha256 check then
     covers fetched bytes too. A claim check with a non-empty value is refused (which of the two
-    would be the image?).
+    would be the image?). ``deadline`` (``time.monotonic()``): when the fetch must be over;
+    default ``limits.timeout_s`` from now.
     """
     uri = reference_uri(headers)
     if uri is None:
         return value
     if value:
-        raise FetchFailed("invalid_uri", f"message has both a {IMAGE_URI_HEADER} header and a {len(value)}-byte value")
-    return fetch_image(uri, limits)
+        raise FetchRefused("uri", f"the message has both an {IMAGE_URI_HEADER} header and a {len(value)}-byte value")
+    return fetch_image(uri, limits, deadline)
 
 
-def fetch_image(uri: str, limits: FetchLimits) -> bytes:
-    """The bytes at ``uri``, at most ``limits.max_bytes`` of them, within ``limits.timeout_s``.
+def fetch_image(uri: str, limits: FetchLimits, deadline: float | None = None) -> bytes:
+    """The bytes at ``uri``, at most ``limits.max_bytes`` of them, before ``deadline``.
 
-    Raises :class:`FetchFailed` (and nothing else) with reason ``unsupported_scheme``,
-    ``invalid_uri``, ``not_found``, ``forbidden``, ``too_large``, ``timeout`` or ``fetch_failed``.
+    Raises :class:`FetchFailed` (and nothing else): :class:`FetchRefused` where the policy says
+    no, else ``fetch_failed`` with one fixed detail and the real cause in ``cause``.
     """
-    scheme = urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri else ""
+    scheme = policy.check_scheme(uri, limits)
     fetchers: dict[str, Callable[[str, FetchLimits, float], bytes]] = {
         "s3": _fetch_s3, "http": _fetch_http, "https": _fetch_http, "file": _fetch_file}
-    if scheme not in fetchers:
-        raise FetchFailed("unsupported_scheme", f"{_short(uri)}: claim checks may be s3://, http(s):// or file://")
-    if scheme == "file" and not limits.file_root:
-        raise FetchFailed("unsupported_scheme", f"{_short(uri)}: file:// claim checks are off (they read this "
-                                                "machine's disk); set a fetch file root to allow a directory")
-    if scheme != "file" and scheme not in limits.schemes:
-        raise FetchFailed("unsupported_scheme", f"{_short(uri)}: {scheme}:// is not in the allowed fetch schemes "
-                                                f"({', '.join(sorted(limits.schemes)) or 'none'})")
-    return fetchers[scheme](uri, limits, time.monotonic() + limits.timeout_s)
+    return fetchers[scheme](uri, limits, time.monotonic() + limits.timeout_s if deadline is None else deadline)
 
 
 def _short(uri: str) -> str:
     return uri if len(uri) <= 200 else uri[:200] + "..."
 
 
-def _read_capped(read: Callable[[int], bytes], chunk: int, uri: str, limits: FetchLimits, deadline: float) -> bytes:
+def _read_capped(read: Callable[[int], bytes], chunk: int, scheme: str, limits: FetchLimits,
+                 deadline: float) -> bytes:
     """Read to EOF, giving up past ``max_bytes`` or the deadline (checked between reads)."""
     parts, total = [], 0
     while True:
         if time.monotonic() > deadline:
-            raise FetchFailed("timeout",
-                              f"{_short(uri)}: not read within {limits.timeout_s:g} s ({total} bytes so far)")
+            raise policy.failed(scheme, limits, f"not read within the deadline ({total} bytes so far)")
         data = read(chunk)
         if not data:
             return b"".join(parts)
         total += len(data)
         if total > limits.max_bytes:
-            raise FetchFailed("too_large", f"{_short(uri)}: more than {limits.max_bytes} bytes (stopped reading)")
+            raise policy.failed(scheme, limits, f"more than {limits.max_bytes} bytes (stopped reading)")
         parts.append(data)
-
-
-def _too_large(uri: str, size: int, limits: FetchLimits) -> FetchFailed:
-    return FetchFailed("too_large", f"{_short(uri)}: {size} bytes is over the {limits.max_bytes}-byte fetch limit")
 
 
 # --------------------------------------------------------------------------- http(s)
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp:// too; a claim check may only be redirected to http(s)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (urllib's signature)
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise FetchFailed("unsupported_scheme", f"{_short(req.full_url)}: redirected to {_short(newurl)}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects())
-
-
 def _fetch_http(uri: str, limits: FetchLimits, deadline: float) -> bytes:
-    request = urllib.request.Request(uri, headers={"User-Agent": _USER_AGENT, "Accept": "image/*"})
-    try:
-        with _OPENER.open(request, timeout=limits.timeout_s) as response:
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > limits.max_bytes:
-                raise _too_large(uri, int(length), limits)
-            return _read_capped(response.read1, _HTTP_CHUNK, uri, limits, deadline)
-    except urllib.error.HTTPError as exc:
-        reason = {404: "not_found", 410: "not_found", 401: "forbidden", 403: "forbidden"}.get(exc.code, "fetch_failed")
-        raise FetchFailed(reason, f"{_short(uri)}: HTTP {exc.code} {exc.reason}") from None
-    except TimeoutError:
-        raise FetchFailed("timeout", f"{_short(uri)}: no answer within {limits.timeout_s:g} s") from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, TimeoutError):
-            raise FetchFailed("timeout", f"{_short(uri)}: no answer within {limits.timeout_s:g} s") from None
-        raise FetchFailed("fetch_failed", f"{_short(uri)}: {exc.reason}") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:  # reset, cut short, malformed URL
-        raise FetchFailed("fetch_failed", f"{_short(uri)}: {exc!r}") from None
+    """GET with every hop checked by the policy: target, resolved addresses, the peer connected to."""
+    url, hops = uri, 0
+    while True:
+        target = policy.http_target(url, limits, after_redirect=hops > 0)
+        addresses = policy.connectable(target, limits)
+        try:
+            response = pinned_http.get(target, addresses, deadline, limits.max_bytes,
+                                       lambda peer: policy.check_connected(peer, limits))
+        except pinned_http.Expired as exc:
+            raise policy.failed(target.scheme, limits, f"{_short(url)}: deadline passed while {exc}") from None
+        except pinned_http.Oversize as exc:
+            raise policy.failed(target.scheme, limits, f"{_short(url)}: {exc}") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, TLS, malformed
+            raise policy.failed(target.scheme, limits, f"{_short(url)}: {exc!r}") from None
+        if response.body is not None:
+            return response.body
+        if response.location is None:
+            raise policy.failed(target.scheme, limits, f"{_short(url)}: HTTP {response.status}")
+        hops += 1
+        policy.check_redirect(target, response.location, hops)
+        url = urllib.parse.urljoin(url, response.location)
 
 
 # --------------------------------------------------------------------------- s3
-
-
-def _s3_path(uri: str) -> str:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise FetchFailed("invalid_uri", f"{_short(uri)}: expected s3://bucket/key")
-    return f"{bucket}/{key}"
 
 
 def s3_filesystem(endpoint: str, region: str, timeout_s: float):
@@ -245,32 +167,33 @@ def _s3_client(frozen_options: tuple[tuple[str, Any], ...]):
     return fs.S3FileSystem(**dict(frozen_options), retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=1))
 
 
-def _s3_error(uri: str, exc: OSError, limits: FetchLimits) -> FetchFailed:
+def _s3_cause(uri: str, exc: OSError) -> str:
     text = str(exc)
     if isinstance(exc, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text:
-        return FetchFailed("not_found", f"{_short(uri)}: no such object")
+        return f"{_short(uri)}: no such object"
     if "curlCode: 28" in text or "Timeout was reached" in text:
-        return FetchFailed("timeout", f"{_short(uri)}: no answer within {limits.timeout_s:g} s")
-    if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
-        return FetchFailed("forbidden", f"{_short(uri)}: {text}")
-    return FetchFailed("fetch_failed", f"{_short(uri)}: {text}")
+        return f"{_short(uri)}: no answer (timeout)"
+    return f"{_short(uri)}: {text}"
 
 
 def _fetch_s3(uri: str, limits: FetchLimits, deadline: float) -> bytes:
+    """An object of an allowed bucket/prefix. The endpoint is the operator's, so pyarrow's own
+    per-request timeouts bound each request; the deadline is checked between reads (and the
+    featurizer stops waiting for any fetch past it)."""
     from pyarrow import fs
 
-    path = _s3_path(uri)
+    path = policy.s3_path(uri, limits)
     s3 = s3_filesystem(limits.s3_endpoint, limits.s3_region, limits.timeout_s)
     try:
         info = s3.get_file_info(path)
         if info.type != fs.FileType.File:
-            raise FetchFailed("not_found", f"{_short(uri)}: no such object")
-        if info.size is not None and info.size > limits.max_bytes:
-            raise _too_large(uri, info.size, limits)  # from the HEAD: no GET at all
+            raise policy.failed("s3", limits, f"{_short(uri)}: no such object")
+        if info.size is not None and info.size > limits.max_bytes:  # from the HEAD: no GET at all
+            raise policy.failed("s3", limits, f"{_short(uri)}: {info.size} bytes, over {limits.max_bytes}")
         with s3.open_input_stream(path) as stream:
-            return _read_capped(stream.read, _S3_CHUNK, uri, limits, deadline)
+            return _read_capped(stream.read, _S3_CHUNK, "s3", limits, deadline)
     except OSError as exc:
-        raise _s3_error(uri, exc, limits) from None
+        raise policy.failed("s3", limits, _s3_cause(uri, exc)) from None
 
 
 def upload_s3(prefix: str, data: bytes, suffix: str, limits: FetchLimits, content_type: str = "") -> str:
@@ -278,17 +201,20 @@ def upload_s3(prefix: str, data: bytes, suffix: str, limits: FetchLimits, conten
 
     Content-addressed names make a re-sent photo overwrite itself instead of piling up, and
     let the featurizer's sha256 check tell a replaced object from the one that was referenced.
+    The prefix is the operator's own (``deeper produce --claim-check-prefix``): no fetch policy
+    applies to it, but the featurizers' ``DEEPER_FETCH_S3`` must list it for them to fetch.
+    Raises :class:`FetchFailed` (its ``cause`` says why).
     """
     if not prefix.startswith("s3://") or not prefix[len("s3://"):].strip("/"):
-        raise FetchFailed("invalid_uri", f"{_short(prefix)}: a claim-check prefix must be s3://bucket[/prefix]")
+        raise FetchRefused("uri", f"{_short(prefix)}: a claim-check prefix must be s3://bucket[/prefix]")
     uri = f"{prefix.rstrip('/')}/{hashlib.sha256(data).hexdigest()}{suffix}"
     s3 = s3_filesystem(limits.s3_endpoint, limits.s3_region, limits.timeout_s)
     metadata = {"Content-Type": content_type} if content_type else None
     try:
-        with s3.open_output_stream(_s3_path(uri), metadata=metadata) as out:
+        with s3.open_output_stream(uri[len("s3://"):], metadata=metadata) as out:
             out.write(data)
     except OSError as exc:
-        raise _s3_error(uri, exc, limits) from None
+        raise FetchFailed(policy.FAILED, f"upload to {_short(uri)} failed", _s3_cause(uri, exc)) from None
     return uri
 
 
@@ -296,32 +222,26 @@ def upload_s3(prefix: str, data: bytes, suffix: str, limits: FetchLimits, conten
 
 
 def _fetch_file(uri: str, limits: FetchLimits, deadline: float) -> bytes:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.netloc not in ("", "localhost") or not parts.path:
-        raise FetchFailed("invalid_uri", f"{_short(uri)}: expected file:///absolute/path on this machine")
-    path = Path(os.fsdecode(urllib.parse.unquote_to_bytes(parts.path)))  # any bytes a file name may hold
-    root = Path(limits.file_root or "").resolve()
-    try:
-        target = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise FetchFailed("not_found", f"{_short(uri)}: no such file") from None
-    except (OSError, RuntimeError) as exc:  # permission on a parent, symlink loop
-        raise FetchFailed("fetch_failed", f"{_short(uri)}: {exc}") from None
-    if not target.is_relative_to(root):
-        raise FetchFailed("forbidden", f"{_short(uri)}: outside the fetch file root {root}")
+    """A regular file under the root. Every way of not getting one (missing, outside, a symlink
+    out, a FIFO, unreadable, too large, the root itself) is the same refusal; the descriptor is
+    closed on every path out."""
+    target = policy.file_path(uri, limits)
     try:  # O_NONBLOCK: a FIFO must not hang us; O_NOFOLLOW: no symlink swapped in after resolve()
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except PermissionError:
-        raise FetchFailed("forbidden", f"{_short(uri)}: permission denied") from None
     except OSError as exc:
-        raise FetchFailed("fetch_failed", f"{_short(uri)}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as file:
+        raise policy.file_refused(exc.strerror or str(exc)) from None
+    try:  # a directory opens too, and os.fdopen refuses it without closing the descriptor
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise FetchFailed("forbidden", f"{_short(uri)}: not a regular file")
+            raise policy.file_refused()
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:  # owns fd from here: closed whatever happens below
         if info.st_size > limits.max_bytes:
-            raise _too_large(uri, info.st_size, limits)
+            raise policy.file_refused(f"{info.st_size} bytes, over {limits.max_bytes}")
         try:
-            return _read_capped(file.read, _HTTP_CHUNK, uri, limits, deadline)
-        except OSError as exc:
-            raise FetchFailed("fetch_failed", f"{_short(uri)}: {exc.strerror or exc}") from None
+            return _read_capped(file.read, _FILE_CHUNK, "file", limits, deadline)
+        except (OSError, FetchFailed) as exc:
+            raise policy.file_refused(str(getattr(exc, "cause", "") or exc)) from None

@@ -20,8 +20,22 @@ from kafka import errors as kafka_errors
 
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
+from pipeline.kafka import client_fixes
 
 log = logging.getLogger(__name__)
+
+# A group join that finishes between two polls is applied at the next one (kafka-python 3.0.12
+# lost it: a member without partitions, docs/broker.md); before any client exists.
+client_fixes.install()
+
+#: Every client's defaults. kafka-python backs off reconnecting exponentially up to 30 s (Java's
+#: client: 1 s); a broker down for ~10 s then left every client waiting up to ~25 s more after it
+#: answered again, past the 6 s session timeout (group members dropped, a rebalance on top) and
+#: past the transaction timeout. 1 s keeps a restart's cost at about the broker's own downtime
+#: (docs/faults.md, recovery after a broker restart).
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "reconnect_backoff_max_ms": 1000,
+}
 
 #: Producer defaults. acks=all + idempotence means a retried send can neither be lost nor
 #: duplicated in the log; 5 in-flight requests is the most idempotence allows while still
@@ -95,9 +109,9 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         # idempotence cannot work with those, so honour the caller's choice.
         config["enable_idempotence"] = False
     if not config.get("enable_idempotence"):
-        return KafkaProducer(**config)
+        return _producer(config)
     try:
-        producer = KafkaProducer(**config)
+        producer = _producer(config)
     except kafka_errors.KafkaConfigurationError as exc:
         # kafka-python raises this at construction when the broker's API version predates
         # idempotence (< 0.11) and idempotence was requested explicitly.
@@ -109,9 +123,17 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     return _fallback_producer(config, problem, strict)
 
 
+def _producer(config: Mapping[str, Any]) -> KafkaProducer:
+    """Every producer is built here: a transactional request its sender could not send while the
+    broker was away is sent again once it is back (kafka-python 3.0.12 dropped it, client_fixes)."""
+    producer = KafkaProducer(**config)
+    client_fixes.retry_unready_coordinator(producer)
+    return producer
+
+
 def _producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Every producer's configuration: security, the safe defaults, the one message size limit."""
-    return {**settings.kafka_client_config(), **PRODUCER_DEFAULTS,
+    return {**settings.kafka_client_config(), **CLIENT_DEFAULTS, **PRODUCER_DEFAULTS,
             "max_request_size": request_size_limit(settings), **overrides}
 
 
@@ -134,40 +156,14 @@ def make_transactional_producer(settings: Settings, transactional_id: str) -> Ka
     transaction it left open, so a restarted replica that reuses its id unblocks
     ``read_committed`` readers at once instead of after the transaction timeout.
     """
-    producer = KafkaProducer(**_producer_config(settings, transactional_id=transactional_id,
-                                                transaction_timeout_ms=TRANSACTION_TIMEOUT_MS))
-    _retry_unreachable_coordinators(producer)
+    producer = _producer(_producer_config(settings, transactional_id=transactional_id,
+                                          transaction_timeout_ms=TRANSACTION_TIMEOUT_MS))
     try:
         producer.init_transactions()
     except BaseException:
         close_producer(producer, timeout=1)
         raise
     return producer
-
-
-def _retry_unreachable_coordinators(producer: KafkaProducer) -> None:
-    """Make kafka-python 3.0.12 retry a transactional request whose coordinator it cannot reach.
-
-    Its sender asks the client to wait until the coordinator's node is ready; when the node is
-    dead the client *raises* instead of answering False, and on that path the sender looks the
-    coordinator up again but never re-queues the request (Java's Sender does both): add the
-    offsets, commit, abort or init then wait for ever. That happened whenever a cluster node that
-    hosted the group or transaction coordinator was killed (docs/cluster.md). Answering False
-    takes the path that looks up the new coordinator and retries. One producer's client only;
-    if the library changes shape, nothing is patched (the checkpoint's own timeout still holds).
-    """
-    client = getattr(getattr(producer, "_sender", None), "_client", None)
-    original = getattr(client, "await_ready", None)
-    if original is None:
-        return
-
-    def await_ready(node_id, timeout_ms=30000):
-        try:
-            return original(node_id, timeout_ms=timeout_ms)
-        except kafka_errors.KafkaConnectionError:
-            return False
-
-    client.await_ready = await_ready
 
 
 #: A checkpoint's transaction lives a few seconds; if its producer dies, the broker aborts it
@@ -263,7 +259,7 @@ def _fallback_producer(config: dict[str, Any], reason: BaseException, strict: bo
         "idempotence, so a retried send may be written twice.",
         reason,
     )
-    return KafkaProducer(**{**config, "enable_idempotence": False})
+    return _producer({**config, "enable_idempotence": False})
 
 
 def _idempotence_problem(producer: KafkaProducer, timeout_s: float = _IDEMPOTENCE_PROBE_S) -> BaseException | None:
@@ -339,6 +335,7 @@ def make_consumer(
     """
     config = {
         **settings.kafka_client_config(),
+        **CLIENT_DEFAULTS,
         **CONSUMER_DEFAULTS,
         "group_id": group_id,
         "max_poll_records": max_poll_records,
@@ -380,7 +377,7 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int] | None:
 
 def make_admin(settings: Settings, **overrides: Any) -> KafkaAdminClient:
     """An admin client; kept here so security settings reach admin calls too."""
-    return KafkaAdminClient(**{**settings.kafka_client_config(), **overrides})
+    return KafkaAdminClient(**{**settings.kafka_client_config(), **CLIENT_DEFAULTS, **overrides})
 
 
 def ensure_topics(

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import DeeperError
+from pipeline.learning import novelty as novelty_lib
 
 KINDS = ("linear-svm", "rbf-svm", "logreg")
 NORMALIZATIONS = ("none", "l2", "standard")
@@ -91,6 +92,20 @@ class Classifier:
         if not self.calibrated or "unknown_threshold" not in self.arrays:
             return None
         return float(self.arrays["unknown_threshold"])
+
+    @property
+    def novelty_threshold(self) -> float | None:
+        """Distance above which a photo is "novel" (0: never); None when the model keeps no
+        summary of its training vectors (trained before novelty existed: never novel)."""
+        if not novelty_lib.has_novelty(self.arrays):
+            return None
+        return float(self.arrays["novelty_threshold"])
+
+    def novelty(self, vectors: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray | None:
+        """Each vector's distance from the training photos (:mod:`pipeline.learning.novelty`);
+        None for a model without a summary."""
+        scores = self.decision(vectors) if scores is None else scores
+        return novelty_lib.score(self.arrays, vectors, np.argmax(scores, axis=1))
 
     @property
     def dim(self) -> int:
@@ -164,7 +179,9 @@ def _estimator(spec: ClassifierSpec):
     from sklearn.svm import SVC, LinearSVC
 
     if spec.kind == "linear-svm":
-        return LinearSVC(C=spec.C, max_iter=20_000)
+        # liblinear's dual solver visits samples in a random order: a fixed seed makes the same
+        # rows give the same coefficients (``deeper train --reproduce``), not ones 1e-5 apart
+        return LinearSVC(C=spec.C, max_iter=20_000, random_state=0)
     if spec.kind == "rbf-svm":
         return SVC(C=spec.C, kernel="rbf", gamma="scale")
     return LogisticRegression(C=spec.C, max_iter=5_000)

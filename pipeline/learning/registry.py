@@ -3,7 +3,7 @@
 Layout::
 
     REGISTRY/
-      versions/v0001/model.npz    arrays only, loaded with allow_pickle=False
+      versions/v0001/model.npz    arrays only (classifier, calibration, novelty summary), allow_pickle=False
       versions/v0001/model.json   metadata + sha256 of model.npz
       versions/v0001/model.json.sha256   sha256 of model.json
       current.json                {"version": "v0001", "model_json_sha256": "..."}
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.learning import novelty as novelty_lib
 from pipeline.learning.classifier import Classifier, ClassifierSpec
 from pipeline.errors import RegistryError
 from pipeline.storage.identity import FeatureId
@@ -165,9 +166,12 @@ class Registry:
 
 
 def _check_scores(classifier: Classifier, meta: FeatureId) -> None:
-    """Score two zero vectors: arrays that don't fit the metadata fail here, not in a running scorer."""
+    """Score two zero vectors and check the novelty summary: arrays that don't fit the metadata fail
+    here, not in a running scorer. A version without a novelty summary (saved before it existed)
+    is fine: it is never novel."""
     if classifier.dim != meta.dim:
         raise ValueError(f"its arrays take {classifier.dim}-d vectors but model.json says {meta.dim}")
     scores = classifier.decision(np.zeros((2, meta.dim), np.float32))
     if scores.shape != (2, len(classifier.classes)) or not np.isfinite(scores).all():
         raise ValueError(f"it gives scores of shape {scores.shape} for {len(classifier.classes)} classes")
+    novelty_lib.check(classifier.arrays, meta.dim, len(classifier.classes))

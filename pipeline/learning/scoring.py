@@ -4,11 +4,17 @@ Every consumer of a model (``deeper predict``/``report``, the demo, the scorer c
 :func:`score`, so the label, the per-class scores, the calibrated probabilities, the confidence
 and the "unknown" decision are the same everywhere.
 
-"unknown": a photo whose top calibrated probability is below the model's threshold (chosen by
-cross-validation at training time, see :func:`pipeline.learning.classifier.choose_unknown_threshold`)
-gets :data:`UNKNOWN_LABEL` instead of its top class; its scores and probabilities still say
-which class came closest. A model saved before calibration existed has no probabilities: its
-photos get ``probabilities``/``confidence`` None and are never unknown.
+"unknown": a photo gets :data:`UNKNOWN_LABEL` instead of its top class when it is
+
+* ``novel``: its vector is further from every training photo than the model's novelty threshold
+  (:mod:`pipeline.learning.novelty`: the photo is like nothing the model was trained on), or
+* ``unconfident``: its top calibrated probability is below the model's confidence threshold
+  (:func:`pipeline.learning.classifier.choose_unknown_threshold`: it is between known classes).
+
+Both thresholds are chosen on the training photos at training time. ``unknown_reason`` says which
+(novel wins when both hold: it is the stronger statement); scores and probabilities still say
+which class came closest. A model saved before calibration existed has no probabilities and is
+never unknown; one saved before novelty existed has no novelty and is never novel.
 """
 
 from __future__ import annotations
@@ -35,6 +41,28 @@ class Scored:
     #: two near-tied classes); None for an uncalibrated model
     confidence: float | None
     unknown: bool
+    #: cosine distance to the training photos (see :mod:`pipeline.learning.novelty`); None for a
+    #: model that keeps no summary of them
+    novelty: float | None = None
+    #: why the photo is unknown: :data:`NOVEL` or :data:`UNCONFIDENT`; None when it is not
+    unknown_reason: str | None = None
+
+
+#: The values of :attr:`Scored.unknown_reason`.
+NOVEL = "novel"
+UNCONFIDENT = "unconfident"
+UNKNOWN_REASONS = (NOVEL, UNCONFIDENT)
+
+
+def unknown_reason(novelty: float | None, novelty_threshold: float | None, confidence: float | None,
+                   confidence_threshold: float | None) -> str | None:
+    """The rule, in one place: novel above a positive novelty threshold, else unconfident below a
+    positive confidence threshold, else not unknown."""
+    if novelty is not None and novelty_threshold and novelty > novelty_threshold:
+        return NOVEL
+    if confidence is not None and confidence_threshold and confidence < confidence_threshold:
+        return UNCONFIDENT
+    return None
 
 
 def score(classifier: Classifier, vectors: np.ndarray, unknown_label: str = UNKNOWN_LABEL) -> list[Scored]:
@@ -45,17 +73,20 @@ def score(classifier: Classifier, vectors: np.ndarray, unknown_label: str = UNKN
     raw = classifier.decision(vectors)
     probabilities = classifier.probabilities(vectors, scores=raw)
     confidences = None if probabilities is None else top_probability(raw, probabilities)
-    threshold = classifier.unknown_threshold
+    novelties = classifier.novelty(vectors, scores=raw)
+    threshold, novelty_threshold = classifier.unknown_threshold, classifier.novelty_threshold
     classes = classifier.classes
     out = []
     for i, row in enumerate(raw):
         top = classes[int(np.argmax(row))]
         scores = {c: float(v) for c, v in zip(classes, row)}
+        novelty = None if novelties is None else float(novelties[i])
         if probabilities is None:
-            out.append(Scored(top, top, scores, None, None, False))
+            out.append(Scored(top, top, scores, None, None, False, novelty))
             continue
         confidence = float(confidences[i])
-        unknown = threshold is not None and confidence < threshold
-        out.append(Scored(unknown_label if unknown else top, top, scores,
-                          {c: float(p) for c, p in zip(classes, probabilities[i])}, confidence, unknown))
+        reason = unknown_reason(novelty, novelty_threshold, confidence, threshold)
+        out.append(Scored(unknown_label if reason else top, top, scores,
+                          {c: float(p) for c, p in zip(classes, probabilities[i])}, confidence, reason is not None,
+                          novelty, reason))
     return out

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.learning.classifier import (MAX_FALSE_UNKNOWN, ClassifierSpec, CVResult, calibrate, cross_validate, fit,
-                                 top_probability)
+from pipeline.learning import novelty as novelty_lib
+from pipeline.learning.classifier import (MAX_FALSE_UNKNOWN, Classifier, ClassifierSpec, CVResult, calibrate,
+                                          cross_validate, fit, top_probability)
 from pipeline.errors import DeeperError
 from pipeline.storage.identity import FeatureId
 from pipeline.learning.registry import Registry
 from pipeline.learning.scoring import UNKNOWN_LABEL
+from schemas.messages import label_problem
+
+log = logging.getLogger(__name__)
 
 #: The reference recipe: a linear SVM on the 1001 logits, as in "Inception v1 + SVM".
 REFERENCE_LAYER = "logits"
@@ -27,11 +33,14 @@ REFERENCE_SPEC = ClassifierSpec("linear-svm", "none", 1.0)
 #: What ``deeper train`` uses without flags, chosen by measurement (bench/recipes.py; README
 #: "Choosing the recipe"): the pooled features beat the logits under leave-one-out on both real
 #: photo sets we have (cars 95% vs 90%, examples 100% vs 96%) and were never worse. ``--reference``
-#: brings back the reference recipe. Multi-level specs (``prelogits+block_14+block_15``) tie on
-#: cars and examples and gain a few photos on a 7-class set, not yet by a margin the data can
-#: show (paired test in bench/recipes.py), so the default stays a single level.
+#: brings back the reference recipe. Multi-level specs (``prelogits+block_14+block_15``) gain 1.5
+#: points of closed-set accuracy 10-shot (bench/fewshot.py: mostly on telescope photos) but not
+#: measurably on accuracy with unknown, and EfficientNet-Lite1/Lite2 gain nothing measurable at 2-3x
+#: the model time, so the default stays Lite0's single level (README "Choosing the recipe").
 DEFAULT_LAYER = "prelogits"
 DEFAULT_SPEC = ClassifierSpec("linear-svm", "none", 1.0)
+#: Photos a class needs to take part in a training: cross-validation holds one out.
+MIN_PER_CLASS = 2
 
 
 @dataclass
@@ -45,6 +54,48 @@ class TrainingOutcome:
     unknown_threshold: float = 0.0
     #: share of the training photos that threshold marks unknown under cross-validation
     cv_false_unknown: float = 0.0
+    #: cosine distance above which a photo is novel (0: never)
+    novelty_threshold: float = 0.0
+    #: share of the training photos novel when left out of the summary
+    cv_novel: float = 0.0
+    #: what "unknown" (either reason) costs, under cross-validation: see :class:`UnknownCost`
+    cost: "UnknownCost | None" = None
+    #: classes left out of this training, and why (too few photos, a name that can't be a class)
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def left_out_line(self) -> str:
+        """The one line that says which classes this training left out (empty: none)."""
+        if not self.left_out:
+            return ""
+        return "left out of this training: " + "; ".join(f"{c!r} ({why})" for c, why in self.left_out.items())
+
+
+@dataclass(frozen=True)
+class UnknownCost:
+    """What "unknown" costs on in-class photos: how many get an answer, and how good those are.
+
+    Measured on the training photos under cross-validation (each scored by a model that never
+    saw it, its novelty against a summary without it), next to the plain accuracy of answering
+    every photo with its top class.
+    """
+
+    n: int
+    accuracy: float  # every photo answered with its top class
+    coverage: float  # share answered (neither novel nor unconfident)
+    answered_accuracy: float | None  # accuracy of the answered ones; None if none was answered
+    novel: float  # share unknown as novel
+    unconfident: float  # share unknown as unconfident (and not novel)
+
+    @classmethod
+    def measure(cls, correct: np.ndarray, novel: np.ndarray, unconfident: np.ndarray) -> "UnknownCost":
+        correct, novel, unconfident = (np.asarray(a, bool) for a in (correct, novel, unconfident))
+        answered = ~(novel | unconfident)
+        return cls(len(correct), float(correct.mean()), float(answered.mean()),
+                   float(correct[answered].mean()) if answered.any() else None, float(novel.mean()),
+                   float((unconfident & ~novel).mean()))
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
 def training_set_hash(image_ids: Sequence[str], labels: Sequence[str]) -> str:
@@ -61,34 +112,115 @@ def labelled_only(image_ids: Sequence[str], labels: Sequence[str | None], vector
     return [image_ids[i] for i in keep], [labels[i] for i in keep], vectors[keep]
 
 
+@dataclass
+class Trained:
+    """A fitted, calibrated classifier with its novelty summary, and what cross-validation said."""
+
+    classifier: Classifier
+    cv: CVResult
+    novelty: novelty_lib.NoveltyFit
+    cv_false_unknown: float  # share of training photos under the confidence threshold (out of fold)
+    cost: UnknownCost
+
+
+def train(vectors: np.ndarray, labels: Sequence[str], spec: ClassifierSpec, unknown_threshold: float | None = None,
+          max_false_unknown: float = MAX_FALSE_UNKNOWN, novelty_threshold: float | None = None,
+          max_false_novel: float = MAX_FALSE_UNKNOWN,
+          novelty_spec: novelty_lib.NoveltySpec = novelty_lib.DEFAULT_SPEC,
+          novelty_rule: str = novelty_lib.CONFORMAL) -> Trained:
+    """Cross-validate, fit on everything, calibrate confidence, summarise the vectors for novelty.
+
+    Each threshold: None chooses it on the training photos, each scored without itself: the
+    confidence threshold marks at most ``max_false_unknown`` of them unknown, the novelty threshold
+    at most ``max_false_novel`` of new in-class photos (``novelty_rule``, see
+    :func:`pipeline.learning.novelty.choose_threshold`); a number fixes it, 0 turns it off. The one
+    home of "labelled vectors -> a model", used by :func:`train_and_register` and by the benchmarks.
+    """
+    labels = list(labels)
+    cv = cross_validate(vectors, labels, spec)
+    classifier = calibrate(fit(vectors, labels, spec), cv, unknown_threshold, max_false_unknown)
+    index = {c: i for i, c in enumerate(classifier.classes)}
+    found = novelty_lib.fit(vectors, np.array([index[c] for c in labels]),
+                            np.array([index[c] for c in cv.predictions]), novelty_spec, novelty_threshold,
+                            max_false_novel, rule=novelty_rule)
+    classifier = Classifier(classifier.spec, classifier.classes, {**classifier.arrays, **found.arrays})
+    unconfident = top_probability(cv.scores, cv.probabilities) < float(classifier.unknown_threshold or 0.0)
+    correct = np.asarray(cv.predictions) == np.asarray(labels)
+    return Trained(classifier, cv, found, float(unconfident.mean()),
+                   UnknownCost.measure(correct, found.held_out_novel, unconfident))
+
+
 def train_and_register(image_ids: Sequence[str], labels: Sequence[str | None], vectors: np.ndarray,
                        meta: FeatureId, spec: ClassifierSpec, registry: Registry,
                        make_current: bool = True, unknown_threshold: float | None = None,
-                       max_false_unknown: float = MAX_FALSE_UNKNOWN,
-                       unknown_label: str = UNKNOWN_LABEL) -> TrainingOutcome:
-    """Cross-validate, fit on everything, calibrate, save a version, move ``current``.
+                       max_false_unknown: float = MAX_FALSE_UNKNOWN, novelty_threshold: float | None = None,
+                       unknown_label: str = UNKNOWN_LABEL, provenance: dict | None = None) -> TrainingOutcome:
+    """:func:`train` on the labelled rows, then save a version and move ``current``.
 
-    ``unknown_threshold``: None chooses it under cross-validation (the highest threshold that
-    marks at most ``max_false_unknown`` of the training photos unknown); a number fixes it
-    (0 turns "unknown" off).
+    ``unknown_threshold`` (confidence) and ``novelty_threshold`` (distance): None chooses each on
+    the training photos (at most ``max_false_unknown`` of them unknown for that reason), a number
+    fixes it, 0 turns it off. ``provenance``: where the rows came from (model.json's ``data``,
+    shown by ``deeper models``; a table snapshot makes the version reproducible).
     """
     ids, labs, x = labelled_only(image_ids, labels, vectors)
-    if unknown_label in labs:
-        raise DeeperError(f"{unknown_label!r} is reserved for photos that fit no class; rename that class")
-    cv = cross_validate(x, labs, spec)
-    classifier = calibrate(fit(x, labs, spec), cv, unknown_threshold, max_false_unknown)
+    ids, labs, x, left_out = usable_classes(ids, labs, x, unknown_label)
+    if left_out:
+        log.warning("left out of this training: %s", "; ".join(f"{c!r} ({why})" for c, why in left_out.items()))
+    trained = train(x, labs, spec, unknown_threshold, max_false_unknown, novelty_threshold, max_false_unknown)
+    classifier, cv = trained.classifier, trained.cv
     threshold = float(classifier.unknown_threshold or 0.0)
-    false_unknown = float((top_probability(cv.scores, cv.probabilities) < threshold).mean())
+    novelty_threshold_found = trained.novelty.threshold
     digest = training_set_hash(ids, labs)
-    extra = {"cv": cv.to_dict(), "training_set_sha256": digest, "n_train": len(ids),
+    rule = (f"conformal: the k-th largest leave-one-out distance, k = floor({max_false_unknown:g} * (n + 1)) >= 1, "
+            f"so at most {max_false_unknown:g} of new in-class photos are novel")
+    extra = {"cv": cv.to_dict(), "training_set_sha256": digest, "n_train": len(ids), "left_out": left_out,
              "class_counts": {c: labs.count(c) for c in classifier.classes},
              "calibration": {"method": "platt sigmoid per class on out-of-fold scores, normalised",
                              "unknown_threshold": round(threshold, 6),
                              "threshold_rule": ("fixed" if unknown_threshold is not None else
                                                 f"highest keeping cv false-unknown <= {max_false_unknown:g}"),
-                             "cv_false_unknown": round(false_unknown, 6)}}
+                             "cv_false_unknown": round(trained.cv_false_unknown, 6)},
+             "novelty": {"method": novelty_lib.spec_of(classifier.arrays).describe(),
+                         "summary": trained.novelty.summary,
+                         "summary_size": int(len(classifier.arrays["novelty_vectors"])),
+                         "threshold": round(novelty_threshold_found, 6),
+                         "threshold_rule": "fixed" if novelty_threshold is not None else rule,
+                         "cv_novel": round(trained.cost.novel, 6)},
+             "unknown_cost": trained.cost.to_dict()}
+    if provenance is not None:
+        extra["data"] = provenance
     version = registry.save(classifier, meta, extra, make_current=make_current)
-    return TrainingOutcome(version, cv, len(ids), classifier.classes, digest, threshold, false_unknown)
+    return TrainingOutcome(version, cv, len(ids), classifier.classes, digest, threshold, trained.cv_false_unknown,
+                           novelty_threshold_found, trained.cost.novel, trained.cost, left_out)
+
+
+def usable_classes(image_ids: list[str], labels: list[str], vectors: np.ndarray, unknown_label: str = UNKNOWN_LABEL
+                   ) -> tuple[list[str], list[str], np.ndarray, dict[str, str]]:
+    """The photos of classes that can take part; the others' classes and why they can't.
+
+    One photo with an odd label (a producer's typo, a class with one example so far) must not
+    stop everyone's retraining: its class is left out of this training, said in one line, and
+    the rest trains. Left out: classes with fewer than :data:`MIN_PER_CLASS` photos, the name
+    reserved for "no class fits", and names that can't be a class (``label_problem``). Fewer
+    than two classes left is an error that names them all.
+    """
+    counts = Counter(labels)
+    left_out: dict[str, str] = {}
+    for name, n in sorted(counts.items()):
+        problem = label_problem(name)
+        if name == unknown_label:
+            left_out[name] = "reserved for photos that fit no class; rename it"
+        elif problem:
+            left_out[name] = f"not a class name: {problem}"
+        elif n < MIN_PER_CLASS:
+            left_out[name] = f"{n} photo; cross-validation needs at least {MIN_PER_CLASS} images of every class"
+    kept = sorted(set(counts) - set(left_out))
+    if len(kept) < 2:
+        why = "; ".join(f"{c!r}: {w}" for c, w in left_out.items()) or "none left out"
+        raise DeeperError(f"need at least two classes with at least {MIN_PER_CLASS} images each, "
+                          f"found {len(kept)} ({', '.join(map(repr, kept)) or 'none'}); left out: {why}")
+    keep = [i for i, label in enumerate(labels) if label not in left_out]
+    return [image_ids[i] for i in keep], [labels[i] for i in keep], vectors[keep], left_out
 
 
 def labels_from_csv(path: str | Path) -> dict[str, str]:

@@ -28,7 +28,8 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from typing import Mapping, Protocol, Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import pyarrow.fs as pafs
 from kafka import TopicPartition
@@ -37,6 +38,7 @@ from pipeline import storage
 from pipeline.logs import event
 from pipeline.storage.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table
+from pipeline.storage.sink import Sink, Span
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +48,8 @@ _STAGED = re.compile(r"^\.staged-(?P<topic>.+)\+(?P<partition>\d+)\+(?P<start>\d
                      r"-[0-9a-f]+\.parquet\.partial$")
 
 
-class Sink(Protocol):
-    """What a stream stage buffers until a checkpoint (quix-streams' sink): rows are added, staged
-    before the checkpoint commits, published after it did, discarded when it failed, and a newly
-    assigned partition's leftovers are recovered."""
-
-    def add(self, rows: Sequence[FeatureRow]) -> None: ...
-
-    def stage(self, starts: Mapping[TopicPartition, int], ends: Mapping[TopicPartition, int]) -> list[str]: ...
-
-    def publish(self) -> list[str]: ...
-
-    def unpublished(self) -> bool: ...
-
-    def discard(self) -> None: ...
-
-    def recover(self, committed: Mapping[TopicPartition, int]) -> tuple[list[str], list[str]]: ...
-
-    def due(self) -> bool: ...
-
-    def __len__(self) -> int: ...
+#: A temporary part file older than this is left over from a writer killed mid-write.
+STALE_TEMP_SECONDS = 120.0
 
 
 def part_name(topic: str, partition: int, start: int) -> str:
@@ -78,9 +62,11 @@ def staged_name(topic: str, partition: int, start: int, end: int) -> str:
             f"{storage.PARQUET_SUFFIX}{storage.TEMP_SUFFIX}")
 
 
-class ParquetSink:
-    """Buffers feature rows per (topic, partition); each checkpoint stages one part file each,
-    published once the checkpoint committed."""
+class ParquetSink(Sink):
+    """Buffers feature rows per (topic, partition); each checkpoint stages one part file each
+    (:meth:`flush`), published once the checkpoint committed (:meth:`publish`)."""
+
+    kind = "parquet"
 
     def __init__(self, root: str, meta: FeatureId, max_rows: int = 5000, max_seconds: float = 30.0):
         self.root = root
@@ -92,6 +78,14 @@ class ParquetSink:
         self._since: float | None = None
         self._staged: list[tuple[str, str]] = []  # (staged, final): written, checkpoint not committed yet
         self._committed: list[tuple[str, str]] = []  # committed, not renamed yet (a failed publish)
+
+    def describe(self) -> str:
+        return f"Parquet parts under {self.directory}"
+
+    def open(self) -> None:
+        """Sweep temporary files a writer killed long ago left behind (local disk only)."""
+        if not storage.is_uri(self.root):
+            remove_stale_temp_files(Path(self.root))
 
     @property
     def directory(self) -> str:
@@ -172,10 +166,23 @@ class ParquetSink:
             self._committed.pop(0)
         return published
 
-    def flush(self, starts: Mapping[TopicPartition, int]) -> list[str]:
-        """:meth:`stage` and :meth:`publish` at once, for writers with nothing to commit in between."""
-        self.stage(starts, {})
-        return self.publish()
+    def flush(self, spans: Mapping[TopicPartition, Span]) -> list[str]:
+        """The checkpoint's first half: :meth:`stage` each partition's rows under its span."""
+        written = self.stage({tp: span.start for tp, span in spans.items()},
+                             {tp: span.end for tp, span in spans.items()})
+        if written:
+            event(log, "parquet part staged", paths=written)
+        return written
+
+    def assigned(self, committed: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """:meth:`recover` the partitions' staged files; nothing is ever stored past Kafka's
+        commit (a part gets its final name only after it), so nothing is replayed-but-stored."""
+        published, removed = self.recover(committed)
+        if published:
+            event(log, "published part files a previous owner committed", files=len(published))
+        if removed:
+            event(log, "removed part files of uncommitted work", files=len(removed))
+        return {}
 
     def recover(self, committed: Mapping[TopicPartition, int]) -> tuple[list[str], list[str]]:
         """Tidy the staged files of newly assigned partitions: (published, removed).
@@ -215,3 +222,26 @@ class ParquetSink:
             doomed += [loc for _, e, loc in staged[tp] if e <= offset and (not winners or loc != winners[-1][1])]
         storage.delete(doomed)
         return published, [str(d) for d in doomed]
+
+
+def remove_stale_temp_files(root: Path, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete ``.tmp-`` part files a killed featurizer left behind; return what was removed.
+
+    A SIGKILL during a part-file write leaves its temporary file (the rename never happens, so
+    readers never see it and its rows are redone from Kafka). Only files older than
+    ``older_than_s`` go: a featurizer sharing this directory may be writing a fresh one now.
+    """
+    removed: list[Path] = []
+    if not root.exists():
+        return removed
+    cutoff = time.time() - older_than_s
+    for path in root.rglob(f"{storage.TEMP_PREFIX}*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # renamed or removed meanwhile
+    if removed:
+        event(log, "removed stale temporary part files", files=len(removed))
+    return removed

@@ -1,10 +1,15 @@
 """The fault suite: ``bash scripts/fault-suite.sh`` (or ``python -m tests.faults.long_suite``).
 
-    --broker kafka|tansu|kafka-cluster  --guarantee exactly-once|at-least-once  [--images N] [--summary PATH]
+    --broker kafka|tansu|kafka-cluster  --guarantee exactly-once|at-least-once  [--sink table|parquet]
+    [--images N] [--summary PATH]
 
 ``kafka``/``tansu``: one private broker of that kind (Apache Kafka keeps its data on disk; Tansu
 runs durable), then per scenario ``--images`` photos: 10 featurizer SIGKILLs, 10 scorer SIGKILLs,
-and 4 broker kill-and-restart cycles (SIGKILL, then a start on the same data).
+and 4 broker kill-and-restart cycles (SIGKILL, then a start on the same data), stored through
+``--sink`` (default: the feature table); then the table's own scenarios
+(tests/faults/table_scenarios.py): 10 self-inflicted SIGKILLs between the table commit and
+the Kafka commit or while writing a data file, the catalog locked for 30 s, and two
+featurizers racing on one table (one SIGKILLed 4 times).
 ``kafka-cluster``: three Apache Kafka nodes, every broker and worker on a test host of its own
 (root), Toxiproxy for the scorer's links; leader kills, the active controller killed, a
 featurizer's host cut off, a zombie featurizer, the scorer's links slow and reset
@@ -27,9 +32,12 @@ from pathlib import Path
 
 from pipeline.config import GUARANTEES
 from pipeline.app.devrig import RigBroker, broker_unavailable
-from tests.faults import cluster_scenarios
-from tests.faults.scenarios import SCENARIOS, Plan
+from tests.faults import cluster_scenarios, table_scenarios
+from tests.faults.scenarios import SCENARIOS as STREAM_SCENARIOS
+from tests.faults.scenarios import Plan
 from tests.faults.summary import format_summary, summarize
+
+SCENARIOS = {**STREAM_SCENARIOS, **table_scenarios.SCENARIOS}
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,10 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/fault-suite.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", choices=("kafka", "tansu", CLUSTER), default="kafka")
     p.add_argument("--guarantee", choices=GUARANTEES, default="exactly-once")
+    p.add_argument("--sink", choices=("table", "parquet"), default="table",
+                   help="where the first three scenarios store rows (the table scenarios always use the table)")
     p.add_argument("--images", type=int, default=400, help="photos per scenario")
     p.add_argument("--featurizer-kills", type=int, default=10)
     p.add_argument("--scorer-kills", type=int, default=10)
     p.add_argument("--broker-restarts", type=int, default=4)
+    p.add_argument("--table-kills", type=int, default=10, help="table_kills: self-inflicted SIGKILLs")
+    p.add_argument("--catalog-lock-seconds", type=float, default=30.0, help="catalog_unavailable: how long")
+    p.add_argument("--racing-kills", type=int, default=4, help="featurizers_racing: SIGKILLs of one of the two")
     p.add_argument("--crash-every", type=int, default=1,
                    help="every Nth broker restart is a crash (SIGKILL); 0: clean restarts only")
     p.add_argument("--leader-kills", type=int, default=4, help="kafka-cluster: partition leaders SIGKILLed")
@@ -68,6 +81,9 @@ def _kwargs(args: argparse.Namespace) -> dict[str, dict]:
     return {"featurizer_crashes": {"kills": args.featurizer_kills},
             "scorer_crashes": {"kills": args.scorer_kills},
             "broker_restarts": {"restarts": args.broker_restarts, "crash_every": args.crash_every},
+            "table_kills": {"kills": args.table_kills},
+            "catalog_unavailable": {"seconds": args.catalog_lock_seconds},
+            "featurizers_racing": {"kills": args.racing_kills},
             "leader_kills": {"kills": args.leader_kills},
             "controller_kill": {"kills": args.controller_kills},
             "featurizer_cut": {"cut_s": args.cut_seconds},
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     broker = setup.broker
     plan = Plan(broker, workdir, cache_dir, args.guarantee, args.images, args.seed,
                 rate=5.0 if args.broker == CLUSTER else Plan.rate, log=lambda line: print(line, flush=True),
-                hosts=setup.hosts)
+                hosts=setup.hosts, sink=args.sink)
     started = time.monotonic()
     results, errors = [], {}
     try:

@@ -47,11 +47,23 @@ def restart_recoveries(broker: RigBroker, workers: Sequence[WorkerProcess], feed
     return out
 
 
+#: Log events counted per worker: what its incarnations went through.
+EVENTS = {
+    "failed_checkpoints": "checkpoint failed; rewinding to the last commit",
+    "producers_replaced": "producer replaced",
+    "uncommitted_parts_removed": "removed part files of uncommitted work",
+    "table_commits": "table commit",
+    "table_ahead_replays": "the table is ahead of Kafka: these offsets are replayed without storing their rows again",
+    "table_races_lost": "table commit lost a race; retrying on the new snapshot",
+    "superseded_checkpoints": "checkpoint superseded by another writer; rewinding",
+    "sink_pauses": "sink write failed; pausing consumption and retrying",
+    "sink_recoveries": "sink recovered; consumption resumed",
+}
+
+
 def workers_report(workers: Sequence[WorkerProcess]) -> dict[str, Any]:
-    return {w.role: {"incarnations": len(w.incarnations),
+    return {w.name: {"incarnations": len(w.incarnations),
                      "exit_codes": [inc.returncode for inc in w.incarnations],
                      "unexpected_exits": w.unexpected_exits,
-                     "failed_checkpoints": w.total("checkpoint failed; rewinding to the last commit"),
-                     "producers_replaced": w.total("producer replaced"),
-                     "uncommitted_parts_removed": w.total("removed part files of uncommitted work")}
+                     **{key: w.total(event) for key, event in EVENTS.items()}}
             for w in workers}

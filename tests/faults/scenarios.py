@@ -1,15 +1,17 @@
-"""The fault scenarios: SIGKILL the featurizer, SIGKILL the scorer, kill and restart the broker.
+"""The fault scenarios: SIGKILL the featurizer, SIGKILL the scorer, kill and restart the broker
+(the table's own scenarios: :mod:`tests.faults.table_scenarios`).
 
 Each runs one :class:`pipeline.app.devrig.StreamRun` (fresh topics, groups, data dir, registry)
 on a shared :class:`pipeline.app.devrig.RigBroker` while a :class:`pipeline.app.devrig.Feeder`
 streams distinct synthetic photos, then reads everything back (:func:`pipeline.app.devrig.count_outcomes`).
 Photos are released in shares, one share before each fault, so every fault lands mid-stream.
 
-What must hold (a scenario is "clean" only if all do): nothing missing, one row per id through
-the reader, no temp file read, no broken part file, no dead letters, every label keyed by its
-image id, the final worker runs exit 0; and, where exactly-once is expected (Apache Kafka with
-``DEEPER_GUARANTEE=exactly-once``), no duplicate row on disk, no duplicate feature or label
-record read with ``read_committed``.
+What must hold (a scenario is "clean" only if all do): nothing missing, no dead letters, every
+label keyed by its image id, the final worker runs exit 0; with the table sink (``Plan.sink``,
+the default) no duplicate row in the table's current snapshot, whatever the broker; with the
+Parquet sink one row per id through the reader, no temp file read, no broken part file; and,
+where exactly-once is expected (Apache Kafka with ``DEEPER_GUARANTEE=exactly-once``), no
+duplicate row on disk, no duplicate feature or label record read with ``read_committed``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Plan:
     n_train: int = 16
     log: Log = print
     hosts: dict[str, Any] = field(default_factory=dict)  # test hosts for workers (cluster scenarios)
+    sink: str = "table"
 
     @property
     def exactly_once_expected(self) -> bool:
@@ -69,13 +72,25 @@ class ScenarioResult:
                 "workers": self.workers, "recovery": self.recovery}
 
 
+def rows_key(counts: dict[str, Any]) -> str:
+    """The duplicate-rows count of the run's sink."""
+    return "duplicate_rows_in_table" if "duplicate_rows_in_table" in counts else "duplicate_rows_on_disk"
+
+
 def _problems(plan: Plan, counts: dict[str, Any], workers: list[WorkerProcess], labels: bool) -> list[str]:
+    on_table = "duplicate_rows_in_table" in counts
     checks = [
-        (counts["missing"], f"{counts['missing']} image ids have no Parquet row"),
-        (not counts["reader_one_row_per_id"], "the reader returned more than one row for an image id"),
+        (counts["missing"], f"{counts['missing']} image ids have no stored row"),
+        (not counts.get("reader_one_row_per_id", True), "the reader returned more than one row for an image id"),
         (counts["unexpected_rows"], f"{counts['unexpected_rows']} rows for ids that were never produced"),
-        (counts["temp_files_read"] or not counts["planted_half_written_file_ignored"], "the reader listed a .tmp- file"),
-        (counts["broken_part_files"], f"half-written or unreadable part files: {counts['broken_part_files']}"),
+        (counts.get("temp_files_read") or not counts["planted_half_written_file_ignored"],
+         "a half-written file was read"),
+        (counts.get("broken_part_files"), f"half-written or unreadable part files: {counts.get('broken_part_files')}"),
+        (on_table and (counts.get("duplicate_offsets_in_table")
+                       or counts.get("duplicate_rows_in_table", 0) > counts["images_topic_duplicates"]),
+         f"the table holds rows twice (exactly-once on any broker): {counts.get('duplicate_rows_in_table')} by "
+         f"image id, {counts.get('duplicate_offsets_in_table')} by offset (producer re-sends: "
+         f"{counts['images_topic_duplicates']})"),
         (counts.get("stale_temp_file_removed_at_start") is False, "an hour-old .tmp- file was not removed at start"),
         (counts["dead_letters"], f"{counts['dead_letters']} dead letters for valid photos"),
         (counts["stall_restarts"], f"workers stalled (alive, work left, no progress for 60 s) and were restarted: "
@@ -85,7 +100,7 @@ def _problems(plan: Plan, counts: dict[str, Any], workers: list[WorkerProcess], 
         checks += [(counts["labels_missing"], f"{counts['labels_missing']} image ids have no label"),
                    (not counts["label_keys_match_image_id"], "a label record's key is not its image id")]
     if plan.exactly_once_expected:
-        for key in ("duplicate_rows_on_disk", "duplicate_features_read_committed", "duplicate_labels_read_committed"):
+        for key in (rows_key(counts), "duplicate_features_read_committed", "duplicate_labels_read_committed"):
             if counts.get(key):
                 checks.append((True, f"exactly-once broken: {key}={counts[key]} "
                                      f"(images topic duplicates from producer re-sends: {counts['images_topic_duplicates']})"))
@@ -132,7 +147,7 @@ def _bootstrap_model(plan: Plan, run: StreamRun, photos, feeder: Feeder) -> None
     run.featurizer.start()
     feeder.release(plan.n_train)
     version = run.train_from_stream(photos[:plan.n_train])
-    plan.log(f"  classifier {version} trained from the stream's Parquet")
+    plan.log(f"  classifier {version} trained from the stream's stored rows")
     run.scorer.start()
 
 
@@ -153,18 +168,22 @@ def _finish(plan: Plan, name: str, run: StreamRun, feeder: Feeder, ids: set[str]
 def featurizer_crashes(plan: Plan, kills: int, kill_span: tuple[float, float] = (0.2, 4.0)) -> ScenarioResult:
     """SIGKILL the featurizer ``kills`` times while images stream in; a clean final run drains the rest."""
     started, rng = time.monotonic(), random.Random(plan.seed)
-    run = StreamRun(plan.broker.bootstrap_servers, plan.workdir / "fz-crash", plan.cache_dir, "fz-crash", plan.guarantee)
+    run = StreamRun(plan.broker.bootstrap_servers, plan.workdir / "fz-crash", plan.cache_dir, "fz-crash", plan.guarantee,
+                    sink=plan.sink)
     photos = synthetic_photos(plan.n_images, seed=plan.seed, prefix="fz")
     feeder = Feeder(run.settings, photos, rate=plan.rate)
-    stale = run.plant_stale_temp_file()
+    stale = None if run.on_table else run.plant_stale_temp_file()
     try:
         run.featurizer.start()
         feeder.start()
-        moments = _kill_loop(plan, run.featurizer, feeder, kills, 0, "parquet part written", rng, kill_span)
+        # even kills right after the sink's durable point: the window before the Kafka commit
+        aim = "table commit" if run.on_table else "parquet part written"
+        moments = _kill_loop(plan, run.featurizer, feeder, kills, 0, aim, rng, kill_span)
         faults = {"featurizer_kill": sum(inc.killed for inc in run.featurizer.incarnations)}
         ids = {p.image_id for p in photos}
+        extra = {} if stale is None else {"stale_temp_file_removed_at_start": not stale.exists()}
         result = _finish(plan, "featurizer_crashes", run, feeder, ids, [run.featurizer], False, faults, [],
-                         started, {"stale_temp_file_removed_at_start": not stale.exists()})
+                         started, extra)
         result.recovery = kill_recoveries(run.featurizer, moments)  # with the final run's events
         return result
     finally:
@@ -174,7 +193,8 @@ def featurizer_crashes(plan: Plan, kills: int, kill_span: tuple[float, float] = 
 def scorer_crashes(plan: Plan, kills: int, kill_span: tuple[float, float] = (0.2, 3.0)) -> ScenarioResult:
     """The featurizer runs steadily; the scorer is SIGKILLed ``kills`` times mid-stream."""
     started, rng = time.monotonic(), random.Random(plan.seed + 1)
-    run = StreamRun(plan.broker.bootstrap_servers, plan.workdir / "sc-crash", plan.cache_dir, "sc-crash", plan.guarantee)
+    run = StreamRun(plan.broker.bootstrap_servers, plan.workdir / "sc-crash", plan.cache_dir, "sc-crash", plan.guarantee,
+                    sink=plan.sink)
     photos = synthetic_photos(plan.n_images, seed=plan.seed + 1, prefix="sc")
     feeder = Feeder(run.settings, photos, rate=plan.rate)
     try:
@@ -195,13 +215,15 @@ def broker_restarts(plan: Plan, restarts: int, crash_every: int = 1,
 
     Every ``crash_every``-th restart is a crash (SIGKILL of the broker, and of localbucket for
     Tansu) instead of a clean stop; the data survives either way. The next restart waits until
-    the featurizer has done a batch again (it recovered). Workers are never restarted by the
-    scenario: they must reconnect on their own (an exit counts as a problem).
+    both stages have done a batch again (they recovered): a restart before the scorer's first
+    batch would count the next outage in this one's scorer recovery (a run on a loaded machine
+    reported 18 s that way). Workers are never restarted by the scenario: they must reconnect on
+    their own (an exit counts as a problem).
     """
     started, rng = time.monotonic(), random.Random(plan.seed + 2)
     since = time.time()
     run = StreamRun(plan.broker.bootstrap_servers, plan.workdir / "br-restart", plan.cache_dir, "br-restart",
-                    plan.guarantee)
+                    plan.guarantee, sink=plan.sink)
     photos = synthetic_photos(plan.n_images, seed=plan.seed + 2, prefix="br")
     feeder = Feeder(run.settings, photos, rate=plan.rate / 2)
     try:
@@ -210,8 +232,9 @@ def broker_restarts(plan: Plan, restarts: int, crash_every: int = 1,
         last, rest = time.time(), plan.n_images - plan.n_train
         for k in range(restarts):
             feeder.release(plan.n_train + rest * (k + 1) // (restarts + 1))
-            if run.featurizer.current.wait_for("batch", timeout=120, after=last) is None:
-                plan.log("  (no featurizer batch since the last restart within 120 s)")
+            for worker in run.workers:
+                if worker.current.wait_for("batch", timeout=120, after=last) is None:
+                    plan.log(f"  (no {worker.role} batch since the last restart within 120 s)")
             time.sleep(rng.uniform(*restart_span))
             crash = crash_every > 0 and (k + 1) % crash_every == 0
             record = plan.broker.restart(crash=crash)

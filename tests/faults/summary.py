@@ -10,8 +10,9 @@ from typing import Any, Sequence
 from tests.faults.scenarios import ScenarioResult
 
 #: Per scenario, the numbers the suite is about (pipeline.app.devrig.outcomes says what each means).
-HEADLINE = ("missing", "duplicate_rows_on_disk", "duplicate_labels_read_committed")
-TOTALS = ("images_in", "rows_raw", "rows_unique", "missing", "duplicate_rows_on_disk", "duplicate_offsets_on_disk",
+HEADLINE = ("missing", "duplicate_rows_in_table", "duplicate_rows_on_disk", "duplicate_labels_read_committed")
+TOTALS = ("images_in", "rows_raw", "rows_unique", "missing", "duplicate_rows_in_table", "duplicate_offsets_in_table",
+          "duplicate_rows_on_disk", "duplicate_offsets_on_disk",
           "duplicate_features_read_committed", "labels_raw", "labels_unique", "labels_missing",
           "duplicate_labels_read_committed", "images_topic_duplicates", "dead_letters")
 
@@ -33,7 +34,7 @@ def summarize(results: Sequence[ScenarioResult], wall_s: float, broker: dict[str
         "broker": broker,
         "guarantee": results[0].guarantee if results else None,
         "faults": faults,
-        "headline": {r.name: {k: r.counts.get(k) for k in HEADLINE} for r in results},
+        "headline": {r.name: {k: r.counts[k] for k in HEADLINE if k in r.counts} for r in results},
         **{key: sum(int(r.counts.get(key) or 0) for r in results) for key in TOTALS},
         "producer_failed_sends": sum(r.producer["failed_sends"] for r in results),
         "recovery_s": {k: {"min": round(min(v), 2), "median": round(statistics.median(v), 2),
@@ -54,7 +55,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                      "img dups", "wall s"))
     for s in summary["scenarios"]:
         lines.append(row(s["name"], sum(s["faults"].values()), s["images_in"], s["missing"], s["rows_raw"],
-                         s["duplicate_rows_on_disk"], s["duplicate_features_read_committed"],
+                         s.get("duplicate_rows_in_table", s.get("duplicate_rows_on_disk")),
+                         s["duplicate_features_read_committed"],
                          s.get("duplicate_labels_read_committed", "-"), s["images_topic_duplicates"], s["wall_s"]))
     for key, stats in summary["recovery_s"].items():
         lines.append(f"recovery {key}: median {stats['median']} s (min {stats['min']}, max {stats['max']}, "

@@ -60,6 +60,11 @@ class Feeder(threading.Thread):
         self.accounting_mismatches = 0
         self.error: BaseException | None = None
 
+    @property
+    def released(self) -> int:
+        """How many photos may go out so far."""
+        return self._allowed
+
     def release(self, n: int | None = None) -> None:
         with self._cond:
             self._allowed = len(self.photos) if n is None else min(len(self.photos), max(self._allowed, n))

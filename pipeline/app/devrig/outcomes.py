@@ -2,9 +2,11 @@
 
 The three numbers the fault suite is about:
 
-* ``missing``: produced image ids with no Parquet row;
-* ``duplicate_rows_on_disk``: raw Parquet rows, read from every finished part file BEFORE any
-  de-duplication, beyond the first for their image id (``rows_raw - distinct ids on disk``);
+* ``missing``: produced image ids with no row (in the table's current snapshot, or on disk);
+* ``duplicate_rows_in_table`` (table sink): rows of the current snapshot of the feature table,
+  read raw, beyond the first for their image id; ``duplicate_rows_on_disk`` (Parquet sink):
+  raw Parquet rows, read from every finished part file BEFORE any de-duplication, beyond the
+  first for their image id (``rows_raw - distinct ids on disk``);
 * ``duplicate_labels_read_committed``: label records read with ``isolation_level=read_committed``
   beyond the first for their image id.
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.config import Settings
-from pipeline.app.devrig.readback import parquet_on_disk, read_records
+from pipeline.app.devrig.readback import parquet_on_disk, read_records, table_on_disk
 
 
 def _extras(counter: Counter) -> int:
@@ -66,6 +68,24 @@ def count_parquet(features_root: Path, produced: set[str]) -> dict[str, Any]:
     }
 
 
+def count_table(settings: Settings, produced: set[str]) -> dict[str, Any]:
+    """Raw rows of the feature table's current snapshot (no de-duplication)."""
+    found = table_on_disk(settings)
+    unique = set(found["raw_ids"])
+    return {
+        "tables": found["tables"],
+        "data_files": found["data_files"],
+        "unreferenced_data_files": found["unreferenced_data_files"],
+        "live_files": found["live_files"],
+        "rows_raw": len(found["raw_ids"]),
+        "rows_unique": len(unique),
+        "duplicate_rows_in_table": _extras(Counter(found["raw_ids"])),
+        "duplicate_offsets_in_table": _extras(Counter(found["positions"])),
+        "missing": len(produced - unique),
+        "unexpected_rows": len(unique - produced),
+    }
+
+
 def count_outcomes(settings: Settings, produced: Iterable[str], labels: bool, timeout: float = 180.0
                    ) -> dict[str, Any]:
     """Read everything a run produced back and count it (see the module's docstring)."""
@@ -76,7 +96,10 @@ def count_outcomes(settings: Settings, produced: Iterable[str], labels: bool, ti
     images = count_topic(settings, settings.images_topic, produced, timeout, "images")
     images.pop("_records")
     out["images_topic_duplicates"] = images["duplicate_images_read_committed"]
-    out.update(count_parquet(Path(settings.features_location()), produced))
+    if settings.sink_kind == "table":
+        out.update(count_table(settings, produced))
+    else:
+        out.update(count_parquet(Path(settings.features_location()), produced))
     features = count_topic(settings, settings.features_topic, produced, timeout, "features")
     features.pop("_records")
     out.update(features)

