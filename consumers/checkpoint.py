@@ -125,11 +125,28 @@ class Checkpoint:
             self._in_transaction = True
         manager = self.producer._transaction_manager
         if offsets:
+            group = self._member_metadata()
+            _forget_refused_offsets(manager)
             # The offsets join the transaction: they count only if its records do.
-            self._await(manager.send_offsets_to_transaction(offsets, self.consumer.group_metadata()),
-                        "adding the offsets to the transaction")
+            self._await(manager.send_offsets_to_transaction(offsets, group), "adding the offsets to the transaction")
         self._await(manager.begin_commit(), "committing the transaction")  # records + offsets, all or nothing
         self._in_transaction = False
+
+    def _member_metadata(self) -> Any:
+        """The consumer's group generation, which the broker checks the offsets against (KIP-447).
+
+        A member whose session expired (frozen past ``session_timeout_ms``, its host cut off)
+        has no generation any more: kafka-python resets it to -1 when a heartbeat is refused,
+        and the broker accepts transactional offsets without a generation unchecked (what
+        producers older than KIP-447 send). Such a zombie would commit offsets of partitions
+        that have a new owner, so it must not commit at all: the checkpoint fails and the
+        work goes to whoever owns the partitions now.
+        """
+        group = self.consumer.group_metadata()
+        if group.generation_id < 0 or not group.member_id:
+            raise CheckpointFailed("this consumer is no longer a member of its group (its session expired), so "
+                                   "its partitions may have a new owner; committing nothing")
+        return group
 
     def _await(self, result: Any, what: str) -> None:
         """Wait for a transactional request, but not for ever.
@@ -154,10 +171,11 @@ class Checkpoint:
             try:
                 self.consumer.commit(offsets)
             except kafka_errors.CommitFailedError as exc:
-                # Rebalanced away: the outputs are durable, the next owner redoes the records
-                # (at-least-once allows that repeat).
-                event(log, "commit refused after a rebalance; the partition's next owner redoes the records",
-                      logging.WARNING, error=repr(exc))
+                # Rebalanced away: the records are out (at-least-once allows the next owner to
+                # repeat them), but part files must not be published by a replica that lost
+                # the partition: the checkpoint fails and its staged files are dropped.
+                raise CheckpointFailed("commit refused after a rebalance; the partition's next owner redoes "
+                                       f"the records: {exc!r}", [exc]) from exc
 
     def abort(self) -> None:
         """Drop what this checkpoint holds; its records will be consumed and redone."""
@@ -202,3 +220,22 @@ class Checkpoint:
         if self._in_transaction:
             self.abort()
         close_producer(self.producer)
+
+
+def _forget_refused_offsets(manager: Any) -> None:
+    """Drop offsets an earlier transaction failed to add, before this one adds its own.
+
+    kafka-python 3.0.12 keeps the offsets of a refused TxnOffsetCommit (a zombie's stale
+    generation: UnknownMemberId, IllegalGeneration) in ``_pending_txn_offset_commits`` after the
+    transaction is aborted, and sends them again with the next transaction's offsets: a zombie
+    that rejoined its group committed the old positions of partitions it no longer owned, under
+    its new, valid generation, and their records were done twice (the cluster suite's zombie
+    scenario: the group's offset history showed a partition's committed offset go from 11 back
+    to 6, committed by the rejoined zombie along with its own). Nothing is pending between
+    transactions, so clearing it here loses nothing.
+    """
+    pending = getattr(manager, "_pending_txn_offset_commits", None)
+    if pending:
+        event(log, "dropping offsets a failed transaction left behind in the producer", logging.WARNING,
+              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in pending))
+        pending.clear()

@@ -76,9 +76,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker.attempts.forget(list(revoked))
 
     def on_partitions_lost(self, lost):
-        """The group already gave them away (our session expired: the broker was unreachable for
-        longer than the session timeout): a commit now is refused after a wait, so nothing is
-        committed; the work since the last commit is redone by their next owner."""
+        """Our session expired (the broker unreachable for longer than the session timeout, a long
+        pause, a cut-off host): the partitions may already have a new owner, so nothing of ours
+        may be committed or published; the work is redone by whoever owns them now (zombie
+        fencing: docs/cluster.md)."""
         if not lost:
             return
         self.worker.in_rebalance = True
@@ -333,12 +334,17 @@ class StreamWorker:
     # -- arming, careful mode, poison ---------------------------------------------------------
     def _admit(self, messages: list[Any]) -> list[Any]:
         """Arm partitions seen for the first time; let careful partitions through one message at a time."""
+        assigned = self.consumer.assignment()
         by_tp: dict[TopicPartition, list[Any]] = defaultdict(list)
         for m in messages:
-            by_tp[TopicPartition(m.topic, m.partition)].append(m)
+            tp = TopicPartition(m.topic, m.partition)
+            if tp in assigned:  # a rebalance inside the poll's top-up may have taken it away
+                by_tp[tp].append(m)
         unarmed = [tp for tp in by_tp if tp not in self.attempts.armed]
         if unarmed:
-            outcome = self._arm_contained({tp: by_tp[tp][0].offset for tp in unarmed})
+            outcome, behind = self._arm_contained({tp: by_tp[tp][0].offset for tp in unarmed})
+            for tp in behind:  # already sought to their committed offsets
+                del by_tp[tp]
             if outcome != "armed":
                 # Nothing of this poll may be worked on now: it is fetched again later. After a
                 # rewind the consumer already seeks to the committed offsets; otherwise (storage
@@ -380,31 +386,49 @@ class StreamWorker:
         self._checkpoint_now = True
         return [first]
 
-    def _arm_contained(self, first_offsets: dict[TopicPartition, int]) -> str:
-        """``armed``, ``rewound`` (the checkpoint failed and rewound) or ``held`` (try again later)."""
+    def _arm_contained(self, first_offsets: dict[TopicPartition, int]) -> tuple[str, set[TopicPartition]]:
+        """``armed``, ``rewound`` (the checkpoint failed and rewound) or ``held`` (try again later),
+        and the partitions whose records were behind their committed offset (skipped)."""
+        behind: set[TopicPartition] = set()
         try:
-            if self._arm(first_offsets):
-                return "armed"
-            return "held" if self._paused_until else "rewound"
+            if self._arm(first_offsets, behind):
+                return "armed", behind
+            return ("held" if self._paused_until else "rewound"), behind
         except Exception as exc:  # noqa: BLE001 - broker or storage away: a stage error, wait and retry
             event(log, "cannot arm partitions yet; retrying", logging.ERROR, error=repr(exc))
             time.sleep(1.0)
-            return "held"
+            return "held", behind
 
-    def _arm(self, first_offsets: dict[TopicPartition, int]) -> bool:
-        """Read each new partition's attempt count, add one, commit it before any processing."""
+    def _arm(self, first_offsets: dict[TopicPartition, int], behind: set[TopicPartition]) -> bool:
+        """Read each new partition's attempt count, add one, commit it before any processing.
+
+        A partition whose records start below its committed offset is not armed but sought to
+        that offset (and added to ``behind``): those records are committed work, and arming at
+        the first of them would move the committed offset back (the group coordinator takes any
+        current member's offsets, for any partition), so they would be done twice. A position
+        can lag like that after a rebalance: kafka-python keeps the position of a partition that
+        stays with a member, and records polled just before a rebalance are still in hand.
+        """
         markers: dict[TopicPartition, int] = {}
         for tp, first in first_offsets.items():
             committed = self.consumer.committed(tp, metadata=True)
+            if committed is not None and first < committed.offset:
+                self.consumer.seek(tp, committed.offset)
+                behind.add(tp)
+                event(log, "fetched records behind the committed offset; skipping to it", logging.WARNING,
+                      partition=f"{tp.topic}/{tp.partition}", first=first, committed=committed.offset)
+                continue
             metadata = getattr(committed, "metadata", None)
             prior = self.attempts.prior(tp, first, metadata)
             self.attempts.arm(tp, first, prior)
             self.starts[tp] = first
             markers[tp] = prior + 1
+        if not markers:
+            return True
         if self.sink is not None:  # what the sink holds past Kafka's commit is replayed, not stored twice
-            for tp in first_offsets:
+            for tp in markers:
                 self._stored_ahead.pop(tp, None)
-            self._stored_ahead.update(self.sink.assigned({tp: self.starts[tp] for tp in first_offsets}))
+            self._stored_ahead.update(self.sink.assigned({tp: self.starts[tp] for tp in markers}))
         if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
             return False
         for tp, n in markers.items():
@@ -429,6 +453,8 @@ class StreamWorker:
         anything failed; the worker has then rewound or paused.
         """
         self._collect_all()
+        if self.sink is not None and self.sink.unpublished() and not self._publish():
+            return False
         if not self.ckpt.holds_anything() and not markers and not (clean and self.attempts.armed):
             return True
         started = time.perf_counter()
@@ -456,8 +482,19 @@ class StreamWorker:
             n = markers[tp][1] if markers and tp in markers else (0 if clean else 1)
             self.attempts.remember(tp, offset, n)
         self._last_checkpoint = time.monotonic()
+        published = self.sink is None or self._publish()
         self.metrics.stage_seconds.labels(self.stage, "checkpoint").observe(time.perf_counter() - started)
         event(log, "checkpoint", logging.DEBUG, reason=reason, offsets=len(committed))
+        return published
+
+    def _publish(self) -> bool:
+        """Committed part files get their final names; a failure pauses like a failed write (the
+        next checkpoint renames them before anything else)."""
+        try:
+            self.sink.publish()
+        except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
+            self._storage_failed(exc)
+            return False
         return True
 
     def _flush_sink(self) -> bool:
@@ -477,7 +514,9 @@ class StreamWorker:
         return True
 
     def drop_uncommitted(self) -> None:
-        """Forget work in flight, buffered rows and the open checkpoint (nothing is committed)."""
+        """Forget work in flight, buffered rows, staged files and the open transaction, without
+        touching the consumer's positions (the partitions are gone; new ones start from their
+        committed offsets)."""
         self.abandon()
         if self.sink is not None:
             self.sink.discard()

@@ -7,7 +7,11 @@
 #   bash scripts/fault-suite.sh --broker kafka|tansu --guarantee exactly-once|at-least-once \
 #        [--images N] [--summary PATH]
 #
-# More options: --help (--only broker_restarts, --keep, --featurizer-kills N, ...).
+# --broker kafka-cluster (as root: test hosts are network namespaces) runs the cluster scenarios
+# instead: three Apache Kafka nodes, partition leaders and the active controller SIGKILLed, a
+# featurizer's host cut off, a zombie featurizer, the scorer's links slow and reset (docs/cluster.md).
+#
+# More options: --help (--only broker_restarts, --keep, --featurizer-kills N, --leader-kills N, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import pipeline, localbucket, tensorflow" 2>/dev/null; then

@@ -3,7 +3,7 @@ consumption pauses and retries, and when storage comes back every image is in Pa
 
 Two ways the Parquet sink fails (we run as root, so chmod would not stop a write):
 
-* ``failing-writer``: the featurizer's ``writer.flush`` raises ``OSError(ENOSPC)`` for its first
+* ``failing-writer``: the featurizer's ``sink.stage`` raises ``OSError(ENOSPC)`` for its first
   calls (what a full or read-only volume does), then works again on its own;
 * ``full-tmpfs``: the data directory is a 256 KiB tmpfs filled to the last byte, a real "No space
   left on device" from the kernel, until the test deletes the filler file (skipped with the reason
@@ -61,7 +61,7 @@ def trained_registry(kafka_settings, tmp_path_factory, effnet, cache_dir) -> str
 
 
 class FailingWriter:
-    """``writer.flush`` raises ENOSPC for its first ``failures`` calls, then writes for real."""
+    """``sink.stage`` raises ENOSPC for its first ``failures`` calls, then writes for real."""
 
     name = "failing-writer"
     exact = True  # it fails exactly ``failures`` times
@@ -74,15 +74,15 @@ class FailingWriter:
         pass
 
     def install(self, worker: Featurizer) -> None:
-        real = worker.sink.flush
+        real = worker.sink.stage
 
-        def flush(starts):
+        def stage(starts, ends):
             self.calls += 1
             if self.calls <= self.failures:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(worker.sink.root))
-            return real(starts)
+            return real(starts, ends)
 
-        worker.sink.flush = flush
+        worker.sink.stage = stage
 
     def end(self) -> None:
         """Nothing to do: storage comes back by itself after ``failures`` calls."""
@@ -262,18 +262,18 @@ def test_featurizer_pauses_on_storage_faults_commits_nothing_and_loses_nothing(
 
 
 class _SwitchableWriter:
-    """``sink.flush`` raises ENOSPC while ``broken`` is set."""
+    """``sink.stage`` raises ENOSPC while ``broken`` is set."""
 
     def __init__(self, worker: Featurizer):
         self.broken = False
-        real = worker.sink.flush
+        real = worker.sink.stage
 
-        def flush(starts):
+        def stage(starts, ends):
             if self.broken:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(worker.sink.root))
-            return real(starts)
+            return real(starts, ends)
 
-        worker.sink.flush = flush
+        worker.sink.stage = stage
 
 
 def test_partitions_taken_over_while_paused_are_not_skipped(kafka_settings, tmp_path, effnet, trained_registry,

@@ -69,6 +69,12 @@ def root(request, tmp_path, monkeypatch) -> str:
     return f"s3://photos/{request.node.name.replace('[', '-').rstrip(']')}"  # the server may be shared
 
 
+def write(sink: ParquetSink, starts: dict) -> list[str]:
+    """A whole checkpoint on the sink: stage each partition's rows from its start, then publish."""
+    sink.flush({t: Span(start, start) for t, start in starts.items()})
+    return sink.publish()
+
+
 def names(root: str) -> list[str]:
     """The finished part files below ``root``, relative to it."""
     try:
@@ -85,13 +91,13 @@ def table_at(location: str) -> pa.Table:
 
 def test_sink_writes_one_file_per_partition_named_by_its_start_offset(root):
     sink = ParquetSink(root, META, max_rows=5, max_seconds=3600)
-    assert not sink.due() and sink.flush({}) == []
+    assert not sink.due() and write(sink, {}) == []
     sink.add([prow(10, 0), prow(7, 1), prow(11, 0)])
     sink.add([prow(3, 0, topic="other")])
     assert len(sink) == 4 and not sink.due()
     sink.add([prow(12, 0)])
     assert sink.due()
-    written = sink.flush({tp(0): Span(9, 9), tp(1): Span(7, 7)})  # partition 0's first uncommitted offset is 9
+    written = write(sink, {tp(0): 9, tp(1): 7})  # partition 0's first uncommitted offset is 9
     assert len(sink) == 0 and not sink.due()
     directory = "backbone=efficientnet_lite0/layer=prelogits"
     expected = [f"{directory}/deeper.images+0+{9:019d}.parquet", f"{directory}/deeper.images+1+{7:019d}.parquet",
@@ -112,10 +118,10 @@ def test_a_replay_from_the_same_start_replaces_the_file(root):
     """Written, then the process died before the commit: the replay writes the same name."""
     sink = ParquetSink(root, META, max_rows=100)
     sink.add([prow(i) for i in range(5, 8)])
-    (first,) = sink.flush({tp(0): Span(5, 5)})
+    (first,) = write(sink, {tp(0): 5})
     replay = ParquetSink(root, META, max_rows=100)
     replay.add([prow(i, label="dog") for i in range(5, 10)])  # the same rows and more
-    (again,) = replay.flush({tp(0): Span(5, 5)})
+    (again,) = write(replay, {tp(0): 5})
     assert again == first and len(names(root)) == 1
     table = table_at(first)
     assert table.column("kafka_offset").to_pylist() == [5, 6, 7, 8, 9]
@@ -124,25 +130,21 @@ def test_a_replay_from_the_same_start_replaces_the_file(root):
     assert len(fs) == 5 and fs.duplicates_dropped == 0
 
 
-def test_remove_uncommitted_deletes_files_at_or_after_the_committed_offset(root):
+def test_recover_never_removes_final_files(root):
+    """Final names are given only after a commit (tests/test_parquet_fencing.py), so every final
+    file is committed work, whatever the committed offset a (possibly late) caller passes."""
     sink = ParquetSink(root, META, max_rows=100)
     for start in (0, 10, 20):
         sink.add([prow(start, 0), prow(start + 1, 0)])
-        sink.flush({tp(0): Span(start, start)})
-    sink.add([prow(5, 1)])
-    sink.flush({tp(1): Span(5, 5)})
+        write(sink, {tp(0): start})
     before = names(root)
-    assert len(before) == 4
-    assert ParquetSink(root, META).remove_uncommitted({}) == []  # partitions not named: untouched
-    removed = sink.remove_uncommitted({tp(0): 10, tp(1): 6})
-    assert sorted(Path(r).name for r in removed) == [f"deeper.images+0+{s:019d}.parquet" for s in (10, 20)]
-    assert names(root) == [before[0], before[3]]  # partition 0 from 0 (committed), partition 1 from 5 < 6
-    assert sorted(read_features([root]).image_ids) == sorted(prow(i).image_id for i in (0, 1, 5))
-    assert sink.remove_uncommitted({tp(0): 10}) == []  # nothing left to remove
+    assert ParquetSink(root, META).recover({}) == ([], [])
+    assert sink.recover({tp(0): 10, tp(1): 6}) == ([], [])
+    assert names(root) == before and len(before) == 3
 
 
-def test_remove_uncommitted_before_anything_was_written(root):
-    assert ParquetSink(root, META).remove_uncommitted({tp(0): 0}) == []
+def test_recover_before_anything_was_written(root):
+    assert ParquetSink(root, META).recover({tp(0): 0}) == ([], [])
 
 
 def test_sink_rolls_by_time(tmp_path):
@@ -153,7 +155,7 @@ def test_sink_rolls_by_time(tmp_path):
     assert sink.due()  # a slow stream still lands on disk
     sink.add([prow(1)])  # the clock runs from the oldest buffered row
     assert sink.due()
-    sink.flush({tp(0): Span(0, 0)})
+    write(sink, {tp(0): 0})
     sink.add([prow(2)])
     assert not sink.due()  # the clock restarted with the new buffer
 
@@ -162,7 +164,7 @@ def test_discard_drops_buffered_rows(tmp_path):
     sink = ParquetSink(str(tmp_path), META, max_rows=2)
     sink.add([prow(0), prow(1, 1)])
     sink.discard()
-    assert len(sink) == 0 and not sink.due() and sink.flush({}) == [] and parts(tmp_path) == []
+    assert len(sink) == 0 and not sink.due() and write(sink, {}) == [] and parts(tmp_path) == []
 
 
 def test_switch_sends_new_vectors_to_their_own_directory(tmp_path):
@@ -170,10 +172,10 @@ def test_switch_sends_new_vectors_to_their_own_directory(tmp_path):
     sink.add([prow(0)])
     with pytest.raises(AssertionError):
         sink.switch(BF16)  # rows of the old vectors are still buffered
-    sink.flush({tp(0): Span(0, 0)})
+    write(sink, {tp(0): 0})
     sink.switch(BF16)
     sink.add([prow(1)])
-    (path,) = sink.flush({tp(0): Span(1, 1)})
+    (path,) = write(sink, {tp(0): 1})
     assert len(parts(tmp_path)) == 2 and len({p.parent for p in parts(tmp_path)}) == 2
     assert FeatureId.from_parquet_metadata(pq.read_schema(path).metadata) == BF16
     with pytest.raises(IncompatibleFeatures, match="precision bf16 vs fp32"):
@@ -194,7 +196,7 @@ def test_writes_to_a_temp_name_then_renames(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.pq, "write_table", spy)
     sink = ParquetSink(str(tmp_path), META)
     sink.add([prow(0), prow(1)])
-    (path,) = map(Path, sink.flush({tp(0): Span(0, 0)}))
+    (path,) = map(Path, write(sink, {tp(0): 0}))
     assert len(written) == 1 and written[0].parent == path.parent and not written[0].exists()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
@@ -214,12 +216,14 @@ def test_failed_write_leaves_nothing_and_keeps_the_rows(tmp_path, monkeypatch):
     sink = ParquetSink(str(tmp_path), META)
     sink.add([prow(0, 0), prow(1, 0), prow(10, 1), prow(11, 1), prow(12, 1)])
     with pytest.raises(OSError, match="disk full"):
-        sink.flush({})
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"deeper.images+0+{0:019d}.parquet"]
+        write(sink, {})
+    (staged,) = [p.name for p in tmp_path.rglob("*") if p.is_file()]  # partition 0's, hidden until published
+    assert staged.startswith(f".staged-deeper.images+0+{0:019d}+{2:019d}-") and feature_files([tmp_path]) == []
     assert len(sink) == 3  # ...and is removed; partition 1's rows are kept for the retry
     monkeypatch.setattr(storage.pq, "write_table", real_write)
-    (retried,) = sink.flush({})
+    first, retried = write(sink, {})  # both published now that the whole checkpoint is written
     assert pq.read_table(retried).column("kafka_offset").to_pylist() == [10, 11, 12] and len(sink) == 0
+    assert Path(first).name == f"deeper.images+0+{0:019d}.parquet"
     assert len(read_features([tmp_path])) == 5
 
 

@@ -13,7 +13,9 @@ no Docker. Needs ``java`` (17+) and ``mvn``; Maven keeps its own download cache 
 Run: ``java -cp 'libs/*' kafka.Kafka server.properties``, one node that is broker and KRaft
 controller, both listeners on 127.0.0.1, data in ``STATE_DIR/kafka-data`` (formatted once by
 ``kafka.tools.StorageTool``), log4j2 writing to stdout, which the broker module sends to
-``STATE_DIR/kafka.log``.
+``STATE_DIR/kafka.log``. A cluster (``deeper broker start --kafka --nodes 3``) is several such
+nodes, each broker and controller, voting in one static KRaft quorum, with the replication a
+platform's cluster has (:data:`CLUSTER_SETTINGS`: three replicas, two in sync for a write).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -62,6 +65,34 @@ BROKER_SETTINGS: dict[str, str] = {
     "message.max.bytes": str(MAX_MESSAGE_BYTES),
     "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
 }
+
+#: What a cluster of three or more nodes adds to :data:`BROKER_SETTINGS`: the settings the
+#: exactly-once guarantee needs from a platform's cluster (docs/cluster.md). Every topic and both
+#: internal logs (consumer offsets, transaction state) keep three replicas, and a write
+#: (``acks=all``: every producer of the pipeline) counts only once two of them have it, so one
+#: broker may die at any moment without losing an acknowledged record or a committed
+#: transaction, and the cluster keeps accepting writes while it is away. A replica that was not
+#: in sync never becomes leader (no unclean election: that would drop acknowledged records).
+CLUSTER_SETTINGS: dict[str, str] = {
+    "default.replication.factor": "3",
+    "min.insync.replicas": "2",
+    "offsets.topic.replication.factor": "3",
+    "transaction.state.log.replication.factor": "3",
+    "transaction.state.log.min.isr": "2",
+    "share.coordinator.state.topic.replication.factor": "3",
+    "share.coordinator.state.topic.min.isr": "2",
+    "unclean.leader.election.enable": "false",
+    # 50 partitions each by default: 300 replicas of internal logs on a laptop's three JVMs.
+    # 12 still spread group and transaction coordinators over every broker.
+    "offsets.topic.num.partitions": "12",
+    "transaction.state.log.num.partitions": "12",
+    # Heartbeats now cross a network: a broker silent for 6 s is fenced and its partitions
+    # get new leaders (the failover time of a killed broker).
+    "broker.session.timeout.ms": "6000",
+}
+
+#: The smallest cluster that keeps writing with one node down (three replicas, two in sync).
+MIN_CLUSTER_NODES = 3
 
 _DATA_DIR = "kafka-data"
 _PROPERTIES = "server.properties"
@@ -137,38 +168,81 @@ def unavailable_reason(cache_dir: Path | None = None) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- one node
+# --------------------------------------------------------------------------- nodes
 
 
-def server_properties(state_dir: Path, host: str, port: int, controller_port: int) -> str:
-    """The node's configuration: broker + controller, loopback listeners, data in STATE_DIR."""
+@dataclass(frozen=True)
+class Node:
+    """One KRaft node (broker and controller): where it listens and how it is launched.
+
+    ``launcher`` is put before the JVM's command line (e.g. ``ip netns exec HOST``: the node
+    runs on a test host of its own). ``proxied_port``/``proxied_advertised``: a second client
+    listener on ``host:proxied_port`` whose advertised address is ``proxied_advertised``
+    (``host:port`` of a proxy in front of it), so clients that bootstrap through proxies reach
+    every broker through its proxy too (Kafka answers metadata with the addresses of the
+    listener the request came in on).
+    """
+
+    node_id: int
+    host: str
+    port: int
+    controller_port: int
+    launcher: tuple[str, ...] = ()
+    proxied_port: int | None = None
+    proxied_advertised: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Node":
+        return cls(**{**data, "launcher": tuple(data.get("launcher") or ())})
+
+
+def server_properties(state_dir: Path, node: Node, voters: Sequence[Node]) -> str:
+    """A node's configuration: broker + controller, its listeners, data in STATE_DIR.
+
+    One node gets :data:`BROKER_SETTINGS` (one replica of everything); three or more also
+    :data:`CLUSTER_SETTINGS`.
+    """
+    listeners = [f"PLAINTEXT://{node.host}:{node.port}", f"CONTROLLER://{node.host}:{node.controller_port}"]
+    advertised = [f"PLAINTEXT://{node.host}:{node.port}"]
+    protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+    if node.proxied_port is not None:
+        listeners.append(f"PROXIED://{node.host}:{node.proxied_port}")
+        advertised.append(f"PROXIED://{node.proxied_advertised}")
+        protocols.append("PROXIED:PLAINTEXT")
     lines = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{host}:{controller_port}",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "node.id": str(node.node_id),
+        "controller.quorum.voters": ",".join(f"{v.node_id}@{v.host}:{v.controller_port}" for v in voters),
+        "listeners": ",".join(listeners),
+        "advertised.listeners": ",".join(advertised),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": ",".join(protocols),
         "log.dirs": str(Path(state_dir) / _DATA_DIR),
         **BROKER_SETTINGS,
+        **(CLUSTER_SETTINGS if len(voters) >= MIN_CLUSTER_NODES else {}),
     }
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
 
-def prepare(state_dir: Path, libs: Path, host: str, port: int, controller_port: int) -> list[str]:
-    """Write the configuration, format the storage if it is new, return the broker's command.
+def prepare(state_dir: Path, libs: Path, node: Node, voters: Sequence[Node], cluster_id: str | None = None
+            ) -> list[str]:
+    """Write the node's configuration, format its storage if it is new, return its command.
 
-    Formatting runs once per state dir; a restart on the same data (same ports) skips it.
+    Formatting runs once per state dir (the nodes of one cluster share ``cluster_id``); a
+    restart on the same data (same ports) skips it.
     """
     state_dir = Path(state_dir)
     properties = state_dir / _PROPERTIES
-    properties.write_text(server_properties(state_dir, host, port, controller_port))
+    properties.write_text(server_properties(state_dir, node, voters))
     (state_dir / _LOG_CONFIG).write_text(_LOG4J2)
     if not (state_dir / _DATA_DIR / "meta.properties").is_file():
-        _format_storage(state_dir, libs, properties)
-    return [*_java(state_dir, libs), "kafka.Kafka", str(properties)]
+        _format_storage(state_dir, libs, properties, cluster_id or random_cluster_id())
+    return [*node.launcher, *_java(state_dir, libs), "kafka.Kafka", str(properties)]
 
 
 def _java(state_dir: Path, libs: Path) -> list[str]:
@@ -183,10 +257,10 @@ def _java(state_dir: Path, libs: Path) -> list[str]:
             "-cp", f"{libs}/*"]
 
 
-def _format_storage(state_dir: Path, libs: Path, properties: Path) -> None:
+def _format_storage(state_dir: Path, libs: Path, properties: Path, cluster_id: str) -> None:
     """``kafka-storage format`` with static voters (so no ``--standalone``)."""
     command = [*_java(state_dir, libs), "kafka.tools.StorageTool", "format",
-               "-t", random_cluster_id(), "-c", str(properties)]
+               "-t", cluster_id, "-c", str(properties)]
     result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             cwd=state_dir, timeout=120)
     if result.returncode != 0:

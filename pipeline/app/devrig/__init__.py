@@ -8,6 +8,9 @@ the demo can use it without importing the test suite):
   :class:`Photo` (image id, source, label, bytes);
 * :mod:`~pipeline.app.devrig.brokers`: :class:`RigBroker`, a private broker of either kind
   (``tansu`` durable or ``kafka``) that can be killed (SIGKILL) and restarted on its data;
+* :mod:`~pipeline.app.devrig.hosts`: test hosts (network namespaces on a private switch) that can
+  be cut off and healed; :mod:`~pipeline.app.devrig.toxiproxy`: slow and broken links;
+  :mod:`~pipeline.app.devrig.cluster`: a three-node Apache Kafka cluster on test hosts;
 * :mod:`~pipeline.app.devrig.topics`: :func:`fresh_settings` (fresh topics, groups, data dir and
   registry on a broker) and :func:`worker_env` (the same settings as ``DEEPER_*`` variables);
 * :mod:`~pipeline.app.devrig.workers`: :class:`WorkerThread` (a worker in this process, sharing one

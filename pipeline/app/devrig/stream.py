@@ -29,23 +29,33 @@ class StreamRun:
 
     Nothing is started here: ``featurizer.start()`` / ``scorer.start()`` when the run wants
     them. ``guarantee`` is ``DEEPER_GUARANTEE`` for both workers, ``sink`` their
-    ``DEEPER_SINK`` (``table``: the feature table; ``parquet``: part files). ``featurizer_module``
-    runs the featurizer as ``python -m MODULE`` instead (a test hook that injects a fault).
+    ``DEEPER_SINK`` (``table``: the feature table; ``parquet``: part files). ``featurizer_hosts``
+    runs one featurizer per launcher (``featurizers``; ``featurizer`` is the first), e.g. one per
+    test host; ``scorer_host`` places the scorer, ``scorer_bootstrap`` lets it reach the broker
+    another way (through proxies). ``featurizer_module`` runs the featurizers as ``python -m
+    MODULE`` instead (a test hook that injects a fault).
     """
 
     def __init__(self, bootstrap_servers: str, root: Path, cache_dir: Path, name: str,
                  guarantee: str = "exactly-once", featurizer_args: Sequence[str] = FEATURIZER_ARGS,
                  scorer_args: Sequence[str] = SCORER_ARGS, partitions: int = 4, sink: str = "table",
-                 featurizer_module: str | None = None, featurizer_env: dict[str, str] | None = None):
+                 featurizer_hosts: Sequence[Sequence[str]] = ((),), scorer_host: Sequence[str] = (),
+                 scorer_bootstrap: str | None = None, featurizer_module: str | None = None,
+                 featurizer_env: dict[str, str] | None = None):
         self.name = name
         self.root = Path(root)
         base = Settings.from_env(bootstrap_servers=bootstrap_servers, cache_dir=str(cache_dir), model=MODEL,
                                  metrics_port="0", guarantee=guarantee, sink=sink)
         self.settings = fresh_settings(base, self.root, prefix=name, partitions=partitions)
         env = worker_env(self.settings)
-        self.featurizer = WorkerProcess("featurizer", {**env, **(featurizer_env or {})}, self.root / "logs",
-                                        featurizer_args, module=featurizer_module)
-        self.scorer = WorkerProcess("scorer", env, self.root / "logs", scorer_args)
+        many = len(featurizer_hosts) > 1
+        self.featurizers = [WorkerProcess("featurizer", {**env, **(featurizer_env or {})}, self.root / "logs",
+                                          featurizer_args, name=f"featurizer{i}" if many else None, launcher=host,
+                                          module=featurizer_module)
+                            for i, host in enumerate(featurizer_hosts)]
+        self.featurizer = self.featurizers[0]
+        scorer_env = {**env, "KAFKA_BOOTSTRAP_SERVERS": scorer_bootstrap} if scorer_bootstrap else env
+        self.scorer = WorkerProcess("scorer", scorer_env, self.root / "logs", scorer_args, launcher=scorer_host)
         self.temps = TempWatcher(self.features_root)
         self.temps.start()
         self.planted: set[str] = set()  # temp files the rig made itself
@@ -62,14 +72,14 @@ class StreamRun:
 
     @property
     def workers(self) -> list[WorkerProcess]:
-        return [self.featurizer, self.scorer]
+        return [*self.featurizers, self.scorer]
 
     def unique_ids(self) -> set[str]:
         """Image ids with a row in the table, or in a finished part file, read while the featurizer runs.
 
-        A restarted featurizer deletes the part files of work its predecessor never committed
-        (``remove_uncommitted``): one listed a moment ago may be gone when it is read, so the
-        listing is taken again (a fault suite run stopped on ``no such file`` once).
+        A file listed a moment ago may be gone when it is read (before parts were staged and
+        published, a restarted featurizer deleted its predecessor's uncommitted parts; a fault
+        suite run stopped on ``no such file`` once), so the listing is taken again.
         """
         from pipeline.storage import StorageError
         from pipeline.storage.parquet_reader import feature_files, read_features

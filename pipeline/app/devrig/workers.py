@@ -158,17 +158,20 @@ class WorkerProcess:
     """``python -m pipeline.app.cli ROLE ARGS`` as a real subprocess, restartable after a kill.
 
     ``env`` is the whole environment (see :func:`pipeline.app.devrig.topics.worker_env`); each
-    incarnation logs to ``log_dir/<name>-<index>.log``. ``module``: run ``python -m MODULE ROLE
-    ARGS`` instead (a test hook wrapping the command line, e.g. to kill itself at a chosen point).
+    incarnation logs to ``log_dir/<name>-<index>.log``. ``launcher`` goes before the command
+    line (a test host's ``ip netns exec HOST``: :mod:`pipeline.app.devrig.hosts`). ``module``: run
+    ``python -m MODULE ROLE ARGS`` instead (a test hook wrapping the command line, e.g. to kill
+    itself at a chosen point).
     """
 
     def __init__(self, role: str, env: Mapping[str, str], log_dir: Path, args: Sequence[str] = (),
-                 name: str | None = None, module: str | None = None):
+                 name: str | None = None, launcher: Sequence[str] = (), module: str | None = None):
         self.role = role
         self.env = dict(env)
         self.log_dir = Path(log_dir)
         self.args = list(args)
         self.name = name or role
+        self.launcher = list(launcher)
         self.module = module
         self.incarnations: list[Incarnation] = []
         self.unexpected_exits: list[dict[str, Any]] = []
@@ -187,7 +190,7 @@ class WorkerProcess:
         log_path = self.log_dir / f"{self.name}-{index:02d}.log"
         log_file = open(log_path, "wb")
         boot = ["-m", self.module] if self.module else ["-c", _BOOT]
-        process = subprocess.Popen([sys.executable, *boot, self.role, *self.args],
+        process = subprocess.Popen([*self.launcher, sys.executable, *boot, self.role, *self.args],
                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    env=self.env, cwd=REPO)
         incarnation = Incarnation(self.role, index, process, LogTail(log_path), time.time(), _log_file=log_file)
@@ -203,6 +206,16 @@ class WorkerProcess:
         inc.ended_at, inc.killed = at, True
         inc._log_file.close()
         return at
+
+    def freeze(self) -> float:
+        """SIGSTOP the current incarnation (a long GC pause, a stalled VM); return when."""
+        self.current.process.send_signal(signal.SIGSTOP)
+        return time.time()
+
+    def thaw(self) -> float:
+        """SIGCONT: the frozen incarnation runs on from where it stopped; return when."""
+        self.current.process.send_signal(signal.SIGCONT)
+        return time.time()
 
     def wait_exit(self, timeout: float) -> bool:
         """Wait for the current incarnation to end by itself (a fault hook killing it); record how."""
