@@ -275,10 +275,10 @@ def inception_weights(ctx: Context) -> tuple[str | None, str]:
     path = ctx.cache_dir / "bench" / "inception_v1-random" / "inception_v1.ckpt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        from tests.checkpoint_factory import make_checkpoint
+        from devrig.checkpoints import make_checkpoint
 
         make_checkpoint(path)
-    return str(path), "random checkpoint with the official variable names (tests/checkpoint_factory.py)"
+    return str(path), "random checkpoint with the official variable names (devrig/checkpoints.py)"
 
 
 def load(ctx: Context, name: str, precision: str = "fp32", **kwargs: Any):

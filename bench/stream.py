@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.batch import model_rate
-from pipeline.app.devrig import LabelCollector, Photo, WorkerProcess, photo_from_bytes, send_photos, worker_env
+from devrig import LabelCollector, Photo, WorkerProcess, photo_from_bytes, send_photos, worker_env
 from bench.common import (CARS, Context, camera_jpeg, car_photos, cpu_seconds, distinct_copy, fit_camera_jpeg,
                           iso_to_epoch, load, preprocessed, rate_summary, say, tile, timed_runs)
 
@@ -46,12 +46,12 @@ WARMUP = 16
 class Rig:
     """A broker, a trained registry and photos; :meth:`pipeline` starts a featurizer + scorer.
 
-    Brokers, worker processes, producing and the labels reader are :mod:`pipeline.app.devrig`'s.
+    Brokers, worker processes, producing and the labels reader are :mod:`devrig`'s.
     """
 
     def __init__(self, ctx: Context, kind: str = "tansu"):
         from pipeline.config import Settings
-        from pipeline.app.devrig import RigBroker
+        from devrig import RigBroker
 
         self.ctx = ctx
         self.kind = kind
@@ -118,7 +118,7 @@ class Rig:
         return self._camera
 
     def settings(self, name: str, precision: str = "fp32"):
-        from pipeline.app.devrig import fresh_settings
+        from devrig import fresh_settings
 
         settings = fresh_settings(self.base, self.root, prefix=f"b-{name}", partitions=PARTITIONS)
         return dataclasses.replace(settings, registry_dir=self.registry(precision))  # data dir: root/data, shared

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench.common import Context, percentile, rss_mb, say
 from bench.stream import Variant, _model_alone, rig
-from pipeline.app.devrig import LabelCollector
+from devrig import LabelCollector
 
 
 def scorer_alone(ctx: Context) -> dict[str, Any]:

@@ -1,12 +1,10 @@
-"""Test helpers: a stand-in for the official Inception v1 checkpoint and a local web server.
+"""Test helpers: a stand-in for the official Inception v1 archive and a local web server.
 
-The real ``inception_v1_2016_08_28.tar.gz`` can't be downloaded in tests, so we make one
-with the same layout: slim's ``inception_v1`` (1001 classes) built in a graph, every
-variable set from a seeded numpy RNG, saved with ``tf.compat.v1.train.Saver`` in the V1
-format as ``inception_v1.ckpt`` (the official file is a single V1 checkpoint) and packed as
-``inception_v1_2016_08_28.tar.gz``. Values are drawn so activations stay O(1) through all
-22 layers (slim's own initialisers shrink them to ~1e-13), which makes logit comparisons
-meaningful. Building it takes a few seconds, so it is made once per test session.
+The real ``inception_v1_2016_08_28.tar.gz`` can't be downloaded in tests, so we make one with
+the same layout: a checkpoint with the official variable names and seeded values
+(``devrig/checkpoints.py``, shared with the bench) as ``inception_v1.ckpt`` (the official file
+is a single V1 checkpoint), packed as ``inception_v1_2016_08_28.tar.gz``. Building it takes a
+few seconds, so it is made once per test session.
 """
 
 from __future__ import annotations
@@ -21,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import pytest
+
+from devrig.checkpoints import make_checkpoint, save_v1
 
 ARCHIVE_NAME = "inception_v1_2016_08_28.tar.gz"
 CHECKPOINT_NAME = "inception_v1.ckpt"
-SEED = 20160828
 
 def _bypass_proxies_for_localhost() -> None:
     """The local test server must be reached directly even where http_proxy is set."""
@@ -51,60 +49,6 @@ class OfficialLike:
     variable_names: tuple[str, ...]
 
 
-def _random_value(name: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    """Plausible trained-looking values: He-scaled weights, BN statistics near identity."""
-    if name.endswith("/weights"):
-        fan_in = int(np.prod(shape[:-1]))
-        return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
-    if name.endswith("/moving_variance"):
-        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-    if name.endswith("/moving_mean"):
-        return rng.normal(0.0, 0.2, shape).astype(np.float32)
-    return rng.normal(0.0, 0.1, shape).astype(np.float32)  # beta, biases
-
-
-def _save(session, graph, path: Path) -> None:
-    import tensorflow as tf
-
-    with graph.as_default():
-        saver = tf.compat.v1.train.Saver(write_version=tf.compat.v1.train.SaverDef.V1)
-    saver.save(session, str(path), write_meta_graph=False, write_state=False)
-
-
-def _assign_all(session, variables, values: dict[str, np.ndarray]) -> None:
-    import tensorflow as tf
-
-    feeds, assigns = {}, []
-    for variable in variables:
-        placeholder = tf.compat.v1.placeholder(variable.dtype.base_dtype, variable.shape)
-        assigns.append(variable.assign(placeholder))
-        feeds[placeholder] = values[variable.op.name]
-    session.run(assigns, feeds)
-
-
-def make_checkpoint(path: Path, seed: int = SEED) -> tuple[str, ...]:
-    """Write an inception_v1 V1 checkpoint with the official variable names to ``path``."""
-    import tensorflow as tf
-
-    from pipeline.model.nets.slim_compat import slim
-    from tf_slim.nets import inception
-
-    rng = np.random.default_rng(seed)
-    graph = tf.Graph()
-    with graph.as_default():
-        images = tf.compat.v1.placeholder(tf.float32, [None, 224, 224, 3])
-        with slim.arg_scope(inception.inception_v1_arg_scope()):
-            inception.inception_v1(images, num_classes=1001, is_training=False)
-        tf.compat.v1.train.get_or_create_global_step()  # extra variables must be tolerated
-        variables = tf.compat.v1.global_variables()
-        values = {v.op.name: _random_value(v.op.name, v.shape.as_list(), rng) for v in variables}
-        values["global_step"] = np.int64(0)
-        with tf.compat.v1.Session(graph=graph) as session:
-            _assign_all(session, variables, values)
-            _save(session, graph, path)
-    return tuple(sorted(values))
-
-
 def copy_checkpoint(source: Path, dest: Path, drop: Iterable[str] = ()) -> None:
     """Copy a checkpoint leaving out the variables named in ``drop`` (for "missing" tests)."""
     import tensorflow as tf
@@ -117,7 +61,7 @@ def copy_checkpoint(source: Path, dest: Path, drop: Iterable[str] = ()) -> None:
             tf.compat.v1.Variable(reader.get_tensor(name), name=name)
         with tf.compat.v1.Session(graph=graph) as session:
             session.run(tf.compat.v1.global_variables_initializer())
-            _save(session, graph, dest)
+            save_v1(session, graph, dest)
 
 
 def pack(archive: Path, files: dict[str, Path]) -> Path:

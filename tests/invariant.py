@@ -132,7 +132,7 @@ def stored_rows(settings: Settings) -> Counter:
     in every Parquet part (no de-duplication either way)."""
     rows: Counter = Counter()
     if settings.sink_kind == "table":
-        from pipeline.app.devrig.readback import table_on_disk
+        from devrig.readback import table_on_disk
 
         rows.update(tuple(p) for p in table_on_disk(settings)["positions"])
         return rows

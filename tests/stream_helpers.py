@@ -1,6 +1,6 @@
-"""Helpers for streaming tests, on top of the development rig (:mod:`pipeline.app.devrig`).
+"""Helpers for streaming tests, on top of the development rig (:mod:`devrig`).
 
-Workers run in threads of the test process (:class:`~pipeline.app.devrig.WorkerThread`) so they
+Workers run in threads of the test process (:class:`~devrig.WorkerThread`) so they
 share one loaded backbone; they still talk to the real broker through real kafka-python
 clients, exactly as the ``deeper featurizer``/``deeper scorer`` processes do.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import Settings
-from pipeline.app.devrig import WorkerThread, fresh_settings, header, read_records
+from devrig import WorkerThread, fresh_settings, header, read_records
 from pipeline.learning.registry import Registry
 from pipeline.learning.train_photos import train_from_photos
 from pipeline.learning.training import DEFAULT_LAYER, DEFAULT_SPEC

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer
 
-from pipeline.app.devrig import WorkerProcess, fresh_settings, worker_env
-from pipeline.app.devrig.stream import FEATURIZER_ARGS
+from devrig import WorkerProcess, fresh_settings, worker_env
+from devrig.stream import FEATURIZER_ARGS
 from pipeline.config import Settings
 from pipeline.kafka import kafka_io
 from pipeline.model.tf_startup import is_noise

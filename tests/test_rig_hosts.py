@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from pipeline.app.devrig import hosts, toxiproxy
+from devrig import hosts, toxiproxy
 from pipeline.kafka.broker import free_port
 
 pytestmark = pytest.mark.cluster

@@ -18,8 +18,8 @@ import pytest
 from kafka import TopicPartition
 
 from consumers.featurizer import Featurizer
-from pipeline.app.devrig import WorkerThread
-from pipeline.app.devrig.readback import table_on_disk
+from devrig import WorkerThread
+from devrig.readback import table_on_disk
 from pipeline.kafka.kafka_io import make_consumer
 from pipeline.storage import table as tables
 from producers.produce import ImageProducer

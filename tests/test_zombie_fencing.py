@@ -20,7 +20,7 @@ import pytest
 from kafka import TopicPartition
 
 from consumers.worker import StreamWorker
-from pipeline.app.devrig import fresh_settings, read_records
+from devrig import fresh_settings, read_records
 from pipeline.kafka.kafka_io import close_producer, make_producer
 
 pytestmark = pytest.mark.stream

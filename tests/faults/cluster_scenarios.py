@@ -1,8 +1,8 @@
 """Fault scenarios on a three-node Apache Kafka cluster whose brokers and workers are test hosts.
 
-The rig (:class:`ClusterRig`): a private network of test hosts (:mod:`pipeline.app.devrig.hosts`),
-Toxiproxy on the rig's own address (:mod:`pipeline.app.devrig.toxiproxy`) and a
-:class:`~pipeline.app.devrig.cluster.RigCluster`: three KRaft nodes, each on its own host,
+The rig (:class:`ClusterRig`): a private network of test hosts (:mod:`devrig.hosts`),
+Toxiproxy on the rig's own address (:mod:`devrig.toxiproxy`) and a
+:class:`~devrig.cluster.RigCluster`: three KRaft nodes, each on its own host,
 replication factor 3, ``min.insync.replicas=2``. Featurizers and the scorer run on hosts of
 their own. Every scenario streams distinct photos through both stages (exactly-once) while the
 fault happens, drains, and reads everything back like :mod:`tests.faults.scenarios`:
@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.app.devrig import Feeder, LabelCollector, StreamRun, WorkerProcess, synthetic_photos
-from pipeline.app.devrig.cluster import RigCluster
-from pipeline.app.devrig.hosts import RigHost, RigNetwork
-from pipeline.app.devrig.stream import FEATURIZER_ARGS
-from pipeline.app.devrig.toxiproxy import Toxiproxy
+from devrig import Feeder, LabelCollector, StreamRun, WorkerProcess, synthetic_photos
+from devrig.cluster import RigCluster
+from devrig.hosts import RigHost, RigNetwork
+from devrig.stream import FEATURIZER_ARGS
+from devrig.toxiproxy import Toxiproxy
 from pipeline.kafka import broker
 from pipeline.kafka.kafka_io import CONSUMER_DEFAULTS
 from tests.faults.scenarios import Plan, ScenarioResult, _finish
@@ -52,7 +52,7 @@ SESSION_S = CONSUMER_DEFAULTS["session_timeout_ms"] / 1000
 def rig_unavailable() -> str | None:
     """None if the cluster rig can run here (root for test hosts, Java for Kafka, Go or an
     installed Toxiproxy), else why not."""
-    from pipeline.app.devrig import hosts, toxiproxy
+    from devrig import hosts, toxiproxy
 
     return hosts.unavailable_reason() or broker.unavailable_reason("kafka") or toxiproxy.unavailable_reason()
 

@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import GUARANTEES
-from pipeline.app.devrig import RigBroker, broker_unavailable
+from devrig import RigBroker, broker_unavailable
 from tests.faults import cluster_scenarios, table_scenarios
 from tests.faults.scenarios import SCENARIOS as STREAM_SCENARIOS
 from tests.faults.scenarios import Plan

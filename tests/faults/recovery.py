@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from pipeline.app.devrig import Feeder, RigBroker, WorkerProcess
+from devrig import Feeder, RigBroker, WorkerProcess
 
 
 def _rounded(x: float | None) -> float | None:

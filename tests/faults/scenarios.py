@@ -1,9 +1,9 @@
 """The fault scenarios: SIGKILL the featurizer, SIGKILL the scorer, kill and restart the broker
 (the table's own scenarios: :mod:`tests.faults.table_scenarios`).
 
-Each runs one :class:`pipeline.app.devrig.StreamRun` (fresh topics, groups, data dir, registry)
-on a shared :class:`pipeline.app.devrig.RigBroker` while a :class:`pipeline.app.devrig.Feeder`
-streams distinct synthetic photos, then reads everything back (:func:`pipeline.app.devrig.count_outcomes`).
+Each runs one :class:`devrig.StreamRun` (fresh topics, groups, data dir, registry)
+on a shared :class:`devrig.RigBroker` while a :class:`devrig.Feeder`
+streams distinct synthetic photos, then reads everything back (:func:`devrig.count_outcomes`).
 Photos are released in shares, one share before each fault, so every fault lands mid-stream.
 
 What must hold (a scenario is "clean" only if all do): nothing missing, no dead letters, every
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.app.devrig import Feeder, RigBroker, StreamRun, WorkerProcess, synthetic_photos
+from devrig import Feeder, RigBroker, StreamRun, WorkerProcess, synthetic_photos
 from tests.faults.recovery import kill_recoveries, restart_recoveries, workers_report
 
 Log = Callable[[str], None]

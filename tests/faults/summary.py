@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from tests.faults.scenarios import ScenarioResult
 
-#: Per scenario, the numbers the suite is about (pipeline.app.devrig.outcomes says what each means).
+#: Per scenario, the numbers the suite is about (devrig.outcomes says what each means).
 HEADLINE = ("missing", "duplicate_rows_in_table", "duplicate_rows_on_disk", "duplicate_labels_read_committed")
 TOTALS = ("images_in", "rows_raw", "rows_unique", "missing", "duplicate_rows_in_table", "duplicate_offsets_in_table",
           "duplicate_rows_on_disk", "duplicate_offsets_on_disk",

@@ -15,8 +15,8 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from pipeline.app.devrig import Feeder, StreamRun, WorkerProcess, synthetic_photos
-from pipeline.app.devrig.stream import FEATURIZER_ARGS as STREAM_FEATURIZER_ARGS
+from devrig import Feeder, StreamRun, WorkerProcess, synthetic_photos
+from devrig.stream import FEATURIZER_ARGS as STREAM_FEATURIZER_ARGS
 from pipeline.storage import table as tables
 from tests.faults.recovery import kill_recoveries
 from tests.faults.scenarios import Plan, ScenarioResult, _bootstrap_model, _finish

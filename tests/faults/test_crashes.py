@@ -2,7 +2,7 @@
 
 Everything is real: a private broker of the session's kind (``DEEPER_TEST_BROKER``: Apache
 Kafka, or a durable Tansu), ``deeper featurizer``/``deeper scorer`` subprocesses with
-EfficientNet-Lite0, Parquet part files and kafka-python clients (:mod:`pipeline.app.devrig`).
+EfficientNet-Lite0, Parquet part files and kafka-python clients (:mod:`devrig`).
 Each scenario streams ``N_IMAGES`` distinct synthetic photos and reads everything back.
 
 What is expected depends on the broker: on Apache Kafka the stream runs exactly-once and must
@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from pipeline.app.devrig import RigBroker, broker_unavailable, read_records
+from devrig import RigBroker, broker_unavailable, read_records
 from tests.broker_fixture import session_broker_kind
 from tests.faults.scenarios import Plan, ScenarioResult, broker_restarts, featurizer_crashes, rows_key, scorer_crashes
 from tests.faults.summary import format_summary, summarize

@@ -3,7 +3,7 @@
 ``tc netem`` and iptables are not available on every machine this runs on; Toxiproxy is one Go
 binary. It is built from the Go module proxy (``go install``, pinned :data:`VERSION`) into
 ``$DEEPER_CACHE_DIR/toxiproxy/<version>/`` by :func:`install` (``python -m
-pipeline.app.devrig.toxiproxy install``: what CI runs), and driven through its HTTP API with
+devrig.toxiproxy install``: what CI runs), and driven through its HTTP API with
 the standard library (:class:`Toxiproxy`): a proxy per upstream, toxics added and removed while
 traffic flows (``latency``, ``bandwidth``, ``timeout``, ``reset_peer``, ...).
 
@@ -162,8 +162,8 @@ class Toxiproxy:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.app.devrig.toxiproxy install``: build it into the cache (CI)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.app.devrig.toxiproxy",
+    """``python -m devrig.toxiproxy install``: build it into the cache (CI)."""
+    parser = argparse.ArgumentParser(prog="python -m devrig.toxiproxy",
                                      description=f"Install Toxiproxy {VERSION} (go install from the Go module proxy).")
     parser.add_argument("command", choices=["install", "version"])
     parser.add_argument("--cache-dir", type=Path, default=None)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.config import Settings
-from pipeline.app.devrig.readback import parquet_on_disk, read_records, table_on_disk
+from devrig.readback import parquet_on_disk, read_records, table_on_disk
 
 
 def _extras(counter: Counter) -> int:

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from typing import Any, Sequence
 
-from pipeline.app.devrig.photos import Photo
+from devrig.photos import Photo
 
 
 def send_photos(producer, photos: Sequence[Photo], rate: float | None = None) -> list[tuple[str, str]]:

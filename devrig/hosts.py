@@ -3,7 +3,7 @@
 A :class:`RigNetwork` is a private IPv4 /24 with one switch (a Linux bridge in a namespace of
 its own). Each :class:`RigHost` is a network namespace with one cable (a veth pair) into the
 switch and one address; this process joins the network too (``.1``, a veth in the current
-namespace), so the rig can reach every host, and :mod:`pipeline.app.devrig.toxiproxy` can stand
+namespace), so the rig can reach every host, and :mod:`devrig.toxiproxy` can stand
 between hosts. Processes go onto a host through its :attr:`RigHost.launcher`
 (``ip netns exec NAME``, which execs, so the pid is the process's own).
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[1]
 #: ``python -m pipeline.app.cli`` plus a Python stack dump of every thread into the log on SIGUSR1,
 #: so a worker that stalls inside a call can be asked where (:meth:`WorkerProcess.dump_stacks`).
 _BOOT = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
@@ -157,9 +157,9 @@ class Incarnation:
 class WorkerProcess:
     """``python -m pipeline.app.cli ROLE ARGS`` as a real subprocess, restartable after a kill.
 
-    ``env`` is the whole environment (see :func:`pipeline.app.devrig.topics.worker_env`); each
+    ``env`` is the whole environment (see :func:`devrig.topics.worker_env`); each
     incarnation logs to ``log_dir/<name>-<index>.log``. ``launcher`` goes before the command
-    line (a test host's ``ip netns exec HOST``: :mod:`pipeline.app.devrig.hosts`). ``module``: run
+    line (a test host's ``ip netns exec HOST``: :mod:`devrig.hosts`). ``module``: run
     ``python -m MODULE ROLE ARGS`` instead (a test hook wrapping the command line, e.g. to kill
     itself at a chosen point).
     """

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline.config import Settings
-from pipeline.app.devrig.outcomes import count_outcomes
-from pipeline.app.devrig.photos import Photo
-from pipeline.app.devrig.readback import TempWatcher, read_records
-from pipeline.app.devrig.topics import fresh_settings, worker_env
-from pipeline.app.devrig.workers import WorkerProcess
+from devrig.outcomes import count_outcomes
+from devrig.photos import Photo
+from devrig.readback import TempWatcher, read_records
+from devrig.topics import fresh_settings, worker_env
+from devrig.workers import WorkerProcess
 
 MODEL = "efficientnet_lite0"
 #: A part file every 2 s, so kills land between part files often.
@@ -85,7 +85,7 @@ class StreamRun:
         from pipeline.storage.parquet_reader import feature_files, read_features
 
         if self.on_table:
-            from pipeline.app.devrig.readback import table_on_disk
+            from devrig.readback import table_on_disk
 
             return set(table_on_disk(self.settings)["raw_ids"])
         for attempt in range(5):

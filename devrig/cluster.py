@@ -1,11 +1,11 @@
 """A three-node Apache Kafka cluster for the rig: every broker on its own test host.
 
 :class:`RigCluster` starts :func:`pipeline.kafka.broker.start_cluster` with one node per
-:class:`~pipeline.app.devrig.hosts.RigHost` (or on loopback without a network) and offers what the
+:class:`~devrig.hosts.RigHost` (or on loopback without a network) and offers what the
 cluster fault scenarios do to it: SIGKILL a node and start it again on its data, find the
 leader of a partition and the active KRaft controller, cut a broker's host off. With
 ``proxied=True`` each broker also has a client listener reached through its own Toxiproxy
-proxy (:mod:`pipeline.app.devrig.toxiproxy`): :attr:`RigCluster.proxied_bootstrap_servers` is
+proxy (:mod:`devrig.toxiproxy`): :attr:`RigCluster.proxied_bootstrap_servers` is
 what a worker whose links should be slow or broken bootstraps from.
 """
 
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.app.devrig.hosts import RigHost, RigNetwork
-from pipeline.app.devrig.toxiproxy import Toxiproxy
+from devrig.hosts import RigHost, RigNetwork
+from devrig.toxiproxy import Toxiproxy
 from pipeline.config import Settings
 from pipeline.kafka import apache_kafka, broker
 
