@@ -1,6 +1,6 @@
 """Stream figures: end-to-end throughput and the cost of exactly-once (more in :mod:`bench.stream_more`).
 
-The setup is the demo's: a local Tansu broker in memory mode (``pipeline.kafka.broker``), and the
+The setup is the demo's: a local Tansu broker in memory mode (``pipeline.app.broker.local``), and the
 featurizer and the scorer as separate processes (``python -m pipeline.app.cli featurizer|scorer``,
 JSON logs to files), so each has its own interpreter and GIL as in production. The bench
 process trains the classifier (EfficientNet-Lite0 prelogits, linear SVM, on the cars train

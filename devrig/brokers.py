@@ -1,8 +1,8 @@
 """A private broker for rig runs that can be crashed and restarted on its own data.
 
-Both kinds go through :mod:`pipeline.kafka.broker` (the one home of starting and stopping brokers):
+Both kinds go through :mod:`pipeline.app.broker.local` (the one home of starting and stopping brokers):
 Apache Kafka always keeps its data on disk; Tansu does only in durable mode (S3 served by
-localbucket with the If-Match shim of :mod:`pipeline.kafka.local_s3`), which is what the rig uses.
+localbucket with the If-Match shim of :mod:`pipeline.app.broker.local_s3`), which is what the rig uses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.kafka import broker, local_s3
+from pipeline.app.broker import local as broker, local_s3
 
 
 def broker_unavailable(kind: str, durable: bool = True) -> str | None:
@@ -82,7 +82,7 @@ class RigBroker:
 
 
 class _conditional_s3:
-    """Set :data:`pipeline.kafka.broker.CONDITIONAL_S3` for one start (it is read when Tansu starts)."""
+    """Set :data:`pipeline.app.broker.local.CONDITIONAL_S3` for one start (it is read when Tansu starts)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled

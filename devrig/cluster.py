@@ -1,6 +1,6 @@
 """A three-node Apache Kafka cluster for the rig: every broker on its own test host.
 
-:class:`RigCluster` starts :func:`pipeline.kafka.broker.start_cluster` with one node per
+:class:`RigCluster` starts :func:`pipeline.app.broker.local.start_cluster` with one node per
 :class:`~devrig.hosts.RigHost` (or on loopback without a network) and offers what the
 cluster fault scenarios do to it: SIGKILL a node and start it again on its data, find the
 leader of a partition and the active KRaft controller, cut a broker's host off. With
@@ -18,7 +18,7 @@ from typing import Any, Callable
 from devrig.hosts import RigHost, RigNetwork
 from devrig.toxiproxy import Toxiproxy
 from pipeline.config import Settings
-from pipeline.kafka import apache_kafka, broker
+from pipeline.app.broker import apache_kafka, local as broker
 
 #: Ports of a node on its own host (a namespace of its own: fixed ports cannot clash).
 CLIENT_PORT, CONTROLLER_PORT, PROXIED_PORT = 9092, 9093, 9094

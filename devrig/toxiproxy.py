@@ -10,7 +10,7 @@ traffic flows (``latency``, ``bandwidth``, ``timeout``, ``reset_peer``, ...).
 Kafka clients learn every broker's address from metadata, so a proxy in front of a cluster
 needs one proxy per broker and brokers that advertise those proxies: the rig's cluster gives
 each broker a second client listener (``PROXIED``) advertised as its proxy's address
-(:class:`pipeline.kafka.apache_kafka.Node`); a client bootstrapped through the proxies talks to
+(:class:`pipeline.app.broker.apache_kafka.Node`); a client bootstrapped through the proxies talks to
 every broker through its proxy, and every other client talks to the brokers directly.
 """
 

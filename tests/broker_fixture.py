@@ -4,13 +4,13 @@
 
 * ``KAFKA_BOOTSTRAP_SERVERS`` set: that broker (e.g. the Apache Kafka of docker-compose.yml).
   Its kind is taken to be Apache Kafka unless ``DEEPER_TEST_BROKER=tansu`` says otherwise.
-* else ``DEEPER_TEST_BROKER=kafka``: Apache Kafka (:mod:`pipeline.kafka.apache_kafka`, installed on
+* else ``DEEPER_TEST_BROKER=kafka``: Apache Kafka (:mod:`pipeline.app.broker.apache_kafka`, installed on
   first use) started on free loopback ports, stopped at the end.
 * else (``DEEPER_TEST_BROKER`` unset or ``tansu``): one in-memory Tansu on a free port.
 
 ``broker_kind`` says which (``"tansu"`` or ``"kafka"``), so a test that needs Apache Kafka can
 skip on Tansu with a reason (``needs_apache_kafka``). ``start_restartable_broker(state_dir)`` starts a
-private broker of the session's kind (durable, restartable with ``pipeline.kafka.broker.restart``).
+private broker of the session's kind (durable, restartable with ``pipeline.app.broker.local.restart``).
 Topic names get a per-session suffix so a shared broker never mixes runs.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from pipeline.kafka import broker
+from pipeline.app.broker import local as broker
 from pipeline.config import ENVIRONMENT, Settings
 from pipeline.kafka.kafka_io import wait_for_broker
 

@@ -1,4 +1,4 @@
-"""The project's local S3 server (``pipeline/kafka/local_s3.py``, i.e. localbucket) for tests:
+"""The project's local S3 server (``pipeline/app/broker/local_s3.py``, i.e. localbucket) for tests:
 one way to start it, used by every fixture that needs real S3."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Iterator
 
 import pytest
 
-from pipeline.kafka.broker import free_port
+from pipeline.app.broker.local import free_port
 
-LOCAL_S3 = Path(__file__).resolve().parent.parent / "pipeline" / "kafka" / "local_s3.py"
+LOCAL_S3 = Path(__file__).resolve().parent.parent / "pipeline" / "app" / "broker" / "local_s3.py"
 
 
 @contextmanager

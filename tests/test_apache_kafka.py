@@ -1,4 +1,4 @@
-"""Apache Kafka as a local broker (pipeline.kafka.apache_kafka, run by pipeline.kafka.broker).
+"""Apache Kafka as a local broker (pipeline.app.broker.apache_kafka, run by pipeline.app.broker.local).
 
 One real broker (a JVM) per module, in a tmp state dir on free loopback ports: install (Maven,
 once per cache), start, produce/consume, a photo-size record, a transaction, kcat (Debian's
@@ -19,7 +19,8 @@ import pytest
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka import errors as kafka_errors
 
-from pipeline.kafka import apache_kafka, broker, kafka_io
+from pipeline.app.broker import apache_kafka, local as broker
+from pipeline.kafka import kafka_io
 from tests.test_broker import listening_addresses, pid_alive, poll_until, read_all
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""The local broker (pipeline.kafka.broker) and the client factory (pipeline.kafka.kafka_io).
+"""The local broker (pipeline.app.broker.local) and the client factory (pipeline.kafka.kafka_io).
 
 Broker-lifecycle tests start their own Tansu in a tmp dir (Apache Kafka's: test_apache_kafka.py);
 client tests share the session broker from ``kafka_settings`` (Tansu, Apache Kafka with
@@ -21,7 +21,8 @@ import pytest
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka import errors as kafka_errors
 
-from pipeline.kafka import broker, kafka_io
+from pipeline.app.broker import local as broker
+from pipeline.kafka import kafka_io
 from pipeline.app import cli
 from pipeline.config import Settings
 
@@ -186,7 +187,7 @@ def test_missing_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tm
 
 def test_apache_kafka_without_java_or_maven_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path) -> None:
-    from pipeline.kafka import apache_kafka
+    from pipeline.app.broker import apache_kafka
 
     monkeypatch.setenv("DEEPER_CACHE_DIR", str(tmp_path / "cache"))  # nothing installed there
     monkeypatch.delenv("JAVA_HOME", raising=False)
@@ -273,7 +274,7 @@ def test_deeper_broker_help_shows_every_subcommand_and_default(capsys: pytest.Ca
 
 @needs_tansu
 def test_deeper_broker_command_starts_and_stops(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Through the real `deeper` entry point, not only pipeline.kafka.broker.main."""
+    """Through the real `deeper` entry point, not only pipeline.app.broker.local.main."""
     port = broker.free_port()
     assert cli.main(["broker", "--state-dir", str(state_dir), "start", "--port", str(port)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}"

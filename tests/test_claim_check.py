@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pipeline.kafka import claim_check, fetch_policy
-from pipeline.kafka.broker import free_port
+from pipeline.app.broker.local import free_port
 from pipeline.kafka.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, resolve_value
 from tests.claim_check_servers import BIG, PHOTO, Handler, full_backlog, http_url, s3  # noqa: F401 (fixtures)
 

@@ -19,7 +19,8 @@ import pytest
 from kafka import OffsetAndMetadata
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from pipeline.kafka import apache_kafka, broker, kafka_io
+from pipeline.app.broker import apache_kafka, local as broker
+from pipeline.kafka import kafka_io
 from tests.test_broker import listening_addresses, pid_alive
 
 pytestmark = [
@@ -49,7 +50,7 @@ def test_three_nodes_on_loopback_and_status(cluster: broker.BrokerInfo, capsys) 
         assert broker.node_alive(state_dir, node.node_id)
         for port in (node.port, node.controller_port):
             assert {a.removeprefix("::ffff:") for a in listening_addresses(port)} == {"127.0.0.1"}
-    assert broker.unfenced_brokers(cluster.settings()) == {1, 2, 3}
+    assert kafka_io.unfenced_brokers(cluster.settings()) == {1, 2, 3}
     capsys.readouterr()
     assert broker.main(["--state-dir", str(state_dir), "status"]) == 0
     out = capsys.readouterr()

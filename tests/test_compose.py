@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.kafka import apache_kafka
+from pipeline.app.broker import apache_kafka
 from pipeline.config import ENVIRONMENT
 
 yaml = pytest.importorskip("yaml")

@@ -1,6 +1,7 @@
 """Imports go one way: the app wires the stages, the stages use the library, never back.
 
-    app (pipeline.app: the ``deeper`` command, demo, UI)
+    app (pipeline.app: the ``deeper`` command, demo, UI, the local broker; pipeline.spark, the
+         ``deeper backfill`` engine, which shares the app's Maven helper)
       -> stages (consumers, producers)
         -> library (the rest of pipeline, schemas)
 
@@ -36,8 +37,12 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
+#: Engine runners on the app's floor: they may use the app's helpers (pipeline.app.maven).
+APP = (REPO / "pipeline" / "app", REPO / "pipeline" / "spark")
+
+
 def _is_app(path: Path) -> bool:
-    return (REPO / "pipeline" / "app") in path.parents
+    return any(folder in path.parents for folder in APP)
 
 
 def test_the_library_imports_no_stage_and_no_app():

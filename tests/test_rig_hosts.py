@@ -17,7 +17,7 @@ import time
 import pytest
 
 from devrig import hosts, toxiproxy
-from pipeline.kafka.broker import free_port
+from pipeline.app.broker.local import free_port
 
 pytestmark = pytest.mark.cluster
 

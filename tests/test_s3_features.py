@@ -1,6 +1,6 @@
 """Feature files in object storage: write, list, read and train from ``s3://`` locations.
 
-Against a real S3 server: the one the durable broker uses (``pipeline/kafka/local_s3.py``, localbucket),
+Against a real S3 server: the one the durable broker uses (``pipeline/app/broker/local_s3.py``, localbucket),
 started on a free loopback port and reached through the usual AWS variables.
 """
 

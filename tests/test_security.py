@@ -32,7 +32,7 @@ from kafka import errors as kafka_errors
 import pipeline.kafka.kafka_io as kafka_io
 from consumers.scorer import Scorer
 from consumers.worker import StreamWorker
-from pipeline.kafka import broker
+from pipeline.app.broker import local as broker
 from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.config import ENVIRONMENT, Settings
 from pipeline.logs import JsonFormatter

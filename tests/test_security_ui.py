@@ -24,7 +24,7 @@ import pytest
 from pipeline.app.ui import MAX_BODY_BYTES, UiApp, UiServer
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
-from pipeline.kafka.broker import free_port
+from pipeline.app.broker.local import free_port
 from pipeline.learning.training import labels_from_csv
 
 IMAGE_ID = "ab" * 32

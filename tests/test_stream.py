@@ -120,7 +120,7 @@ def test_corrupt_photo_is_dead_lettered_while_batch_mates_are_labelled(cars_mode
     settings, _ = cars_model
     good = sorted((cars / "test").glob("*.jpg"))[:3]
     bad = {"truncated": _truncated_jpeg(good[0]), "html": b"<html><body>not a photo</body></html>"}
-    from pipeline.kafka import broker
+    from pipeline.app.broker import local as broker
     from pipeline.metrics import serve
 
     port = broker.free_port()

@@ -13,7 +13,7 @@ from kafka import errors as kafka_errors
 
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
-from pipeline.kafka import broker
+from pipeline.app.broker import local as broker
 from pipeline.kafka.kafka_io import (CLIENT_DEFAULTS, close_producer, ensure_topics, make_consumer, make_producer,
                                      make_transactional_producer)
 from tests.broker_fixture import start_restartable_broker

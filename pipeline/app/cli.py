@@ -650,7 +650,7 @@ def _add_streaming(sub) -> None:
 
 
 STREAMING_MODULES: tuple[str, ...] = (
-    "pipeline.app.broker_cli",
+    "pipeline.app.broker.cli",
     "producers.produce",
     "consumers.featurizer",
     "consumers.scorer",

@@ -62,7 +62,7 @@ def _broker(settings: Settings, data_dir: Path) -> Iterator[Settings]:
         _step(1, f"using the broker at {settings.bootstrap_servers}")
         yield settings
         return
-    from pipeline.kafka import broker
+    from pipeline.app.broker import local as broker
 
     state = data_dir / "broker"
     info = broker.start(state, port=broker.free_port())

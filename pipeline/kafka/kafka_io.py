@@ -463,6 +463,23 @@ def broker_answers(settings: Settings, timeout_s: float = 2.0) -> bool:
         admin.close()
 
 
+def unfenced_brokers(settings: Settings, timeout_s: float = 5.0) -> set[int]:
+    """Ids of the brokers the cluster's controller counts as registered and not fenced (empty
+    if no broker answers): a node that runs but is not in here serves no partition yet."""
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = make_admin(settings, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+    except kafka_errors.KafkaError:
+        return set()
+    try:
+        brokers = admin.describe_cluster().get("brokers") or []
+        return {int(b["broker_id"]) for b in brokers if not b.get("is_fenced")}
+    except kafka_errors.KafkaError:
+        return set()
+    finally:
+        admin.close()
+
+
 def _any_port_open(settings: Settings, timeout_s: float) -> bool:
     """Whether any bootstrap server accepts a TCP connection (cheap pre-check, no logging)."""
     for server in settings.kafka_client_config()["bootstrap_servers"]:

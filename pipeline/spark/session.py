@@ -2,7 +2,7 @@
 
 pyspark comes from PyPI (pinned in pyproject.toml); Iceberg's Spark runtime, its AWS bundle (for
 an ``s3://`` warehouse) and the SQLite JDBC driver are installed from Maven Central into
-``$DEEPER_CACHE_DIR/spark/<iceberg version>/jars`` by :mod:`pipeline.maven`, exactly as Apache
+``$DEEPER_CACHE_DIR/spark/<iceberg version>/jars`` by :mod:`pipeline.app.maven`, exactly as Apache
 Kafka's jars are (``python -m pipeline.spark.session install`` in CI). Java 17.
 
 :func:`spark_session` configures Iceberg's ``SparkCatalog`` under the name of the pyiceberg
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline import maven
+from pipeline.app import maven
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
 from pipeline.storage import s3_options, write_bytes_atomic

@@ -38,7 +38,7 @@ from devrig.cluster import RigCluster
 from devrig.hosts import RigHost, RigNetwork
 from devrig.stream import FEATURIZER_ARGS
 from devrig.toxiproxy import Toxiproxy
-from pipeline.kafka import broker
+from pipeline.app.broker import local as broker
 from pipeline.kafka.kafka_io import CONSUMER_DEFAULTS
 from tests.faults.scenarios import Plan, ScenarioResult, _finish
 

@@ -1,6 +1,6 @@
 """Java jars from Maven Central, installed once into a cache folder: the one Maven helper.
 
-Apache Kafka's broker (:mod:`pipeline.kafka.apache_kafka`) and Spark's Iceberg runtime
+Apache Kafka's broker (:mod:`pipeline.app.broker.apache_kafka`) and Spark's Iceberg runtime
 (:mod:`pipeline.spark.session`) are Java; both are installed the same way, without tarballs or
 Docker: a throw-away ``pom.xml`` naming the pinned artifacts, ``mvn dependency:copy-dependencies``
 into a temporary folder, renamed into place only when Maven succeeded and the expected jar is

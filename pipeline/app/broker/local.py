@@ -1,7 +1,7 @@
 """Start and stop a local development Kafka broker, bound to 127.0.0.1 only.
 
 Two kinds: Tansu (the default) and Apache Kafka (``kind="kafka"``, ``deeper broker start
---kafka``: what users run; :mod:`pipeline.kafka.apache_kafka` installs it and says how to run it).
+--kafka``: what users run; :mod:`pipeline.app.broker.apache_kafka` installs it and says how to run it).
 Apache Kafka also runs as a cluster (``--nodes 3``, :func:`start_cluster`): several KRaft nodes,
 each in ``STATE_DIR/node-N/``, replicated like a platform's cluster, which the fault suite
 breaks one node at a time (:func:`kill_node`, :func:`start_node`).
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from pipeline.kafka import apache_kafka
+from pipeline.app.broker import apache_kafka
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
 
@@ -78,7 +78,7 @@ _PROCESSES = (_TANSU, _KAFKA, _LOCALBUCKET)
 _INFO_FILE = "broker.json"
 _LOCK_FILE = ".lock"
 
-#: Serve durable storage with If-Match support (pipeline.kafka.local_s3). Without it localbucket
+#: Serve durable storage with If-Match support (pipeline.app.broker.local_s3). Without it localbucket
 #: ignores Tansu's conditional writes and offsets can be handed out twice after a restart; the
 #: fault suite turns it off only to reproduce that loss.
 CONDITIONAL_S3 = True
@@ -263,27 +263,6 @@ def _cluster_info(state_dir: Path) -> BrokerInfo:
     return info
 
 
-def unfenced_brokers(settings: Settings, timeout_s: float = 5.0) -> set[int]:
-    """Ids of the brokers the cluster's controller counts as registered and not fenced (empty
-    if no broker answers): a node that runs but is not in here serves no partition yet."""
-    from kafka import errors as kafka_errors
-
-    from pipeline.kafka.kafka_io import make_admin
-
-    timeout_ms = int(timeout_s * 1000)
-    try:
-        admin = make_admin(settings, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
-    except kafka_errors.KafkaError:
-        return set()
-    try:
-        brokers = admin.describe_cluster().get("brokers") or []
-        return {int(b["broker_id"]) for b in brokers if not b.get("is_fenced")}
-    except kafka_errors.KafkaError:
-        return set()
-    finally:
-        admin.close()
-
-
 def _spawn_node(state_dir: Path, node: apache_kafka.Node, voters: Sequence[apache_kafka.Node], libs: Path,
                 cluster_id: str | None) -> int:
     directory = node_dir(state_dir, node.node_id)
@@ -302,7 +281,7 @@ def _require_free_node_ports(node: apache_kafka.Node) -> None:
 
 def _wait_for_nodes(info: BrokerInfo, node_ids: Iterable[int], timeout: float) -> None:
     """Until each of ``node_ids`` answers and is a registered, unfenced broker of the cluster."""
-    from pipeline.kafka.kafka_io import broker_answers  # kafka-python: only when a broker starts
+    from pipeline.kafka.kafka_io import broker_answers, unfenced_brokers  # kafka-python: only when a broker starts
 
     wanted = set(node_ids)
     state_dir = Path(info.state_dir)
@@ -755,7 +734,7 @@ def _read_info(state_dir: Path) -> BrokerInfo | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``start|stop|status|restart`` options, on ``deeper broker`` or ``python -m pipeline.kafka.broker``."""
+    """The ``start|stop|status|restart`` options, on ``deeper broker`` or ``python -m pipeline.app.broker.local``."""
     defaults = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help="pid files, logs and the broker's data")
@@ -822,7 +801,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.kafka.broker start|stop|status|restart``; returns the exit code."""
+    """``python -m pipeline.app.broker.local start|stop|status|restart``; returns the exit code."""
     return run(_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 

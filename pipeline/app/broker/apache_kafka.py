@@ -1,9 +1,9 @@
 """Apache Kafka for development and CI: install its jars with Maven, run one KRaft node.
 
 Users run Apache Kafka, so the tests must pass on it too (Tansu, the default local broker of
-:mod:`pipeline.kafka.broker`, differs in places: docs/broker.md). This module knows *what* to run:
+:mod:`pipeline.app.broker.local`, differs in places: docs/broker.md). This module knows *what* to run:
 which version (pinned here, and only here), how to install it, its configuration and its
-command line. :mod:`pipeline.kafka.broker` runs it (spawn, wait, stop by PID, restart), exactly like
+command line. :mod:`pipeline.app.broker.local` runs it (spawn, wait, stop by PID, restart), exactly like
 Tansu, through ``broker.start(state_dir, kind="kafka")`` or ``deeper broker start --kafka``.
 
 Install: Apache Kafka's own jars from Maven Central (``mvn dependency:copy-dependencies`` of
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline import maven
+from pipeline.app import maven
 from pipeline.errors import DeeperError
 
 #: The one pin: Maven artifact version here, ``apache/kafka:<this>`` in docker-compose.yml.
@@ -144,7 +144,7 @@ def is_installed(cache_dir: Path | None = None) -> bool:
 def install(cache_dir: Path | None = None, announce=None) -> Path:
     """Install the pinned Apache Kafka's jars (once) and return the libs folder.
 
-    Idempotent and safe to run concurrently (:func:`pipeline.maven.install`: a file lock, a
+    Idempotent and safe to run concurrently (:func:`pipeline.app.maven.install`: a file lock, a
     temporary folder renamed into place only when Maven succeeded), so an interrupted install is
     never mistaken for a complete one.
     """
@@ -280,8 +280,8 @@ def random_cluster_id() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.kafka.apache_kafka install|version``: what CI and scripts call."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.kafka.apache_kafka",
+    """``python -m pipeline.app.broker.apache_kafka install|version``: what CI and scripts call."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.app.broker.apache_kafka",
                                      description=f"Install Apache Kafka {KAFKA_VERSION} (jars from Maven Central).")
     parser.add_argument("command", choices=["install", "version"])
     parser.add_argument("--cache-dir", type=Path, default=None,

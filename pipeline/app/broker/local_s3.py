@@ -7,9 +7,9 @@ requests racing on one partition (typical right after a broker restart) could bo
 same base offset: the partition then held overlapping offsets, and consumers whose committed
 offset was past them never saw the later records (found by the fault suite: docs/faults.md).
 Real S3 and MinIO honour ``If-Match``. Writes are serialised under one lock so the check and
-the write are atomic. ``pipeline.kafka.broker`` starts durable brokers' S3 with this module.
+the write are atomic. ``pipeline.app.broker.local`` starts durable brokers' S3 with this module.
 
-    python -m pipeline.kafka.local_s3 --host 127.0.0.1 --port PORT DIR     # same arguments as localbucket
+    python -m pipeline.app.broker.local_s3 --host 127.0.0.1 --port PORT DIR     # same arguments as localbucket
 """
 
 from __future__ import annotations
