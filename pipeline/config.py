@@ -188,3 +188,23 @@ class Settings:
 #: source of truth; the docker-compose test reads it so the compose file can't drift from the code.
 ENVIRONMENT: dict[str, tuple[str, str]] = {f.name: (f.metadata["env"], f.default) for f in fields(Settings)}
 SECRET_SETTINGS = frozenset(f.name for f in fields(Settings) if f.metadata["secret"])
+
+
+#: Where the bundled example photos (``examples/``: train/<class>/, test/, test_labels.csv) are
+#: looked for when ``DEEPER_EXAMPLES`` is unset. They live in the repository, not in the installed
+#: package (which holds only the product), so this is the checkout beside this package, and only
+#: when it is one (a ``pyproject.toml`` next to it): an installed package must never pick up an
+#: unrelated ``site-packages/examples`` folder.
+EXAMPLES_VARIABLE = "DEEPER_EXAMPLES"
+
+
+def examples_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The example photos folder (``DEEPER_EXAMPLES``, else the checkout's ``examples/``), or
+    None where there is none (an installed package without a checkout): callers say so clearly."""
+    env = os.environ if environ is None else environ
+    if env.get(EXAMPLES_VARIABLE):
+        return Path(env[EXAMPLES_VARIABLE]).expanduser()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "examples").is_dir():
+        return checkout / "examples"
+    return None

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import Settings
+from pipeline.config import EXAMPLES_VARIABLE, Settings, examples_dir
 from pipeline.errors import DeeperError
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STEPS = 9
 #: How many labels from the head of the review queue the review round corrects.
 REVIEWED = 3
@@ -428,7 +427,10 @@ def _summarize(settings: Settings) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    examples = Path(args.examples)
+    if args.examples is None and examples_dir() is None:
+        raise DeeperError("the example photos are not part of the installed package: pass --examples DIR "
+                          f"(train/<class>/ and test/ folders) or set {EXAMPLES_VARIABLE} to a checkout's examples/")
+    examples = Path(args.examples) if args.examples is not None else examples_dir()
     if not (examples / "train").is_dir() or not (examples / "test").is_dir():
         raise DeeperError(f"{examples} needs train/<class>/ and test/ folders of photos")
     settings = Settings.from_env(data_dir=args.data_dir, registry_dir=args.registry)
@@ -448,7 +450,9 @@ def add_parser(sub) -> None:
     from pipeline.model.nets.factory import MODEL_CHOICES
 
     p = sub.add_parser("demo", help="run the streaming pipeline end to end on the bundled example photos")
-    p.add_argument("--examples", default=str(EXAMPLES), help="folder with train/<class>/ and test/ photos")
+    p.add_argument("--examples", default=None,
+                   help=f"folder with train/<class>/ and test/ photos (default: ${EXAMPLES_VARIABLE}, else the "
+                        "checkout's examples/; they are not part of the installed package)")
     p.add_argument("--data-dir", default=None,
                    help="where the feature table, the registry, logs and the report go " + from_setting("data_dir"))
     p.add_argument("--registry", default=None, metavar="DIR",

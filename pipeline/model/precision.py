@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.config import EXAMPLES_VARIABLE, examples_dir
 from pipeline.errors import DeeperError
 from pipeline.storage import sha256_file, write_bytes_atomic
 
@@ -51,9 +52,6 @@ DEFAULT_PRECISION = FP32
 LITE_PRECISIONS = frozenset({FP32_LITE, INT8})
 #: bump when the converted TF-Lite layout changes, so stale cached models are ignored.
 LITE_CACHE_FORMAT = 1
-#: Photos quantization is calibrated on when the caller gives none: the bundled examples
-#: (public domain, in the repository; see examples/ATTRIBUTION.md).
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CALIBRATION_LIMIT = 64
 
 
@@ -120,9 +118,12 @@ def session_config(intra_op_threads: int = 0, inter_op_threads: int = 0, precisi
 
 
 def default_calibration_photos() -> list[Path]:
-    """The bundled example photos (train split), sorted; empty if the repository isn't there."""
-    root = EXAMPLES / "train"
-    if not root.is_dir():
+    """Photos quantization is calibrated on when the caller gives none: the bundled examples'
+    train split (public domain, in the repository: examples/ATTRIBUTION.md), sorted; empty where
+    there are none (:func:`pipeline.config.examples_dir`)."""
+    examples = examples_dir()
+    root = examples / "train" if examples is not None else None
+    if root is None or not root.is_dir():
         return []
     suffixes = {".jpg", ".jpeg", ".png"}
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes)[:CALIBRATION_LIMIT]
@@ -134,7 +135,8 @@ def calibration_images(preprocess: Callable, photos: Sequence[str | Path] | None
 
     photos = list(photos) if photos is not None else default_calibration_photos()
     if not photos:
-        raise DeeperError("int8 needs calibration photos: none given and examples/train is not here")
+        raise DeeperError("int8 needs calibration photos: none given, and no examples/train to default to "
+                          f"(set {EXAMPLES_VARIABLE} to a checkout's examples/ folder)")
     images = [np.asarray(preprocess(decode_image(Path(p).read_bytes()).pixels)) for p in photos]
     return np.stack(images).astype(np.float32)
 
