@@ -87,9 +87,21 @@ def test_an_s3_prefix_is_listed_and_its_photos_hashed_by_the_workers_code(s3_lak
     assert names == [f"{s3_lake}/c.jpeg", f"{s3_lake}/cats/a.jpg", f"{s3_lake}/dogs/b.PNG"]
     assert listing.photos.column("label").to_pylist() == [None, "cats", "dogs"]
     batch = pa.RecordBatch.from_pydict({"source": names + [f"{s3_lake}/gone.jpg"], "label": [None] * 4})
-    (hashed,) = list(tasks.hash_photos()(iter([batch])))
-    rows = hashed.to_pylist()
-    assert [r["image_id"] for r in rows[:3]] == [hashlib.sha256(d).hexdigest() for d in (b"c", b"a", b"b")]
-    assert rows[3]["image_id"] is None and rows[3]["reason"] == "unreadable" and rows[3]["detail"]
+    rows = list(tasks.read_photos(iter([batch])))
+    assert [r[3] for r in rows[:3]] == [hashlib.sha256(d).hexdigest() for d in (b"c", b"a", b"b")]
+    assert [r[2] for r in rows[:3]] == [b"c", b"a", b"b"]  # the bytes the model gets: read once
+    assert rows[3][3] is None and rows[3][4][0] == "unreadable" and rows[3][4][1]
     with pytest.raises(DeeperError, match="no photos under"):
         sources.list_photos(f"s3://{BUCKET}/empty")
+
+
+def test_known_digests_skip_a_photo_by_its_bytes_before_the_model():
+    """The featurize pass looks each photo's sha256 up in sorted digests (a binary search); ids
+    that are no sha256 (other writers' keys) are left out, never matched."""
+    ids = [hashlib.sha256(d).hexdigest() for d in (b"a", b"b", b"c")]
+    present = tasks.digests([ids[2], ids[0], ids[0], "not-a-sha256", None])
+    known = tasks.Known(present, tasks.digests([ids[1]]), tasks.digests([]))
+    assert len(present) == 2
+    assert [known.skipped(bytes.fromhex(i)) for i in ids] == [tasks.PRESENT, tasks.REJECTED_BEFORE, tasks.PRESENT]
+    assert known.skipped(hashlib.sha256(b"d").digest()) is None
+    assert tasks.Known(*(tasks.digests([]),) * 3).skipped(hashlib.sha256(b"a").digest()) is None

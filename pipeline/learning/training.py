@@ -106,7 +106,10 @@ def training_set_hash(image_ids: Sequence[str], labels: Sequence[str]) -> str:
 
 def labelled_only(image_ids: Sequence[str], labels: Sequence[str | None], vectors: np.ndarray
                   ) -> tuple[list[str], list[str], np.ndarray]:
-    keep = [i for i, label in enumerate(labels) if label]
+    """The labelled rows, in image id order: the same rows give the same model whatever order
+    their source lists them in (files, a table's data files, a backfill's chunks), since
+    cross-validation folds and the solver both see rows in order."""
+    keep = sorted((i for i, label in enumerate(labels) if label), key=lambda i: image_ids[i])
     if not keep:
         raise DeeperError("no labelled images: put photos in one sub-folder per class, or pass --labels CSV")
     return [image_ids[i] for i in keep], [labels[i] for i in keep], vectors[keep]

@@ -8,16 +8,20 @@ The job, on the driver (each step a Spark job; the Python side in :mod:`pipeline
    table is the stream's table for it (``DEEPER_TABLE``) unless ``--table`` names another,
    created if missing, its identity checked (one line, ``IncompatibleFeatures``, if it holds
    other vectors).
-3. **Hash** every photo (``image_id`` = sha256 of its bytes, so every photo's bytes are read once
-   here; an unreadable photo becomes a reject).
-4. **Anti-join** with the table's ``image_id`` values and with the photos rejected before, and keep
-   one photo per ``image_id`` (same bytes under two names: the first name wins, the other is
-   counted as a duplicate): what is already there costs no model time.
-5. **Featurize in chunks**: each chunk is one ``mapInArrow`` over the executors and one Iceberg
-   commit (snapshot summary ``deeper.writer=backfill`` and the run's id; no Kafka offsets: the
-   stream trusts only its own and compaction's), then its rejects are appended to the rejects
-   table. A job killed half way keeps every committed chunk; run again, the anti-join skips them,
-   so each photo ends in the table exactly once (a chunk is all or nothing: one commit).
+3. **Known photos**: the ``image_id`` values of the table and of the photos rejected before, read
+   by pyiceberg on the driver and broadcast to the workers as sorted sha256 digests (32 bytes
+   each per Python worker; no Spark job).
+4. **Featurize in chunks**, one pass over the photos: each chunk (a range of the listing in name
+   order) is one ``mapInArrow`` over the executors that reads each photo once, takes its sha256
+   (``image_id``) from those bytes, skips it before the model if it is known (in the table,
+   rejected before, or written by an earlier chunk of this run), and runs the rest. Of photos
+   with the same bytes in one chunk the first name is written and the others counted as
+   duplicates (they cost model time once each: rare, and cheaper than reading every photo twice).
+   Each chunk is one Iceberg commit (snapshot summary ``deeper.writer=backfill`` and the run's id;
+   no Kafka offsets: the stream trusts only its own and compaction's), then its rejects are
+   appended to the rejects table. A job killed half way keeps every committed chunk; run again,
+   the known ids skip them, so each photo ends in the table exactly once (a chunk is all or
+   nothing: one commit).
 
 Rejects go to ``<table>_rejects`` (``source, image_id, reason, detail, rejected_at, run_id``): a
 photo is never dropped silently. A photo rejected with an ``image_id`` (it was read: undecodable,
@@ -36,6 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Settings
@@ -191,7 +196,7 @@ def _slots(spark) -> int:
 
 
 class _Job:
-    """One run's Spark work: hash, anti-join, featurize chunk by chunk."""
+    """One run's Spark work: featurize chunk by chunk, one pass over the photos (steps 3-4 above)."""
 
     def __init__(self, spark, settings: Settings, catalog: str, summary: BackfillSummary, spec: tasks.ModelSpec,
                  options: BackfillOptions, say: Callable[[str], None]):
@@ -200,136 +205,133 @@ class _Job:
         self.target = f"{catalog}.{summary.table}"
         self.rejects = f"{catalog}.{summary.rejects_table}"
         self.slots = _slots(spark)
+        self.this_run: list[str] = []  # image ids written or rejected by this run's chunks
 
     def run(self, photos: pa.Table) -> None:
-        from pyspark import StorageLevel
-
-        started = time.perf_counter()
-        listed = self.spark.createDataFrame(photos)
-        parts = max(self.slots, min(photos.num_rows // 256, self.slots * 16)) or 1
-        hashed = listed.repartition(parts).mapInArrow(tasks.hash_photos(self.spec), _spark_schema(tasks.HASHED))
-        hashed = hashed.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            todo = self._plan(hashed)
-            self.say(f"hashed {self.summary.listed} photos in {time.perf_counter() - started:.1f} s: "
-                     f"{self.summary.skipped_present} already in {self.summary.table}, "
-                     f"{self.summary.skipped_rejected} rejected before, {self.summary.duplicates} duplicate, "
-                     f"{self.summary.rejected.get(tasks.UNREADABLE, 0)} unreadable; {self._todo} to featurize")
-            self._featurize(todo)
-        finally:
-            hashed.unpersist()
-
-    def _plan(self, hashed):
-        """What this run featurizes: readable, not in the table, not rejected before, one per id."""
-        from pyspark import StorageLevel
-        from pyspark.sql import Window
-        from pyspark.sql import functions as F
-
-        unreadable = hashed.filter(F.col("image_id").isNull())
-        self._reject(unreadable.select("source", "image_id", "reason", "detail"), retried=True)
-        readable = hashed.filter(F.col("image_id").isNotNull())
-        for name, flag in ((self.target, "present"), (self.rejects, "rejected_before")):
-            if self._empty(name):  # a new table: nothing to join with
-                readable = readable.withColumn(flag, F.lit(None).cast("boolean"))
-                continue
-            known = self.spark.table(name).filter(F.col("image_id").isNotNull()).select("image_id").distinct()
-            readable = readable.join(known.withColumn(flag, F.lit(True)), "image_id", "left")
-        flags = readable.withColumn("rank", F.row_number().over(Window.partitionBy("image_id").orderBy("source")))
-        flags = flags.persist(StorageLevel.MEMORY_AND_DISK)
-        counts = {(bool(r["present"]), bool(r["rejected_before"]), r["first"]): r["n"]
-                  for r in flags.groupBy("present", "rejected_before", (F.col("rank") == 1).alias("first"))
-                  .agg(F.count("*").alias("n")).collect()}
-        for (present_, rejected_, first), n in counts.items():
-            if present_:
-                self.summary.skipped_present += n
-            elif rejected_:
-                self.summary.skipped_rejected += n
-            elif not first:
-                self.summary.duplicates += n
-        todo = flags.filter(F.col("present").isNull() & F.col("rejected_before").isNull() & (F.col("rank") == 1))
-        self._todo = sum(n for (p, r, first), n in counts.items() if not p and not r and first)
-        return todo.select("source", "label", "image_id"), flags
-
-    def _empty(self, name: str) -> bool:
-        """Whether a table has no snapshot yet (asked of pyiceberg: no Spark job): no join needed."""
-        iceberg_name = name.split(".", 1)[1]  # without the Spark catalog's name
-        return table.load_catalog(self.settings).load_table(iceberg_name).current_snapshot() is None
-
-    def _featurize(self, planned) -> None:
-        from pyspark.sql import functions as F
         from tqdm import tqdm
 
-        todo, flags = planned
+        photos = self._distinct(photos.sort_by("source"))  # chunks in name order: the first name of a photo wins
+        sc = self.spark.sparkContext
+        present = sc.broadcast(self._known(self.summary.table))
+        rejected = sc.broadcast(self._known(self.summary.rejects_table))
+        self.say(f"{len(present.value)} photos already in {self.summary.table}, {len(rejected.value)} rejected "
+                 f"before: skipped when read, before the model")
+        size = self.options.chunk_size or DEFAULT_PHOTOS_PER_SLOT * self.slots
+        chunks = max(1, math.ceil(photos.num_rows / size))
+        bar = tqdm(total=photos.num_rows, desc=f"backfill ({self.spec.meta.describe()})", unit="img",
+                   disable=not self.options.progress, file=_stderr())
+        started = time.perf_counter()
         try:
-            if not self._todo:
-                return
-            size = self.options.chunk_size or DEFAULT_PHOTOS_PER_SLOT * self.slots
-            chunks = max(1, math.ceil(self._todo / size))
-            keyed = todo.withColumn("chunk", F.pmod(F.xxhash64("image_id"), F.lit(chunks)))
-            bar = tqdm(total=self._todo, desc=f"backfill ({self.spec.meta.describe()})", unit="img",
-                       disable=not self.options.progress, file=_stderr())
-            started = time.perf_counter()
-            try:
-                for chunk in range(chunks):
-                    part = keyed.filter(F.col("chunk") == chunk).drop("chunk")
-                    done = self._commit_chunk(part)
-                    bar.update(done)
-            finally:
-                bar.close()
-            seconds = time.perf_counter() - started
-            rate = self.summary.featurized / seconds if seconds else 0.0
-            self.say(f"featurized {self.summary.featurized} photos in {chunks} commit(s), {seconds:.1f} s: "
-                     f"{rate:.1f} photos/s, {rate / self.slots:.1f} per task slot")
+            for start in range(0, photos.num_rows, size):
+                this_run = sc.broadcast(tasks.digests(self.this_run))
+                try:
+                    known = tasks.Known(present, rejected, this_run)
+                    bar.update(self._commit_chunk(photos.slice(start, size), known))
+                finally:
+                    this_run.destroy()
         finally:
-            flags.unpersist()
+            bar.close()
+            present.destroy()
+            rejected.destroy()
+        seconds = time.perf_counter() - started
+        rate = self.summary.featurized / seconds if seconds else 0.0
+        self.say(f"featurized {self.summary.featurized} photos in {self.summary.chunks} commit(s), {seconds:.1f} s: "
+                 f"{rate:.1f} photos/s, {rate / self.slots:.1f} per task slot ({chunks} chunk(s) of up to {size})")
 
-    def _commit_chunk(self, part) -> int:
-        """Featurize one chunk, commit its rows (one snapshot), then its rejects; photos done."""
+    def _distinct(self, photos: pa.Table) -> pa.Table:
+        """The sorted listing without repeated names (a Parquet list may name a photo twice: one
+        row, the others counted as duplicates)."""
+        sources = photos.column("source").to_numpy(zero_copy_only=False)
+        first = np.ones(len(sources), dtype=bool)
+        first[1:] = sources[1:] != sources[:-1]
+        self.summary.duplicates += int((~first).sum())
+        return photos if first.all() else photos.filter(pa.array(first))
+
+    def _known(self, name: str):
+        """The digests of the ``image_id`` values of a table (read by pyiceberg on the driver: no
+        Spark job), for the workers to skip before the model."""
+        found = table.load_catalog(self.settings).load_table(name)
+        if found.current_snapshot() is None:  # a new table: nothing to skip
+            return tasks.digests([])
+        ids = found.scan(selected_fields=("image_id",)).to_arrow().column("image_id")
+        return tasks.digests(ids.drop_null().unique().to_pylist())
+
+    def _commit_chunk(self, photos: pa.Table, known: tasks.Known) -> int:
+        """Featurize one chunk, commit its rows (one snapshot), then its rejects; photos done.
+
+        One job runs the model and brings every row's name, id and outcome to the driver (not
+        the vectors); the write reads the persisted rows. Of photos with the same bytes in the
+        chunk the first name is written and the others counted as duplicates."""
         from pyspark import StorageLevel
         from pyspark.sql import functions as F
 
-        out = (part.repartition(self.slots)
-               .mapInArrow(tasks.featurize_photos(self.spec), _spark_schema(tasks.FEATURIZED))
+        frame = self.spark.createDataFrame(photos).repartition(self.slots)
+        out = (frame.mapInArrow(tasks.featurize_photos(self.spec, known), _spark_schema(tasks.FEATURIZED))
                .persist(StorageLevel.MEMORY_AND_DISK))
         try:
-            counts = dict(out.groupBy(F.col("reason").isNull().alias("ok")).count().collect())  # runs the model
-            featurized = counts.get(True, 0)
-            if featurized:  # the write reads the persisted rows
-                writer = out.filter(F.col("reason").isNull()).select(*tasks.FEATURE_COLUMNS).writeTo(self.target)
+            outcomes = out.select("source", "image_id", "reason", "detail", "skipped").collect()  # runs the model
+            written, rejects, duplicates = self._outcomes(outcomes)
+            if written:  # the write reads the persisted rows
+                keep = out.filter(F.col("reason").isNull() & F.col("skipped").isNull())
+                if duplicates:
+                    keep = keep.filter(~F.col("source").isin(duplicates))
+                writer = keep.select(*tasks.FEATURE_COLUMNS).writeTo(self.target)
                 # no offsets carried: the stream reads its offsets from its own (and compact's) snapshots only
                 for key, value in {table.WRITER: WRITER, RUN_KEY: self.summary.run_id}.items():
                     writer = writer.option(f"snapshot-property.{key}", value)
                 writer.append()
-            rejected = 0
-            if counts.get(False):
-                rejects = out.filter(F.col("reason").isNotNull()).select(
-                    "source", F.when(F.col("image_id") != "", F.col("image_id")).alias("image_id"), "reason",
-                    "detail")
-                rejected = self._reject(rejects, retried=False)
+            self._reject([r for r in rejects if r["image_id"] is None], retried=True)
+            self._reject([r for r in rejects if r["image_id"] is not None], retried=False)
         finally:
             out.unpersist()
-        self.summary.featurized += featurized
+        self.summary.featurized += written
         self.summary.chunks += 1
-        return featurized + rejected
+        return len(outcomes)
 
-    def _reject(self, rejects, retried: bool) -> int:
+    def _outcomes(self, outcomes) -> tuple[int, list[dict], list[str]]:
+        """Count a chunk's rows: (photos to write, rejects to write, names of duplicates).
+        Of the photos of one ``image_id`` (read, not skipped) the first name wins."""
+        first: dict[str, str] = {}
+        for row in outcomes:
+            if row["skipped"] is None and row["image_id"]:
+                first[row["image_id"]] = min(first.get(row["image_id"], row["source"]), row["source"])
+        written, rejects, duplicates = 0, [], []
+        for row in outcomes:
+            image_id = row["image_id"] or None
+            if row["skipped"] == tasks.PRESENT:
+                self.summary.skipped_present += 1
+            elif row["skipped"] == tasks.REJECTED_BEFORE:
+                self.summary.skipped_rejected += 1
+            elif row["skipped"] == tasks.DUPLICATE or (image_id and first[image_id] != row["source"]):
+                self.summary.duplicates += 1
+                duplicates.append(row["source"])
+            elif row["reason"] is not None:
+                rejects.append({"source": row["source"], "image_id": image_id, "reason": row["reason"],
+                                "detail": row["detail"]})
+            else:
+                written += 1
+        self.this_run.extend(first)
+        return written, rejects, duplicates
+
+    def _reject(self, rejects: list[dict], retried: bool) -> None:
         """Append this run's rejects and count them by reason. Unreadable photos are tried again
         by every run, so theirs are appended once per (source, reason)."""
-        from pyspark.sql import functions as F
+        import datetime as dt
 
-        stamped = (rejects.withColumn("rejected_at", F.current_timestamp())
-                   .withColumn("run_id", F.lit(self.summary.run_id))
-                   .select("source", "image_id", "reason", "detail", "rejected_at", "run_id"))
-        found = stamped.collect()  # rejects are few; the driver counts them
-        for row in found:
+        for row in rejects:
             self.summary.rejected[row["reason"]] += 1
-        if retried and found:
-            before = self.spark.table(self.rejects).select("source", "reason").distinct()
-            found = stamped.join(before, ["source", "reason"], "left_anti").select(*stamped.columns).collect()
-        if found:
-            frame = self.spark.createDataFrame(found, schema=_rejects_spark_schema())
+        if retried and rejects:
+            before = table.load_catalog(self.settings).load_table(self.summary.rejects_table)
+            if before.current_snapshot() is not None:
+                seen = before.scan(selected_fields=("source", "reason")).to_arrow().to_pylist()
+                seen_pairs = {(r["source"], r["reason"]) for r in seen}
+                rejects = [r for r in rejects if (r["source"], r["reason"]) not in seen_pairs]
+        if rejects:
+            now = dt.datetime.now(dt.timezone.utc)
+            rows = [(r["source"], r["image_id"], r["reason"], r["detail"], now, self.summary.run_id)
+                    for r in rejects]
+            frame = self.spark.createDataFrame(rows, schema=_rejects_spark_schema())
             frame.writeTo(self.rejects).option(f"snapshot-property.{table.WRITER}", WRITER).append()
-        return len(found)
 
 
 def _rejects_spark_schema():

@@ -1,4 +1,5 @@
-"""What runs in Spark's Python workers: hash photos, featurize photos (``mapInArrow`` functions).
+"""What runs in Spark's Python workers: load the network, and featurize photos in one pass
+(read once, hash, skip what is known, run the rest: ``mapInArrow`` functions).
 
 Both take and yield Arrow record batches. The network is loaded once per Python worker (Spark
 reuses its workers between tasks, and this module's :data:`_LOADED` lives as long as the worker)
@@ -33,18 +34,10 @@ import pyarrow as pa
 from pipeline.errors import DeeperError
 from pipeline.storage.identity import FeatureId
 
-#: Reason of a photo whose bytes changed between hashing and featurizing (it is retried next run).
-CHANGED = "changed_during_backfill"
 UNREADABLE = "unreadable"
-
-HASHED = pa.schema([
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("label", pa.string()),
-    pa.field("image_id", pa.string()),  # null when unreadable
-    pa.field("size", pa.int64()),
-    pa.field("reason", pa.string()),
-    pa.field("detail", pa.string()),
-])
+#: Why a photo read by the featurize pass was not run through the model (the ``skipped`` column):
+#: its sha256 is in the table, in the rejects table, or was written by an earlier chunk of this run.
+PRESENT, REJECTED_BEFORE, DUPLICATE = "present", "rejected_before", "duplicate"
 
 _VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
 #: The feature table's columns (TABLE_CONTRACT.md) plus the reject's reason and detail; a
@@ -63,8 +56,9 @@ FEATURIZED = pa.schema([
     pa.field("kafka_key", pa.binary()),
     pa.field("reason", pa.string()),
     pa.field("detail", pa.string()),
+    pa.field("skipped", pa.string()),  # PRESENT, REJECTED_BEFORE or DUPLICATE: not run, not written
 ])
-FEATURE_COLUMNS = [f.name for f in FEATURIZED if f.name not in ("reason", "detail")]
+FEATURE_COLUMNS = [f.name for f in FEATURIZED if f.name not in ("reason", "detail", "skipped")]
 
 
 @dataclass(frozen=True)
@@ -93,7 +87,7 @@ IDENTITY = pa.schema([pa.field("identity", pa.string(), nullable=False)])
 
 # --------------------------------------------------------------------------- reading
 
-#: Photos read ahead of the one being hashed or featurized, by this many threads: an S3 GET
+#: Photos read ahead of the one being featurized, by this many threads: an S3 GET
 #: takes tens of milliseconds, so reads overlap each other and the model.
 READ_AHEAD = 64
 READ_THREADS = 8
@@ -137,33 +131,58 @@ def _reason(error: BaseException) -> tuple[str, str]:
     return INTERNAL_ERROR, describe_exception(error)
 
 
-# --------------------------------------------------------------------------- hashing
+# --------------------------------------------------------------------------- known photos
 
 
-def hash_photos(spec: ModelSpec | None = None):
-    """The ``mapInArrow`` function: ``source, label`` -> ``+ image_id`` (sha256 of the bytes),
-    ``size``, or a reason. With ``spec``, the worker starts loading the network in the background
-    meanwhile (its import and load overlap the hashing and the driver's anti-join)."""
+def digests(image_ids) -> np.ndarray:
+    """Sorted, distinct sha256 digests (``S32``, 32 bytes each) of the hex ``image_ids`` given
+    (others, which no sha256 of bytes can equal, are left out): what a worker looks a photo up in."""
+    raw = [bytes.fromhex(i) for i in image_ids if isinstance(i, str) and len(i) == 64 and _is_hex(i)]
+    return np.unique(np.array(raw, dtype="S32")) if raw else np.zeros(0, dtype="S32")
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        if spec is not None:
-            _warm(spec)
-        rows = {name: [] for name in HASHED.names}
-        for (source, label), data in _read_ahead(_rows(batches, ("source", "label"))):
-            image_id = size = reason = detail = None
-            if isinstance(data, BaseException):
-                reason, detail = _reason(data)
-            else:
-                image_id, size = hashlib.sha256(data).hexdigest(), len(data)
-            for name, value in zip(HASHED.names, (source, label, image_id, size, reason, detail)):
-                rows[name].append(value)
-            if len(rows["source"]) >= CHUNK:
-                yield pa.RecordBatch.from_pydict(rows, schema=HASHED)
-                rows = {name: [] for name in HASHED.names}
-        if rows["source"]:
-            yield pa.RecordBatch.from_pydict(rows, schema=HASHED)
 
-    return run
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_hex(text: str) -> bool:
+    return set(text) <= _HEX
+
+
+def _holds(known: np.ndarray, digest: bytes) -> bool:
+    if not len(known):
+        return False
+    at = int(np.searchsorted(known, np.bytes_(digest)))
+    return at < len(known) and known[at] == np.bytes_(digest)
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the featurize pass skips before the model, by sha256 digest (:func:`digests`; each
+    a Spark broadcast of a sorted array, looked up by binary search: 32 bytes per photo in a
+    worker's memory): photos in the table, rejected before (read but not decodable), and written
+    or rejected by an earlier chunk of this run."""
+
+    present: object  # Broadcast of np.ndarray, or a plain array (tests)
+    rejected_before: object
+    this_run: object
+
+    def skipped(self, digest: bytes) -> str | None:
+        for reason, held in ((PRESENT, self.present), (REJECTED_BEFORE, self.rejected_before),
+                             (DUPLICATE, self.this_run)):
+            if _holds(getattr(held, "value", held), digest):
+                return reason
+        return None
+
+
+def read_photos(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, str | None, bytes | None, str | None,
+                                                                     tuple[str, str] | None]]:
+    """``(source, label, bytes, image_id, (reason, detail) or None)`` per listed photo, in order,
+    each read once (ahead, by threads): the sha256 is taken from the very bytes the model gets."""
+    for (source, label), data in _read_ahead(_rows(batches, ("source", "label"))):
+        if isinstance(data, BaseException):
+            yield source, label, None, None, _reason(data)
+        else:
+            yield source, label, data, hashlib.sha256(data).hexdigest(), None
 
 
 # --------------------------------------------------------------------------- featurizing
@@ -208,7 +227,7 @@ def _load(spec: ModelSpec, cpus: int, future: Future) -> None:
 
 
 def _inference(spec: ModelSpec):
-    """The worker's network and input pipeline (loaded once, maybe while hashing), checked
+    """The worker's network and input pipeline (loaded once, by the identity job), checked
     against the identity the driver expects."""
     inference, made, _ = _warm(spec).result()
     if spec.meta is not None:
@@ -241,35 +260,38 @@ def _task_cpus() -> int:
         return 1
 
 
-def featurize_photos(spec: ModelSpec):
-    """The ``mapInArrow`` function: ``source, label, image_id`` batches -> :data:`FEATURIZED`."""
+def featurize_photos(spec: ModelSpec, known: Known):
+    """The ``mapInArrow`` function: ``source, label`` batches -> :data:`FEATURIZED`, one pass:
+    each photo is read once, hashed, skipped if ``known`` holds its sha256 (no model time), else
+    run through the network. Photos of the same bytes within one pass are all run (the driver
+    keeps the first name): duplicates are rare, and a second read of every photo is not."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         inference = _inference(spec)
         chunk: list = []
-        for item in _read_ahead(_rows(batches, ("source", "label", "image_id"))):
+        for item in read_photos(batches):
             chunk.append(item)
             if len(chunk) >= CHUNK:
-                yield _featurize_chunk(inference, chunk)
+                yield _featurize_chunk(inference, known, chunk)
                 chunk = []
         if chunk:
-            yield _featurize_chunk(inference, chunk)
+            yield _featurize_chunk(inference, known, chunk)
 
     return run
 
 
-def _featurize_chunk(inference, chunk: list[tuple[tuple, bytes | BaseException]]) -> pa.RecordBatch:
+def _featurize_chunk(inference, known: Known, chunk: list) -> pa.RecordBatch:
     from pipeline.model.inference import Failed, ImageRecord
 
     out = _Rows()
     records = []
-    for (source, label, image_id), data in chunk:
-        if isinstance(data, BaseException):
-            out.reject(source, label, image_id, *_reason(data))
+    for source, label, data, image_id, failed in chunk:
+        if failed is not None:
+            out.reject(source, label, image_id, *failed)
             continue
-        now = hashlib.sha256(data).hexdigest()
-        if now != image_id:  # the anti-join decided on other bytes: this run must not add these
-            out.reject(source, label, image_id, CHANGED, f"sha256 was {image_id}, is now {now}")
+        skipped = known.skipped(bytes.fromhex(image_id))
+        if skipped is not None:
+            out.skip(source, label, image_id, skipped)
             continue
         records.append(ImageRecord(image_id, data, source, label))
     for result in inference.run(records):
@@ -289,9 +311,9 @@ class _Rows:
         self.vectors: list[np.ndarray] = []
         self.now = dt.datetime.now(dt.timezone.utc)
 
-    def row(self, image_id, source, label, width, height, vector, reason=None, detail=None) -> None:
+    def row(self, image_id, source, label, width, height, vector, reason=None, detail=None, skipped=None) -> None:
         values = (image_id, source, label, int(width), int(height), None, self.now, None, None, None, None,
-                  reason, detail)
+                  reason, detail, skipped)
         for name, value in zip(FEATURIZED.names, values):
             if name != "vector":
                 self.columns[name].append(value)
@@ -299,6 +321,9 @@ class _Rows:
 
     def reject(self, source, label, image_id, reason, detail) -> None:
         self.row(image_id or "", source, label, 0, 0, np.zeros(0, np.float32), reason, (detail or "")[:1000])
+
+    def skip(self, source, label, image_id, why) -> None:
+        self.row(image_id, source, label, 0, 0, np.zeros(0, np.float32), skipped=why)
 
     def batch(self) -> pa.RecordBatch:
         lengths = np.fromiter((len(v) for v in self.vectors), np.int32, len(self.vectors))
