@@ -18,7 +18,7 @@ import tensorflow as tf
 from pipeline.errors import WeightsUnavailable
 from pipeline.model.nets import efficientnet_lite as lite
 from pipeline.model.nets.efficientnet_lite import LITE0, VARIANTS, Variant
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from tests.torch_files import Tensor, write_legacy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

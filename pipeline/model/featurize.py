@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline.model.decode import image_id
 from pipeline.errors import DeeperError
 from pipeline.storage.feature_cache import FeatureCache
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.model.inference import Failed, Featurized, ImageRecord, Inference, Result
 from pipeline.model.nets.base import Backbone
 from pipeline.storage.parquet_writer import FeatureRow

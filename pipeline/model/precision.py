@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import DeeperError
+from pipeline.identity import DEFAULT_PRECISION  # noqa: F401 - re-exported: fp32, named with the identity
 from pipeline.storage import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ BF16 = "bf16"
 FP32_LITE = "fp32-lite"
 INT8 = "int8"
 PRECISIONS: tuple[str, ...] = (FP32, BF16, FP32_LITE, INT8)
-DEFAULT_PRECISION = FP32
 #: precisions that run through TF-Lite instead of TensorFlow.
 LITE_PRECISIONS = frozenset({FP32_LITE, INT8})
 #: bump when the converted TF-Lite layout changes, so stale cached models are ignored.

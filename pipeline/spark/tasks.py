@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import DeeperError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 
 #: Reason of a photo whose bytes changed between hashing and featurizing (it is retried next run).
 CHANGED = "changed_during_backfill"

@@ -36,7 +36,7 @@ from kafka import TopicPartition
 
 from pipeline import storage
 from pipeline.logs import event
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table
 from pipeline.storage.sink import Sink, Span
 

@@ -30,7 +30,7 @@ from pipeline.errors import DeeperError
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
-    from pipeline.storage.identity import FeatureId
+    from pipeline.identity import FeatureId
     from pipeline.storage.parquet_writer import FeatureRow
 
 

@@ -49,7 +49,7 @@ from kafka import TopicPartition
 from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.logs import event
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.sink import Superseded
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ from kafka import TopicPartition
 
 from pipeline.logs import event
 from pipeline.storage import table as tables
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.sink import Sink, Span, Superseded
 
 if TYPE_CHECKING:
