@@ -83,7 +83,6 @@ class Settings:
     # -- the model ---------------------------------------------------------------------------------
     model: str = _setting("DEEPER_MODEL", "auto")
     precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.model.precision)
-    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.model.weights before any download
     #: the label of a photo whose top probability is under the model's threshold
     unknown_label: str = _setting("DEEPER_UNKNOWN_LABEL", "unknown")
     # -- the stream's contract with the platform ---------------------------------------------------
