@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from kafka.errors import KafkaError
 from tqdm import tqdm
 
+from pipeline.kafka.client import KafkaError
 from pipeline.kafka.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, upload_s3
 from pipeline.cli_help import from_setting
 from pipeline.config import Settings

@@ -146,6 +146,16 @@ def headers_dict(headers: Headers | None) -> dict[str, str]:
     return {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
 
 
+def record_header(record: Any, name: str) -> str | None:
+    """A Kafka record's header ``name`` as text (the first of duplicates; None if absent, a null
+    value reads as empty, undecodable bytes are replaced): how readers of dead letters get at
+    ``dlq-*`` and the rig at ``source``."""
+    for key, value in record.headers or []:
+        if key == name:
+            return (value or b"").decode("utf-8", "replace")
+    return None
+
+
 def to_headers(values: Mapping[str, str | None]) -> list[tuple[str, bytes]]:
     return [(k, v.encode()) for k, v in values.items() if v is not None]
 

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import pyarrow.fs as pafs
-from kafka import TopicPartition
 
 from pipeline import storage
+from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
 from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table

@@ -24,9 +24,8 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from kafka import TopicPartition
-
 from pipeline.errors import DeeperError
+from pipeline.kafka.client import TopicPartition
 
 if TYPE_CHECKING:
     from pipeline.config import Settings

@@ -33,8 +33,8 @@ import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from kafka import TopicPartition
 
+from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
 from pipeline.storage import table as tables
 from pipeline.identity import FeatureId
