@@ -169,10 +169,11 @@ class Settings:
         """The featurizer's Parquet root: ``DEEPER_FEATURES_URI`` or ``$DEEPER_DATA_DIR/features``."""
         return self.features_uri or str(Path(self.data_dir) / "features")
 
-    def to_env(self) -> dict[str, str]:
-        """These settings as environment variables: what a child ``deeper`` process needs to
-        run with exactly these settings (``{**os.environ, **settings.to_env()}``)."""
-        return {f.metadata["env"]: str(getattr(self, f.name)) for f in fields(self)}
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a child process (``deeper featurizer``...) that must run with
+        exactly these settings: this process's environment, every setting as its variable
+        (``DEEPER_*``, ``KAFKA_*``) on top, then ``extra`` (``TF_CPP_MIN_LOG_LEVEL`` & co.)."""
+        return {**os.environ, **{f.metadata["env"]: str(getattr(self, f.name)) for f in fields(self)}, **extra}
 
     def redacted(self) -> dict[str, str]:
         """The settings as a dict safe to log: secrets replaced by ``***``."""

@@ -22,7 +22,6 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from pipeline.model.decode import image_id
 from pipeline.errors import DeeperError
 from pipeline.storage.feature_cache import FeatureCache
 from pipeline.identity import FeatureId
@@ -30,6 +29,7 @@ from pipeline.model.inference import Failed, Featurized, ImageRecord, Inference,
 from pipeline.model.nets.base import Backbone
 from pipeline.storage.parquet_writer import FeatureRow
 from pipeline.model.photos import Photo
+from schemas.messages import image_id
 
 #: Reason of a photo whose reading or decoding raised something other than ``DecodeError``.
 INTERNAL_ERROR = "internal_error"

@@ -18,7 +18,6 @@ which the driver writes to the rejects table.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import threading
@@ -32,6 +31,7 @@ import pyarrow as pa
 
 from pipeline.errors import DeeperError
 from pipeline.identity import FeatureId
+from schemas import messages
 
 #: Reason of a photo whose bytes changed between hashing and featurizing (it is retried next run).
 CHANGED = "changed_during_backfill"
@@ -154,7 +154,7 @@ def hash_photos(spec: ModelSpec | None = None):
             if isinstance(data, BaseException):
                 reason, detail = _reason(data)
             else:
-                image_id, size = hashlib.sha256(data).hexdigest(), len(data)
+                image_id, size = messages.image_id(data), len(data)
             for name, value in zip(HASHED.names, (source, label, image_id, size, reason, detail)):
                 rows[name].append(value)
             if len(rows["source"]) >= CHUNK:
@@ -267,7 +267,7 @@ def _featurize_chunk(inference, chunk: list[tuple[tuple, bytes | BaseException]]
         if isinstance(data, BaseException):
             out.reject(source, label, image_id, *_reason(data))
             continue
-        now = hashlib.sha256(data).hexdigest()
+        now = messages.image_id(data)
         if now != image_id:  # the anti-join decided on other bytes: this run must not add these
             out.reject(source, label, image_id, CHANGED, f"sha256 was {image_id}, is now {now}")
             continue
