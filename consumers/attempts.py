@@ -31,7 +31,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
 from pipeline.storage import write_bytes_atomic

@@ -128,7 +128,8 @@ class Checkpoint:
             # The offsets join the transaction: they count only if its records do.
             self._await(internals.add_offsets_to_transaction(self.producer, offsets, group),
                         "adding the offsets to the transaction")
-        self._await(internals.begin_commit(self.producer), "committing the transaction")  # records + offsets, all or nothing
+        # records + offsets, all or nothing
+        self._await(internals.begin_commit(self.producer), "committing the transaction")
         self._in_transaction = False
 
     def _member_metadata(self) -> Any:

@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-
 from pipeline.config import Settings
 from pipeline.kafka.client import kafka_errors
 from pipeline.kafka.kafka_io import topic_message_limits
