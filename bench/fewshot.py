@@ -34,7 +34,7 @@ import numpy as np
 from bench.photo_sources import available
 from pipeline.learning.scoring import score
 from pipeline.learning.training import DEFAULT_SPEC, train
-from pipeline.model.photos import Photo, find_photos
+from pipeline.model.photos import PhotoFile, find_photos
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -48,28 +48,28 @@ SPLITS = 20
 PER_CLASS = 60
 BOOTSTRAP = 2000
 
-Vectors = Callable[[list[Photo], str, str], tuple[np.ndarray, list[str]]]
+Vectors = Callable[[list[PhotoFile], str, str], tuple[np.ndarray, list[str]]]
 
 
 # -- photo sets ---------------------------------------------------------------------------------
-def _labelled(root: Path) -> list[Photo] | None:
+def _labelled(root: Path) -> list[PhotoFile] | None:
     """A train/ + test/ set with test_labels.csv, pooled (the splits decide what is held out)."""
     if not (root / "train").is_dir():
         return None
     with open(root / "test_labels.csv", newline="") as fh:
         truth = {row["file"]: row["label"] for row in csv.DictReader(fh)}
-    test = [Photo(p.path, truth[p.path.name]) for p in find_photos([root / "test"])]
+    test = [PhotoFile(p.path, truth[p.path.name]) for p in find_photos([root / "test"])]
     return find_photos([root / "train"], labels_from_folders=True) + test
 
 
-def _capped(photos: list[Photo], per_class: int) -> list[Photo]:
-    out: list[Photo] = []
+def _capped(photos: list[PhotoFile], per_class: int) -> list[PhotoFile]:
+    out: list[PhotoFile] = []
     for label in sorted({p.label for p in photos}):
         out += sorted((p for p in photos if p.label == label), key=lambda p: str(p.path))[:per_class]
     return out
 
 
-def photo_sets() -> tuple[dict[str, list[Photo]], list[Photo]]:
+def photo_sets() -> tuple[dict[str, list[PhotoFile]], list[PhotoFile]]:
     """({set name: photos}, other things); a set that can't be had is left out with a line saying so."""
     sets = {"cars": _labelled(SHARED / "cars"), "examples": _labelled(REPO / "examples")}
     dso = available("stellarium_dso")
@@ -116,7 +116,7 @@ def evaluate(x: np.ndarray, y: list[str], x_other: np.ndarray | None, set_name: 
     return rows
 
 
-def run(vectors: Vectors, sets: dict[str, list[Photo]], others: list[Photo],
+def run(vectors: Vectors, sets: dict[str, list[PhotoFile]], others: list[PhotoFile],
         backbones: Sequence[str] = CANDIDATE_BACKBONES, layers: Sequence[str] = CANDIDATE_LAYERS,
         splits: int = SPLITS) -> dict:
     """Every recipe on every set: per-split rows, per-set means, and paired differences vs the baseline."""

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.learning.novelty import CONFORMAL, TRAINING_SHARE, NoveltySpec
 from pipeline.learning.scoring import score
 from pipeline.learning.training import DEFAULT_LAYER, DEFAULT_SPEC, train
-from pipeline.model.photos import Photo, find_photos
+from pipeline.model.photos import PhotoFile, find_photos
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -30,16 +30,16 @@ RULES = {"nearest (default)": (NoveltySpec(1, False), CONFORMAL),
          "3rd nearest": (NoveltySpec(3, False), CONFORMAL),
          "nearest of the predicted class": (NoveltySpec(1, True), CONFORMAL)}
 
-Vectors = Callable[[list[Photo], str, str], tuple[np.ndarray, list[str]]]
+Vectors = Callable[[list[PhotoFile], str, str], tuple[np.ndarray, list[str]]]
 
 
-def train_test(root: Path) -> tuple[list[Photo], list[Photo]] | None:
+def train_test(root: Path) -> tuple[list[PhotoFile], list[PhotoFile]] | None:
     if not (root / "train").is_dir():
         return None
     with open(root / "test_labels.csv", newline="") as fh:
         truth = {row["file"]: row["label"] for row in csv.DictReader(fh)}
     return (find_photos([root / "train"], labels_from_folders=True),
-            [Photo(p.path, truth[p.path.name]) for p in find_photos([root / "test"])])
+            [PhotoFile(p.path, truth[p.path.name]) for p in find_photos([root / "test"])])
 
 
 def _rates(results) -> dict:
@@ -49,8 +49,8 @@ def _rates(results) -> dict:
             "unknown_share": float(np.mean([r.unknown for r in results])) if results else None}
 
 
-def model_goal(vectors: Vectors, backbone: str, train_photos: list[Photo], test_photos: list[Photo],
-               others: list[Photo], layer: str = DEFAULT_LAYER) -> dict:
+def model_goal(vectors: Vectors, backbone: str, train_photos: list[PhotoFile], test_photos: list[PhotoFile],
+               others: list[PhotoFile], layer: str = DEFAULT_LAYER) -> dict:
     """Train as ``deeper train`` does; the unknown rates of held-out in-class photos and other things."""
     x, y = vectors(train_photos, backbone, layer)
     xt, yt = vectors(test_photos, backbone, layer)
@@ -74,7 +74,7 @@ def model_goal(vectors: Vectors, backbone: str, train_photos: list[Photo], test_
     return out
 
 
-def run(vectors: Vectors, others: list[Photo], backbones: Sequence[str]) -> dict:
+def run(vectors: Vectors, others: list[PhotoFile], backbones: Sequence[str]) -> dict:
     from bench.photo_sources import subjects
 
     models = {"cars": train_test(SHARED / "cars"), "examples": train_test(REPO / "examples")}

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.model.photos import Photo
+from pipeline.model.photos import PhotoFile
 
 MANIFESTS = Path(__file__).resolve().parent / "photos"
 DEFAULT_CACHE = Path.home() / ".cache" / "go-deeper" / "bench-photos"
@@ -80,7 +80,7 @@ def _cached_path(cache: Path, set_name: str, entry: dict) -> Path:
     return cache / set_name / entry["label"] / entry["name"]
 
 
-def load_set(name: str, cache: Path = DEFAULT_CACHE) -> list[Photo]:
+def load_set(name: str, cache: Path = DEFAULT_CACHE) -> list[PhotoFile]:
     """The set's photos (label = class), fetched into ``cache`` the first time."""
     spec = manifest(name)
     photos = spec["photos"]
@@ -99,7 +99,7 @@ def load_set(name: str, cache: Path = DEFAULT_CACHE) -> list[Photo]:
                 target = _cached_path(cache, name, entry)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(extracted, target)
-    return [Photo(_cached_path(cache, name, p), p["label"]) for p in photos]
+    return [PhotoFile(_cached_path(cache, name, p), p["label"]) for p in photos]
 
 
 def subjects(name: str) -> dict[str, str]:
@@ -107,7 +107,7 @@ def subjects(name: str) -> dict[str, str]:
     return {p["name"]: p.get("subject", "other") for p in manifest(name)["photos"]}
 
 
-def available(name: str, cache: Path = DEFAULT_CACHE) -> list[Photo] | None:
+def available(name: str, cache: Path = DEFAULT_CACHE) -> list[PhotoFile] | None:
     """:func:`load_set`, or None (with a line saying why) where it can't be had."""
     try:
         return load_set(name, cache)

@@ -47,7 +47,7 @@ from pipeline.learning.classifier import (KINDS, NORMALIZATIONS, ClassifierSpec,
                                  top_probability)
 from pipeline.model.featurize import default_cache, featurize_photos
 from pipeline.model.nets.factory import load_backbone
-from pipeline.model.photos import Photo, find_photos
+from pipeline.model.photos import PhotoFile, find_photos
 from pipeline.learning.scoring import score
 from pipeline.learning.training import DEFAULT_SPEC
 
@@ -79,7 +79,7 @@ def _train_test_set(root: Path) -> dict | None:
     if not (root / "train").is_dir():
         return None
     truth = _truth(root)
-    test = [Photo(p.path, truth[p.path.name]) for p in find_photos([root / "test"])]
+    test = [PhotoFile(p.path, truth[p.path.name]) for p in find_photos([root / "test"])]
     return {"train": find_photos([root / "train"], labels_from_folders=True), "test": test}
 
 
@@ -90,7 +90,7 @@ def _stamps() -> dict | None:
     for folder in STAMP_CLASSES:
         files = sorted(p for p in (STAMPS / folder).rglob("*.png")
                        if not p.stem.endswith("_back") and "cartoon" not in p.relative_to(STAMPS).parts)
-        photos += [Photo(p, Path(folder).name) for p in files[:STAMPS_PER_CLASS]]
+        photos += [PhotoFile(p, Path(folder).name) for p in files[:STAMPS_PER_CLASS]]
     return {"train": photos, "test": []}
 
 
@@ -103,7 +103,7 @@ def photo_sets() -> dict[str, dict]:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def out_of_class(sets: dict[str, dict], against: str) -> list[Photo]:
+def out_of_class(sets: dict[str, dict], against: str) -> list[PhotoFile]:
     """Photos of none of ``against``'s classes: the ImageNet samples and the other sets' photos."""
     photos = find_photos([SHARED / "imagenet-samples"]) if (SHARED / "imagenet-samples").is_dir() else []
     classes = {p.label for p in sets[against]["train"]}
@@ -121,7 +121,7 @@ class Vectors:
     def __init__(self, backbone, cache):
         self.backbone, self.cache = backbone, cache
 
-    def __call__(self, photos: list[Photo], layer: str) -> tuple[np.ndarray, list[str]]:
+    def __call__(self, photos: list[PhotoFile], layer: str) -> tuple[np.ndarray, list[str]]:
         layer = self.backbone.info.resolve_layer(layer)
         if not photos:
             return np.zeros((0, self.backbone.info.end_points[layer]), np.float32), []
@@ -224,7 +224,7 @@ def choice_and_novelty(cache_dir: str, sections: list[str], out: Path) -> None:
 
     cache = default_cache(cache_dir)
 
-    def vectors(photos: list[Photo], backbone: str, layer: str) -> tuple[np.ndarray, list[str]]:
+    def vectors(photos: list[PhotoFile], backbone: str, layer: str) -> tuple[np.ndarray, list[str]]:
         return Vectors(load_backbone(backbone, cache_dir=cache_dir, progress=False), cache)(photos, layer)
 
     sets, others = fewshot.photo_sets()

@@ -83,12 +83,12 @@ class Rig:
         return self._registries[precision]
 
     def _train(self, precision: str, registry_dir: str):
-        from pipeline.model.photos import Photo
+        from pipeline.model.photos import PhotoFile
         from pipeline.learning.registry import Registry
         from pipeline.learning.train_photos import train_from_photos
 
         train = [p for p in self.paths if "/train/" in str(p)] or self.paths
-        photos = [Photo(p, p.parent.name if CARS in p.parents else ("a" if i % 2 else "b"))
+        photos = [PhotoFile(p, p.parent.name if CARS in p.parents else ("a" if i % 2 else "b"))
                   for i, p in enumerate(train)]
         trained = train_from_photos(photos, load(self.ctx, MODEL, precision), Registry(registry_dir), LAYER)
         rows = trained.features.rows

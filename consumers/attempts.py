@@ -31,8 +31,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka import TopicPartition
-
+from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
 from pipeline.storage import write_bytes_atomic
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
-from kafka import errors as kafka_errors
-
 from pipeline.config import Settings
 from pipeline.errors import DeeperError
+from pipeline.kafka import internals
+from pipeline.kafka.client import KafkaConsumer, OffsetAndMetadata, TopicPartition, kafka_errors
 from pipeline.kafka.kafka_io import close_producer, make_producer, make_transactional_producer
 from pipeline.logs import event
 
@@ -123,13 +122,14 @@ class Checkpoint:
         if not self._in_transaction:
             self.producer.begin_transaction()
             self._in_transaction = True
-        manager = self.producer._transaction_manager
         if offsets:
             group = self._member_metadata()
-            _forget_refused_offsets(manager)
+            internals.forget_refused_offsets(self.producer)
             # The offsets join the transaction: they count only if its records do.
-            self._await(manager.send_offsets_to_transaction(offsets, group), "adding the offsets to the transaction")
-        self._await(manager.begin_commit(), "committing the transaction")  # records + offsets, all or nothing
+            self._await(internals.add_offsets_to_transaction(self.producer, offsets, group),
+                        "adding the offsets to the transaction")
+        # records + offsets, all or nothing
+        self._await(internals.begin_commit(self.producer), "committing the transaction")
         self._in_transaction = False
 
     def _member_metadata(self) -> Any:
@@ -157,7 +157,7 @@ class Checkpoint:
         abort then replaces the producer, whose successor (same transactional id) fences this
         one and aborts its open transaction.
         """
-        self.producer._sender.wakeup()
+        internals.wake_sender(self.producer)
         if not result.wait(timeout_ms=TRANSACTION_WAIT_S * 1000):
             self._stuck = True
             raise CheckpointFailed(f"{what}: no answer from the broker within {TRANSACTION_WAIT_S:.0f} s")
@@ -186,24 +186,13 @@ class Checkpoint:
             try:
                 if self._stuck:
                     raise CheckpointFailed("the producer's last transactional request is unanswered")
-                self._await(self.producer._transaction_manager.begin_abort(), "aborting the transaction")
+                self._await(internals.begin_abort(self.producer), "aborting the transaction")
             except Exception as exc:  # noqa: BLE001 - fenced, fatal or stuck: only a new producer recovers
                 event(log, "transaction abort failed; replacing the producer", logging.WARNING, error=repr(exc))
                 self.replace_producer()
                 return
-        if self._producer_is_fatal():
+        if internals.producer_is_fatal(self.producer):
             self.replace_producer()
-
-    def _producer_is_fatal(self) -> bool:
-        """kafka-python's fatal state never recovers: every later send fails at once.
-
-        It happens after a broker restart that refuses the idempotent producer's epoch bump
-        (Tansu, docs/faults.md) or when a newer replica fenced our transactional id. The state
-        is private; if it can't be read, assume the worst (a new producer is cheap).
-        """
-        manager = getattr(self.producer, "_transaction_manager", None)
-        has_fatal = getattr(manager, "has_fatal_error", None)
-        return not callable(has_fatal) or bool(has_fatal())
 
     def replace_producer(self) -> None:
         try:
@@ -221,21 +210,3 @@ class Checkpoint:
             self.abort()
         close_producer(self.producer)
 
-
-def _forget_refused_offsets(manager: Any) -> None:
-    """Drop offsets an earlier transaction failed to add, before this one adds its own.
-
-    kafka-python 3.0.12 keeps the offsets of a refused TxnOffsetCommit (a zombie's stale
-    generation: UnknownMemberId, IllegalGeneration) in ``_pending_txn_offset_commits`` after the
-    transaction is aborted, and sends them again with the next transaction's offsets: a zombie
-    that rejoined its group committed the old positions of partitions it no longer owned, under
-    its new, valid generation, and their records were done twice (the cluster suite's zombie
-    scenario: the group's offset history showed a partition's committed offset go from 11 back
-    to 6, committed by the rejoined zombie along with its own). Nothing is pending between
-    transactions, so clearing it here loses nothing.
-    """
-    pending = getattr(manager, "_pending_txn_offset_commits", None)
-    if pending:
-        event(log, "dropping offsets a failed transaction left behind in the producer", logging.WARNING,
-              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in pending))
-        pending.clear()

@@ -36,7 +36,7 @@ from consumers.worker import StreamWorker
 from pipeline.config import Settings
 from pipeline.kafka import claim_check
 from pipeline.model.featurize import feature_meta
-from pipeline.storage.identity import split_backbone
+from pipeline.identity import split_backbone
 from pipeline.model.inference import (
     DEFAULT_BATCH_TIMEOUT,
     Failed,

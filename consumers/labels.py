@@ -13,8 +13,6 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-from kafka import TopicPartition
-
 from pipeline.config import Settings
 from pipeline.errors import DeeperError, SchemaError
 from schemas.messages import LabelRecord, decode_label
@@ -30,29 +28,17 @@ def follow_labels(settings: Settings, expected_ids: Iterable[str] | None = None,
     same photos are still on the topic). A record that fails validation (anyone who can write
     to the topic can forge one) is skipped, and handed to ``on_invalid`` to be counted.
     """
-    from pipeline.kafka.kafka_io import make_consumer
+    from pipeline.kafka.topic_reader import open_topic_reader
 
     topic = topic or settings.labels_topic
     wanted = set(expected_ids) if expected_ids is not None else None
-    consumer = make_consumer(settings, None, [], enable_auto_commit=False)
+    consumer = open_topic_reader(settings, topic, timeout, enable_auto_commit=False)
+    if consumer is None:
+        raise DeeperError(f"topic {topic} does not exist on {settings.bootstrap_servers}")
     try:
-        partitions = _partitions(consumer, topic, timeout)
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
         return _read_until(consumer, wanted, time.monotonic() + timeout, on_label, version, on_invalid)
     finally:
         consumer.close()
-
-
-def _partitions(consumer, topic: str, timeout: float) -> list[TopicPartition]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return [TopicPartition(topic, p) for p in sorted(found)]
-        if time.monotonic() > deadline:
-            raise DeeperError(f"topic {topic} does not exist on {consumer.config['bootstrap_servers']}")
-        time.sleep(0.5)
 
 
 def _read_until(consumer, wanted: set[str] | None, deadline: float,

@@ -13,9 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from kafka import errors as kafka_errors
-
 from pipeline.config import Settings
+from pipeline.kafka.client import kafka_errors
 from pipeline.kafka.kafka_io import topic_message_limits
 from pipeline.logs import event
 

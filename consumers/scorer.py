@@ -22,7 +22,7 @@ import numpy as np
 from consumers.worker import StreamWorker
 from pipeline.config import Settings
 from pipeline.errors import IncompatibleFeatures, RegistryError, SchemaError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.logs import event
 from pipeline.learning.registry import ModelVersion, Registry
 from pipeline.learning.scoring import score

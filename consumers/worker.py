@@ -34,15 +34,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from kafka import TopicPartition
-from kafka import errors as kafka_errors
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-
 from consumers import attempts as attempts_lib
 from consumers.attempts import Attempts
 from consumers.checkpoint import Checkpoint, CheckpointFailed
 from consumers.outputs import OutputLimits, Unreadable, fit_dead_letter
 from pipeline.config import Settings
+from pipeline.kafka import internals
+from pipeline.kafka.client import ConsumerRebalanceListener, TopicPartition, kafka_errors
 from pipeline.kafka.kafka_io import closing_quietly, consumer_lag, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
@@ -322,7 +320,7 @@ class StreamWorker:
         letter, so no offset of it goes unaccounted for. Without a place there is nothing safe
         to skip: the error is re-raised and the worker stops, committing nothing more.
         """
-        place = _unreadable_place(self.consumer)
+        place = internals.unreadable_place(self.consumer)
         if place is None:
             raise exc
         tp, offset = place
@@ -564,7 +562,7 @@ class StreamWorker:
             return False
         self._paused_until = 0.0
         if self.checkpoint(reason="retry"):
-            _resume(self.consumer, self.consumer.assignment())
+            internals.resume(self.consumer, self.consumer.assignment())
             event(log, "sink recovered; consumption resumed")
             return True
         return False
@@ -654,31 +652,6 @@ POLL_RETRY_S = 0.5
 def names_a_record(exc: BaseException) -> bool:
     """Whether an exception from ``poll()`` is about one unreadable record (to dead-letter and skip)."""
     return isinstance(exc, RECORD_ERRORS) or not isinstance(exc, kafka_errors.KafkaError)
-
-
-def _resume(consumer: Any, partitions: Any) -> None:
-    """``consumer.resume``, working around kafka-python 3.0.12 (docs/faults.md, finding 5).
-
-    Its fetcher restores a resumed partition's parked records only while its in-line slot is
-    ``None``, but a drained record set (empty, not ``None``) can sit there for good, and a
-    partition with parked records is never fetched again: it would stop silently. A drained
-    slot holds nothing, so clearing it loses nothing.
-    """
-    consumer.resume(*partitions)
-    fetcher = getattr(consumer, "_fetcher", None)
-    slot = getattr(fetcher, "_next_partition_records", None)
-    if slot is not None and not slot:
-        fetcher._next_partition_records = None
-
-
-def _unreadable_place(consumer: Any) -> tuple[TopicPartition, int] | None:
-    """(partition, offset) of the record kafka-python's fetcher failed to parse, if it says."""
-    records = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
-    tp = getattr(records, "topic_partition", None)
-    offset = getattr(records, "next_fetch_offset", None)
-    if tp is None or offset is None:
-        return None
-    return tp, int(offset)
 
 
 def _safe(name: str) -> str:

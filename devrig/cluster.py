@@ -112,7 +112,7 @@ class RigCluster:
     def _ask(self, question: Callable[[Any], Any], timeout: float = 60.0) -> Any:
         """An admin request to the nodes that run now, retried while the cluster settles (a
         node just killed can still be picked before its connection fails)."""
-        from kafka import errors as kafka_errors
+        from pipeline.kafka.client import kafka_errors
 
         from pipeline.kafka.kafka_io import make_admin
 

@@ -112,7 +112,7 @@ class Feeder(threading.Thread):
 
     def _send_chunk(self, producer, batch: list[Photo]) -> dict[str, str]:
         """Send and flush ``batch``; the photos that failed, by source, with the reason."""
-        from kafka.errors import KafkaError
+        from pipeline.kafka.client import KafkaError
 
         failed: dict[str, str] = {}
         sent_before = producer.summary.sent

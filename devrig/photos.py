@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
 import numpy as np
+
+from schemas.messages import image_id
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Photo:
 
 
 def photo_from_bytes(data: bytes, source: str, label: str | None = None) -> Photo:
-    return Photo(hashlib.sha256(data).hexdigest(), source, label, data)
+    return Photo(image_id(data), source, label, data)
 
 
 def synthetic_photo(seed: int, index: int, size: int = 96) -> tuple[bytes, str]:

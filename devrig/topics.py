@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import uuid
 from pathlib import Path
 
-from pipeline.config import ENVIRONMENT, Settings
+from pipeline.config import Settings
 from pipeline.kafka.kafka_io import ensure_topics
 
 
@@ -31,7 +30,4 @@ def fresh_settings(base: Settings, root: Path, prefix: str = "t", partitions: in
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """This process's environment with every field of ``settings`` as its variable (``DEEPER_*``,
     ``KAFKA_*``), so a ``deeper featurizer|scorer`` process sees exactly these settings."""
-    env = {**os.environ, "DEEPER_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    env.update({variable: str(getattr(settings, name)) for name, (variable, _) in ENVIRONMENT.items()})
-    env.update(extra)
-    return env
+    return settings.child_env(**{"DEEPER_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **extra})

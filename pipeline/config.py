@@ -83,7 +83,6 @@ class Settings:
     # -- the model ---------------------------------------------------------------------------------
     model: str = _setting("DEEPER_MODEL", "auto")
     precision: str = _setting("DEEPER_PRECISION", "fp32")  # fp32, bf16, fp32-lite, int8 (pipeline.model.precision)
-    offline: str = _setting("DEEPER_OFFLINE", "")  # read by pipeline.model.weights before any download
     #: the label of a photo whose top probability is under the model's threshold
     unknown_label: str = _setting("DEEPER_UNKNOWN_LABEL", "unknown")
     # -- the stream's contract with the platform ---------------------------------------------------
@@ -170,10 +169,11 @@ class Settings:
         """The featurizer's Parquet root: ``DEEPER_FEATURES_URI`` or ``$DEEPER_DATA_DIR/features``."""
         return self.features_uri or str(Path(self.data_dir) / "features")
 
-    def to_env(self) -> dict[str, str]:
-        """These settings as environment variables: what a child ``deeper`` process needs to
-        run with exactly these settings (``{**os.environ, **settings.to_env()}``)."""
-        return {f.metadata["env"]: str(getattr(self, f.name)) for f in fields(self)}
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a child process (``deeper featurizer``...) that must run with
+        exactly these settings: this process's environment, every setting as its variable
+        (``DEEPER_*``, ``KAFKA_*``) on top, then ``extra`` (``TF_CPP_MIN_LOG_LEVEL`` & co.)."""
+        return {**os.environ, **{f.metadata["env"]: str(getattr(self, f.name)) for f in fields(self)}, **extra}
 
     def redacted(self) -> dict[str, str]:
         """The settings as a dict safe to log: secrets replaced by ``***``."""

@@ -29,7 +29,6 @@ non-zero.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import logging
 import math
@@ -40,14 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from kafka.errors import KafkaError
 from tqdm import tqdm
 
+from pipeline.kafka.client import KafkaError
 from pipeline.kafka.claim_check import IMAGE_URI_HEADER, FetchFailed, FetchLimits, fetch_image, upload_s3
 from pipeline.cli_help import from_setting
 from pipeline.config import Settings
 from pipeline.errors import DecodeError, DeeperError
 from pipeline.model.photos import display_path
+from schemas import messages
 from schemas.messages import IMAGE_CONTENT_TYPES, ImageMessage, label_problem, make_image_message, now_iso
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class ImageProducer:
             except FetchFailed as exc:
                 self._fail(source, f"claim check not sent: {exc}" + (f" ({exc.cause})" if exc.cause else ""))
                 return None
-            image_id, content_type = hashlib.sha256(data).hexdigest(), content_type or sniff_content_type(data)
+            image_id, content_type = messages.image_id(data), content_type or sniff_content_type(data)
         label = source_text(label) if label is not None else None
         if self._label_refused(source, label):
             return None
@@ -365,7 +365,7 @@ class ImageProducer:
         except FetchFailed as exc:
             self._fail(source, f"claim check upload failed: {exc}" + (f" ({exc.cause})" if exc.cause else ""))
             return None
-        return self.send_reference(uri, source, label, image_id=hashlib.sha256(data).hexdigest(),
+        return self.send_reference(uri, source, label, image_id=messages.image_id(data),
                                    content_type=content_type)
 
     def _send(self, message: ImageMessage, data: bytes, source: str, uri: str | None = None) -> ImageMessage | None:

@@ -146,6 +146,16 @@ def headers_dict(headers: Headers | None) -> dict[str, str]:
     return {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
 
 
+def record_header(record: Any, name: str) -> str | None:
+    """A Kafka record's header ``name`` as text (the first of duplicates; None if absent, a null
+    value reads as empty, undecodable bytes are replaced): how readers of dead letters get at
+    ``dlq-*`` and the rig at ``source``."""
+    for key, value in record.headers or []:
+        if key == name:
+            return (value or b"").decode("utf-8", "replace")
+    return None
+
+
 def to_headers(values: Mapping[str, str | None]) -> list[tuple[str, bytes]]:
     return [(k, v.encode()) for k, v in values.items() if v is not None]
 
@@ -177,9 +187,15 @@ class ImageMessage:
                            H_PRODUCED_AT: self.produced_at, H_LABEL: self.label})
 
 
+def image_id(data: bytes) -> str:
+    """The image's identity everywhere (Kafka key, Parquet row, table row, cache, claim-check
+    object name): the sha256 of its bytes, in lower-case hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def make_image_message(data: bytes, source: str, content_type: str = "application/octet-stream",
                        label: str | None = None) -> ImageMessage:
-    return ImageMessage(hashlib.sha256(data).hexdigest(), data, source, content_type, now_iso(), label)
+    return ImageMessage(image_id(data), data, source, content_type, now_iso(), label)
 
 
 #: How the featurizer reads the images topic (``DEEPER_IMAGE_CONTRACT``).
@@ -204,17 +220,17 @@ def parse_image_message(key: bytes | None, value: bytes | None, headers: Headers
         _check_version(h)
     if value is None:
         raise SchemaError("null value (tombstone) on the images topic")
-    image_id = hashlib.sha256(value).hexdigest()
+    identity = image_id(value)
     if contract == "strict" or ours:
         claimed = (key or b"").decode("utf-8", "replace").strip().lower()
         if not is_image_id(claimed):
             raise SchemaError("key is not a sha256 hex image id")
-        if claimed != image_id:
+        if claimed != identity:
             raise SchemaError("key does not match sha256 of the value (corrupted or mis-keyed message)")
     label = h.get(label_header) or None
     if label is not None:
         _check(f"{label_header} header (a known label must be a class name)", label_problem(label))
-    return ImageMessage(image_id, value, h.get(source_header, ""), h.get(H_CONTENT_TYPE, ""),
+    return ImageMessage(identity, value, h.get(source_header, ""), h.get(H_CONTENT_TYPE, ""),
                         h.get(H_PRODUCED_AT, ""), label, original_key=key)
 
 

@@ -3,7 +3,7 @@
 One row per image. The vector is a ``fixed_size_list<float32>[dim]`` so Spark, DuckDB, polars
 and pandas all read it as an array column of known width. Which network made the vectors is
 recorded once per file, in the file's key-value metadata (and in the ``backbone=`` directory of
-a streamed dataset), not repeated on every row; ``pipeline.storage.identity.FeatureId`` reads and writes it.
+a streamed dataset), not repeated on every row; ``pipeline.identity.FeatureId`` reads and writes it.
 Adding ``deeper.precision`` kept the schema at version 1: readers default it (older files).
 Version 2 adds ``kafka_key``, the image message's own key (a foreign producer's file name, say);
 version 1 files, which lack it, are read as before.
@@ -20,7 +20,7 @@ READS = frozenset({"1", "2"})
 #: Keys of the file metadata (all values are UTF-8 strings).
 META_SCHEMA_VERSION = "deeper.schema_version"
 META_BACKBONE = "deeper.backbone"  # plain network name; files written before precision had its own key
-#: may say ``efficientnet_lite0@bf16`` instead (see ``pipeline.storage.identity``)
+#: may say ``efficientnet_lite0@bf16`` instead (see ``pipeline.identity``)
 META_PRECISION = "deeper.precision"  # fp32 | bf16 | fp32-lite | int8; absent in older files: fp32
 META_WEIGHTS_DIGEST = "deeper.weights_digest"
 META_LAYER = "deeper.layer"

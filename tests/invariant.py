@@ -24,7 +24,8 @@ from kafka import TopicPartition
 from pipeline import storage
 from pipeline.config import Settings
 from pipeline.kafka.kafka_io import make_consumer
-from schemas.messages import decode_features, decode_label
+from pipeline.kafka.topic_reader import open_topic_reader
+from schemas.messages import decode_features, decode_label, record_header
 
 Offset = tuple[str, int, int]
 
@@ -56,13 +57,11 @@ class Outcomes:
 
 def read_all(settings: Settings, topic: str) -> list[Any]:
     """Every committed record of ``topic`` (read_committed), up to its end offsets now."""
-    consumer = make_consumer(settings, None, [])
+    consumer = open_topic_reader(settings, topic)
+    if consumer is None:
+        return []
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not partitions:
-            return []
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
+        partitions = sorted(consumer.assignment())
         end = consumer.end_offsets(partitions)
         records: list[Any] = []
         idle = 0
@@ -83,31 +82,24 @@ def read_all(settings: Settings, topic: str) -> list[Any]:
 def _step_over_unreadable(consumer: Any, partitions: list[TopicPartition]) -> Any:
     """The unreadable record's place (as an :class:`Unreadable`), stepped over like the worker does."""
     from consumers.outputs import Unreadable
-    from consumers.worker import _unreadable_place
+    from pipeline.kafka.internals import unreadable_place
 
-    place = _unreadable_place(consumer)
+    place = unreadable_place(consumer)
     assert place is not None, "poll failed and kafka-python says nothing of where"
     tp, offset = place
     consumer.seek(tp, offset + 1)
     return Unreadable(tp.topic, tp.partition, offset)
 
 
-def _header(record: Any, name: str) -> str | None:
-    for k, v in record.headers or []:
-        if k == name:
-            return (v or b"").decode("utf-8", "replace")
-    return None
-
-
 def _dead_letters(settings: Settings, stage_topic: str) -> tuple[Counter, dict[Offset, str]]:
     dead: Counter = Counter()
     reasons = {}
     for d in read_all(settings, settings.dead_letter_topic):
-        if _header(d, "dlq-source-topic") != stage_topic:
+        if record_header(d, "dlq-source-topic") != stage_topic:
             continue
-        o = (stage_topic, int(_header(d, "dlq-source-partition")), int(_header(d, "dlq-source-offset")))
+        o = (stage_topic, int(record_header(d, "dlq-source-partition")), int(record_header(d, "dlq-source-offset")))
         dead[o] += 1
-        reasons[o] = _header(d, "dlq-reason") or ""
+        reasons[o] = record_header(d, "dlq-reason") or ""
     return dead, reasons
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.app.cli import main
 from pipeline.storage import table
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from tests.bad_images import by_name
 from tests.spark_helpers import MODEL, SparkEnv, _environment, examples_copy, lake
 

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.model import decode
-from pipeline.model.decode import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, DecodedImage, covering_side, decode_image, image_id
+from pipeline.model.decode import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, DecodedImage, covering_side, decode_image
+from schemas.messages import image_id
 from pipeline.errors import DecodeError
 from tests import bad_images
 from tests.bad_images import Case, cases

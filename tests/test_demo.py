@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from consumers.labels import follow_labels
-from pipeline.model.decode import image_id
+from schemas.messages import image_id
 from pipeline.model.photos import find_photos
 from pipeline.learning.registry import Registry
 from pipeline.learning.training import training_set_hash

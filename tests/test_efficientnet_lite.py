@@ -18,7 +18,7 @@ import tensorflow as tf
 from pipeline.errors import WeightsUnavailable
 from pipeline.model.nets import efficientnet_lite as lite
 from pipeline.model.nets.efficientnet_lite import LITE0, VARIANTS, Variant
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from tests.torch_files import Tensor, write_legacy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -153,7 +153,7 @@ def test_parity_with_live_torch(net, variant, weights_path, reference):
 def test_imagenet_top5_on_the_samples_batch_equals_stream(net, imagenet_samples):
     """Real photos through the batch featurizer and the stream's pipeline: the same vectors, and
     each sample's own class among the top 5."""
-    from pipeline.model.decode import image_id
+    from schemas.messages import image_id
     from pipeline.model.featurize import featurize_photos
     from pipeline.model.inference import Featurized, ImageRecord, Inference
     from pipeline.model.photos import find_photos

@@ -15,7 +15,6 @@ holds (file names fixed by offsets) and the topic half is checked at-least-once.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ N_PHOTOS = 60
 
 
 def _start(settings) -> subprocess.Popen:
-    env = {**os.environ, **settings.to_env(), "TF_CPP_MIN_LOG_LEVEL": "2", "DEEPER_OFFLINE": "1"}
+    env = settings.child_env(TF_CPP_MIN_LOG_LEVEL="2", DEEPER_OFFLINE="1")
     code = "import sys; from pipeline.app.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, "featurizer", "--model", "efficientnet_lite0",
                              "--layer", "prelogits", "--batch-size", "8", "--roll-seconds", "1",

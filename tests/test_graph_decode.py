@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.model.decode import graph_plan, image_id
+from pipeline.model.decode import graph_plan
+from schemas.messages import image_id
 from pipeline.model.inference import Failed, Featurized, ImageRecord, Inference
 from tests import bad_images
 from tests.test_decode_fuzz import mutate, seeds

@@ -19,7 +19,7 @@ from consumers.scorer import Scorer
 from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.errors import IncompatibleFeatures
 from pipeline.storage.feature_cache import FeatureCache
-from pipeline.storage.identity import FeatureId, split_backbone
+from pipeline.identity import FeatureId, split_backbone
 from pipeline.storage.parquet_reader import read_features, read_meta
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
 from pipeline.learning.registry import ModelVersion, Registry

@@ -15,7 +15,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from pipeline.model.decode import decode_image, image_id
+from pipeline.model.decode import decode_image
+from schemas.messages import image_id
 from pipeline.model.inference import Failed, Featurized, ImageRecord, Inference
 from tests import bad_images
 

@@ -19,7 +19,7 @@ from pipeline.learning.classifier import Classifier, ClassifierSpec
 from pipeline.learning.registry import Registry
 from pipeline.learning.scoring import NOVEL, UNCONFIDENT, UNKNOWN_LABEL, score, unknown_reason
 from pipeline.learning.training import train, train_and_register
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 
 DIM = 16
 META = FeatureId("efficientnet_lite0", "ab" * 32, "prelogits", DIM, "central_crop(0.875)")

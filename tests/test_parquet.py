@@ -21,7 +21,7 @@ from kafka import TopicPartition
 from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.storage.feature_cache import FeatureCache
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_reader import feature_files, read_features
 from pipeline.storage.parquet_sink import ParquetSink
 from pipeline.storage.sink import Span

@@ -10,7 +10,6 @@ dead-lettered as ``poison`` without being touched, and every other photo becomes
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +28,7 @@ MAX_RUNS = 8
 
 
 def _featurizer(settings, poison: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **settings.to_env(), "DEEPER_TEST_POISON_SHA256": poison, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "DEEPER_OFFLINE": "1"}
+    env = settings.child_env(DEEPER_TEST_POISON_SHA256=poison, TF_CPP_MIN_LOG_LEVEL="2", DEEPER_OFFLINE="1")
     command = [sys.executable, "-m", "tests.poison_hook", "featurizer", "--model", "efficientnet_lite0",
                "--layer", "prelogits", "--batch-size", "4", "--roll-seconds", "1", "--exit-when-idle", "6",
                "--partitions", "1"]

@@ -18,7 +18,7 @@ import pytest
 import pipeline.storage as storage_module
 from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.errors import RegistryError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.learning.registry import Registry
 
 META = FeatureId("efficientnet_lite0", "ab" * 32, "prelogits", 16, "central_crop(0.875)")

@@ -16,7 +16,7 @@ import pytest
 from pipeline import storage
 from pipeline.app.cli import main as deeper
 from pipeline.errors import DeeperError, IncompatibleFeatures
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_reader import feature_files, read_features
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table, write_features
 from pipeline.learning.registry import Registry

@@ -14,7 +14,7 @@ import pytest
 from pipeline.learning.classifier import (ClassifierSpec, brier_score, calibrate, choose_unknown_threshold, cross_validate,
                                  fit, fit_platt, platt_probabilities, top_probability)
 from pipeline.errors import DeeperError, SchemaError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.learning.registry import Registry
 from pipeline.learning.scoring import UNKNOWN_LABEL, score
 from pipeline.learning.training import train_and_register

@@ -36,7 +36,7 @@ from pipeline.app.broker import local as broker
 from pipeline.learning.classifier import ClassifierSpec, fit
 from pipeline.config import ENVIRONMENT, Settings
 from pipeline.logs import JsonFormatter
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.learning.registry import Registry
 from schemas.messages import FeatureRecord, encode_features
 from tests.stream_helpers import WorkerThread, read_topic, unique_settings

@@ -21,7 +21,7 @@ from pipeline.errors import DeeperError, SchemaError
 from pipeline.learning.classifier import ClassifierSpec
 from pipeline.learning.registry import Registry
 from pipeline.learning.training import train_and_register
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from schemas.messages import (FeatureRecord, LabelRecord, decode_features, decode_label, describe_key,
                               encode_features, encode_label, label_problem, parse_image_message, printable)
 

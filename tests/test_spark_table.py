@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from pipeline.storage import table
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow
 
 DIM = 16

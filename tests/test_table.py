@@ -23,7 +23,7 @@ from kafka import TopicPartition
 from pipeline.config import Settings
 from pipeline.errors import IncompatibleFeatures
 from pipeline.storage import table as tables
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow
 from pipeline.storage.sink import Span, Superseded
 from pipeline.storage.table_sink import TableSink

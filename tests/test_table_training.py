@@ -21,7 +21,7 @@ from pipeline.app.cli import main
 from pipeline.config import Settings
 from pipeline.learning.registry import Registry
 from pipeline.storage import table as tables
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow
 
 META = FeatureId("efficientnet_lite0", "cd" * 32, "prelogits", 64)

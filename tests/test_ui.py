@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pipeline.kafka.kafka_io import close_producer, make_producer
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow, write_features
 from pipeline.learning.registry import Registry
 from pipeline.learning.training import DEFAULT_SPEC, labels_from_csv, train_and_register, training_set_hash

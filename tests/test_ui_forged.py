@@ -25,7 +25,7 @@ from pipeline.app.ui import UiApp, serve_in_thread
 from pipeline.kafka.kafka_io import close_producer, make_producer
 from pipeline.learning.registry import Registry
 from pipeline.learning.training import DEFAULT_SPEC, train_and_register
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from schemas.messages import FeatureRecord, LabelRecord, dead_letter_headers, encode_features, encode_label
 from tests.stream_helpers import WorkerThread, unique_settings
 from tests.test_ui_browser import Browser, browser, chromium  # noqa: F401 (fixtures)

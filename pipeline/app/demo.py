@@ -363,7 +363,7 @@ def run_batch_demo(examples: Path, settings: Settings, model: str) -> int:
 
 
 def _id(path: Path) -> str:
-    from pipeline.model.decode import image_id
+    from schemas.messages import image_id
 
     return image_id(path.read_bytes())
 

@@ -62,16 +62,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
-from kafka import TopicPartition
-from kafka import errors as kafka_errors
 from PIL import Image
 
 from pipeline.config import Settings
 from pipeline.model.decode import decode_image
 from pipeline.errors import DecodeError, DeeperError, SchemaError
+from pipeline.kafka.client import TopicPartition, kafka_errors
 from pipeline.kafka.kafka_io import consumer_lag, make_consumer, wait_for_broker
+from pipeline.kafka.topic_reader import topic_partitions
 from pipeline.logs import event
-from schemas.messages import decode_label, is_image_id, label_problem, printable
+from schemas.messages import decode_label, is_image_id, label_problem, printable, record_header
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +112,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 # --------------------------------------------------------------------------- reading topics
-def _partitions(consumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions now (empty while it does not exist yet)."""
-    found = consumer.partitions_for_topic(topic) or set()
-    return [TopicPartition(topic, p) for p in sorted(found)]
-
-
-def _header(record, name: str) -> str:
-    for key, value in record.headers or []:
-        if key == name:
-            return (value or b"").decode("utf-8", "replace")
-    return ""
-
-
 def confidence_of(record: Any) -> float:
     """The label's confidence: the record's calibrated ``confidence`` when it carries one.
 
@@ -251,8 +238,8 @@ class StreamWatcher(_Background):
 
     def _reassign(self, consumer) -> None:
         """Follow the topics' partitions (new ones start at their last ``recent`` records)."""
-        labels = _partitions(consumer, self.settings.labels_topic)
-        dead = _partitions(consumer, self.settings.dead_letter_topic)
+        labels = topic_partitions(consumer, self.settings.labels_topic)
+        dead = topic_partitions(consumer, self.settings.dead_letter_topic)
         before = consumer.assignment()
         wanted = labels + dead
         new = [tp for tp in wanted if tp not in before]
@@ -295,7 +282,7 @@ class StreamWatcher(_Background):
     def _take_dead_letter(self, message) -> None:
         """Anyone who can write to the dead-letter topic can forge one: its headers are shown
         as bounded, printable text, and an odd reason is counted as ``(invalid reason)``."""
-        item = {name: printable(_header(message, f"dlq-{name}")[:300]) or "" for name in
+        item = {name: printable((record_header(message, f"dlq-{name}") or "")[:300]) or "" for name in
                 ("reason", "detail", "stage", "source-topic", "source-partition", "source-offset")}
         if not item["reason"]:
             item["reason"] = "(no reason header)"
@@ -367,7 +354,7 @@ class LagWatcher(_Background):
             if name not in consumers:
                 consumers[name] = make_consumer(self.settings, group, [])
             consumer = consumers[name]
-            partitions = _partitions(consumer, topic)
+            partitions = topic_partitions(consumer, topic)
             if partitions:
                 consumer.assign(partitions)
                 lag = consumer_lag(consumer)

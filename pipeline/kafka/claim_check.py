@@ -33,7 +33,6 @@ Choices, and why:
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.client
 import os
 import stat
@@ -44,6 +43,7 @@ from typing import Any, Callable, Sequence
 from pipeline.kafka import fetch_policy as policy
 from pipeline.kafka import pinned_http
 from pipeline.kafka.fetch_policy import FetchFailed, FetchLimits, FetchRefused  # callers' names for them
+from schemas.messages import image_id
 
 #: Header whose value is the URI of the image's bytes; the message value is then empty.
 IMAGE_URI_HEADER = "image-uri"
@@ -207,7 +207,7 @@ def upload_s3(prefix: str, data: bytes, suffix: str, limits: FetchLimits, conten
     """
     if not prefix.startswith("s3://") or not prefix[len("s3://"):].strip("/"):
         raise FetchRefused("uri", f"{_short(prefix)}: a claim-check prefix must be s3://bucket[/prefix]")
-    uri = f"{prefix.rstrip('/')}/{hashlib.sha256(data).hexdigest()}{suffix}"
+    uri = f"{prefix.rstrip('/')}/{image_id(data)}{suffix}"
     s3 = s3_filesystem(limits.s3_endpoint, limits.s3_region, limits.timeout_s)
     metadata = {"Content-Type": content_type} if content_type else None
     try:

@@ -33,7 +33,7 @@ import numpy as np
 from pipeline.learning import novelty as novelty_lib
 from pipeline.learning.classifier import Classifier, ClassifierSpec
 from pipeline.errors import RegistryError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage import write_bytes_atomic
 
 CURRENT = "current.json"

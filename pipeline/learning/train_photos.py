@@ -18,7 +18,7 @@ from pipeline.storage.feature_cache import FeatureCache
 from pipeline.model.featurize import FeaturizeResult, featurize_photos
 from pipeline.model.inference import Failed
 from pipeline.model.nets.base import Backbone
-from pipeline.model.photos import Photo, find_photos
+from pipeline.model.photos import PhotoFile, find_photos
 from pipeline.learning.registry import Registry
 from pipeline.learning.training import DEFAULT_LAYER, DEFAULT_SPEC, TrainingOutcome, apply_labels, train_and_register
 
@@ -29,7 +29,7 @@ class PhotoTraining:
     features: FeaturizeResult  # rows used (labelled or not) and the photos that failed
 
 
-def train_from_photos(photos: Sequence[Photo] | str | Path, backbone: Backbone, registry: Registry,
+def train_from_photos(photos: Sequence[PhotoFile] | str | Path, backbone: Backbone, registry: Registry,
                       layer: str = DEFAULT_LAYER, spec: ClassifierSpec = DEFAULT_SPEC, *,
                       labels: Mapping[str, str] | None = None, relabel: Callable[[str | None], str | None] | None = None,
                       cache: FeatureCache | None = None, batch_size: int = 32, progress: bool = False,

@@ -20,7 +20,7 @@ from pipeline.learning import novelty as novelty_lib
 from pipeline.learning.classifier import (MAX_FALSE_UNKNOWN, Classifier, ClassifierSpec, CVResult, calibrate,
                                           cross_validate, fit, top_probability)
 from pipeline.errors import DeeperError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.learning.registry import Registry
 from pipeline.learning.scoring import UNKNOWN_LABEL
 from schemas.messages import label_problem

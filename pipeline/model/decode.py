@@ -42,7 +42,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -94,11 +93,6 @@ class DecodedImage:
     width: int  # of the full-size upright image, whatever size ``pixels`` were decoded at
     height: int
     format: str
-
-
-def image_id(data: bytes) -> str:
-    """The image's identity everywhere (Kafka key, Parquet row, cache): sha256 of its bytes."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def covering_side(image_size: int, central_fraction: float = CENTRAL_FRACTION) -> int:

@@ -22,14 +22,14 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from pipeline.model.decode import image_id
 from pipeline.errors import DeeperError
 from pipeline.storage.feature_cache import FeatureCache
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.model.inference import Failed, Featurized, ImageRecord, Inference, Result
 from pipeline.model.nets.base import Backbone
 from pipeline.storage.parquet_writer import FeatureRow
-from pipeline.model.photos import Photo
+from pipeline.model.photos import PhotoFile
+from schemas.messages import image_id
 
 #: Reason of a photo whose reading or decoding raised something other than ``DecodeError``.
 INTERNAL_ERROR = "internal_error"
@@ -57,7 +57,7 @@ def feature_meta(backbone: Backbone, layer: str) -> FeatureId:
                      backbone.info.preprocessing, precision=backbone.precision)
 
 
-def featurize_photos(photos: Sequence[Photo], backbone: Backbone, layer: str, batch_size: int = 32,
+def featurize_photos(photos: Sequence[PhotoFile], backbone: Backbone, layer: str, batch_size: int = 32,
                      cache: FeatureCache | None = None, progress: bool = True,
                      chunk: int = 512) -> FeaturizeResult:
     """Featurize ``photos`` in order; unreadable or undecodable ones come back as failures.
@@ -198,7 +198,7 @@ def _relabel(row: FeatureRow, record: ImageRecord) -> FeatureRow:
     return FeatureRow(row.image_id, record.source, record.label, row.width, row.height, row.vector)
 
 
-def _read(photos: Sequence[Photo]) -> tuple[list[ImageRecord], list[Failed]]:
+def _read(photos: Sequence[PhotoFile]) -> tuple[list[ImageRecord], list[Failed]]:
     """Each photo's bytes; sources are display text (:func:`pipeline.model.photos.display_path`)."""
     records, failures = [], []
     for photo in photos:

@@ -175,7 +175,6 @@ class Inference:
                  batch_timeout: float = DEFAULT_BATCH_TIMEOUT, model_threads: int = 1, graph_jpeg: bool = True):
         self.backbone = backbone
         self.layer = backbone.info.resolve_layer(layer)
-        self.dim = backbone.info.end_points[self.layer]
         self.batch_size = batch_size
         self.parallel_decode = parallel_decode or default_parallelism()
         self.max_pixels = max_pixels

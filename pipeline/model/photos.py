@@ -26,7 +26,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".
 
 
 @dataclass(frozen=True)
-class Photo:
+class PhotoFile:
+    """A photo on disk, by path (the rig's ``Photo`` is bytes in memory: another thing)."""
+
     path: Path  # the real path (may hold surrogates): open this one
     label: str | None = None  # already display text
 
@@ -53,25 +55,25 @@ def path_from_display(text: str) -> Path:
     return Path(os.fsdecode(raw))
 
 
-def find_photos(inputs: Sequence[str | Path], labels_from_folders: bool = False) -> list[Photo]:
+def find_photos(inputs: Sequence[str | Path], labels_from_folders: bool = False) -> list[PhotoFile]:
     """Expand files and directories (recursively) into photos, sorted for reproducibility.
 
     Files named explicitly are taken whatever their suffix (a bad one fails decode with a
     reason); inside directories only image suffixes are taken and hidden files are skipped.
     """
-    photos: list[Photo] = []
+    photos: list[PhotoFile] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             photos.extend(_walk(path, labels_from_folders))
         elif path.is_file():
-            photos.append(Photo(path, display_path(path.parent.name) if labels_from_folders else None))
+            photos.append(PhotoFile(path, display_path(path.parent.name) if labels_from_folders else None))
         else:
             raise DeeperError(f"no such file or directory: {display_path(path)}")
     return photos
 
 
-def _walk(root: Path, labels_from_folders: bool) -> Iterable[Photo]:
+def _walk(root: Path, labels_from_folders: bool) -> Iterable[PhotoFile]:
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
@@ -79,4 +81,4 @@ def _walk(root: Path, labels_from_folders: bool) -> Iterable[Photo]:
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         label = display_path(relative.parts[0]) if labels_from_folders and len(relative.parts) > 1 else None
-        yield Photo(path, label)
+        yield PhotoFile(path, label)

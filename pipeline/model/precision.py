@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.config import EXAMPLES_VARIABLE, examples_dir
 from pipeline.errors import DeeperError
+from pipeline.identity import DEFAULT_PRECISION  # noqa: F401 - re-exported: fp32, named with the identity
 from pipeline.storage import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ BF16 = "bf16"
 FP32_LITE = "fp32-lite"
 INT8 = "int8"
 PRECISIONS: tuple[str, ...] = (FP32, BF16, FP32_LITE, INT8)
-DEFAULT_PRECISION = FP32
 #: precisions that run through TF-Lite instead of TensorFlow.
 LITE_PRECISIONS = frozenset({FP32_LITE, INT8})
 #: bump when the converted TF-Lite layout changes, so stale cached models are ignored.

@@ -48,7 +48,7 @@ from pipeline.errors import DeeperError, IncompatibleFeatures
 from pipeline.spark import sources, tasks
 from pipeline.spark.session import spark_session
 from pipeline.storage import table
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 
 WRITER = "backfill"
 #: Snapshot summary key naming the run that made a backfill commit.

@@ -19,7 +19,6 @@ which the driver writes to the rejects table.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import threading
@@ -32,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import DeeperError
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
+from schemas import messages
 
 UNREADABLE = "unreadable"
 #: Why a photo read by the featurize pass was not run through the model (the ``skipped`` column):
@@ -182,7 +182,7 @@ def read_photos(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, str | 
         if isinstance(data, BaseException):
             yield source, label, None, None, _reason(data)
         else:
-            yield source, label, data, hashlib.sha256(data).hexdigest(), None
+            yield source, label, data, messages.image_id(data), None
 
 
 # --------------------------------------------------------------------------- featurizing

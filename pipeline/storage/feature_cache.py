@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (

@@ -3,7 +3,7 @@
 Offline retraining reads what the featurizer wrote instead of re-running the network. Every
 location may be a local path or an ``s3://`` URI (:mod:`pipeline.storage`). The reader checks
 every file's feature id and refuses to mix backbones, precisions, weights or layers
-(:meth:`pipeline.storage.identity.FeatureId.check_compatible`).
+(:meth:`pipeline.identity.FeatureId.check_compatible`).
 
 It also keeps one row per image id (the first in file order), as a safety net: a stream that
 delivers at least once can land an image in two part files after a crash. How many rows it
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.logs import event
 
 log = logging.getLogger(__name__)

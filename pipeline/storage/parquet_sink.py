@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import pyarrow.fs as pafs
-from kafka import TopicPartition
 
 from pipeline import storage
+from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.parquet_writer import FeatureRow, rows_to_table
 from pipeline.storage.sink import Sink, Span
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.errors import IncompatibleFeatures
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from schemas import parquet as ps
 
 

@@ -24,13 +24,12 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from kafka import TopicPartition
-
 from pipeline.errors import DeeperError
+from pipeline.kafka.client import TopicPartition
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
-    from pipeline.storage.identity import FeatureId
+    from pipeline.identity import FeatureId
     from pipeline.storage.parquet_writer import FeatureRow
 
 

@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from kafka import TopicPartition
 
 from pipeline import storage
 from pipeline.errors import DeeperError, IncompatibleFeatures
+from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.sink import Superseded
 
 if TYPE_CHECKING:

@@ -33,11 +33,11 @@ import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from kafka import TopicPartition
 
+from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
 from pipeline.storage import table as tables
-from pipeline.storage.identity import FeatureId
+from pipeline.identity import FeatureId
 from pipeline.storage.sink import Sink, Span, Superseded
 
 if TYPE_CHECKING:

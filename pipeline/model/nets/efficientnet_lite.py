@@ -37,7 +37,7 @@ EfficientNet-PyTorch). What matters for exact parity:
 
 Layout is NHWC; spatial end points are flattened in (H, W, C) order. A variant's identity
 (name, preprocessing text, weights digest) is what its vectors are recorded with
-(:class:`~pipeline.storage.identity.FeatureId`), so Lite0's is kept exactly as it was before the
+(:class:`~pipeline.identity.FeatureId`), so Lite0's is kept exactly as it was before the
 family existed: registries and Parquet written then still match.
 """
 

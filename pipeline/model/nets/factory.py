@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pipeline.model import precision as precision_lib
 from pipeline.errors import DeeperError, WeightsUnavailable
-from pipeline.storage.identity import split_backbone
+from pipeline.identity import split_backbone
 from pipeline.model.nets.base import Backbone, BackboneInfo
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def load_backbone(
     """Load (once per process and precision) the named network; ``auto`` chooses and announces why.
 
     ``name`` may carry its precision as ``NAME@PRECISION`` (:attr:`FeatureId.qualified_name
-    <pipeline.storage.identity.FeatureId.qualified_name>`, the legacy recorded form), so a model trained
+    <pipeline.identity.FeatureId.qualified_name>`, the legacy recorded form), so a model trained
     on bf16 vectors reloads its backbone in bf16; a suffix that contradicts ``precision`` is refused.
     """
     name, precision = split_backbone(name, precision)  # IncompatibleFeatures (a DeeperError) if they disagree

@@ -27,8 +27,11 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from pipeline.errors import IncompatibleFeatures
-from pipeline.model.precision import DEFAULT_PRECISION
 from schemas import parquet as ps
+
+#: The compute precision a backbone runs at unless told otherwise (``pipeline.model.precision``
+#: names them all; it lives here so that the identity, a core floor, needs nothing of the model).
+DEFAULT_PRECISION = "fp32"
 
 #: Separates backbone and precision in the legacy combined name (``efficientnet_lite0@bf16``).
 PRECISION_SEPARATOR = "@"
