@@ -91,6 +91,7 @@ def test_a_featurizer_pinned_to_its_layer_is_served_by_the_last_model_that_fits(
         featurizer.stop()
         scorer.stop()
     monkeypatch.setenv("DEEPER_DATA_DIR", settings.data_dir)
+    monkeypatch.setenv("DEEPER_SINK", settings.sink)  # where this stream stored its vectors
     capsys.readouterr()
     assert deeper(["models", "--registry", settings.registry_dir]) == 0
     out = capsys.readouterr().out

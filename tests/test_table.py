@@ -286,3 +286,22 @@ def test_duckdb_and_polars_read_the_table_through_pyiceberg(settings):
     frame = polars.scan_iceberg(table).collect()
     assert frame.height == 7 and frame["vector"].list.len().unique().to_list() == [META.dim]
     assert FeatureId.from_parquet_metadata({k.encode(): v.encode() for k, v in table.properties.items()}) == META
+
+
+def test_a_namespace_another_featurizer_creates_meanwhile_is_taken_as_it_is(settings, monkeypatch):
+    """pyiceberg's SQL catalog checks for the namespace, then inserts it: two featurizers starting
+    together both pass the check, and the second insert fails on the catalog's unique key (an
+    IntegrityError, not NamespaceAlreadyExistsError: CI saw a featurizer exit on it)."""
+    catalog = tables.load_catalog(settings)
+    assert tables.load_catalog(settings) is catalog  # one catalog per settings: the patch below holds
+    namespace = tables.table_name(settings, META).rsplit(".", 1)[0]
+    catalog.create_namespace(namespace)  # the other featurizer's insert landed...
+    real, asked = catalog.namespace_exists, []
+
+    def exists(ns):  # ...just after our check said there was none
+        asked.append(ns)
+        return False if len(asked) == 1 else real(ns)
+
+    monkeypatch.setattr(catalog, "namespace_exists", exists)
+    table = tables.open_table(settings, META)
+    assert len(asked) >= 2 and tables.identity(table) == META

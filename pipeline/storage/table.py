@@ -292,10 +292,20 @@ def _create(catalog: Catalog, name: str, meta: FeatureId) -> Table:
         catalog.create_namespace(namespace)
     except NamespaceAlreadyExistsError:
         pass
+    except Exception:  # noqa: BLE001 - see below
+        # The SQL catalog checks, then inserts: two featurizers starting together both pass the
+        # check and the second insert fails on the catalog's unique key (an IntegrityError, not
+        # NamespaceAlreadyExistsError). Whoever won, the namespace is there now.
+        if not catalog.namespace_exists(namespace):
+            raise
     properties = {**{k.decode(): v.decode() for k, v in meta.to_parquet_metadata().items()}, **TABLE_PROPERTIES}
     try:
         table = catalog.create_table(name, schema(), partition_spec=partition_spec(), properties=properties)
     except TableAlreadyExistsError:
+        return catalog.load_table(name)
+    except Exception:  # noqa: BLE001 - the same race on the table's row: load the winner's table
+        if not catalog.table_exists(name):
+            raise
         return catalog.load_table(name)
     event(log, "feature table created", table=name, location=table.location(), features=meta.describe())
     return table
