@@ -14,87 +14,44 @@ How this loop keeps it:
 - **Checkpoints** (:mod:`consumers.checkpoint`): work in flight finished -> sink durable ->
   outputs and offsets committed (one transaction in exactly-once mode). A failure rewinds to
   the committed offsets; a process that dies or exits on an error commits nothing more.
-- **Poison across restarts** (:mod:`consumers.attempts`): a message that kills the process
-  is found one message at a time and dead-lettered as ``poison`` after N runs died on it.
+- **Poison across restarts** (:mod:`consumers.admission`, :mod:`consumers.attempts`): a
+  message that kills the process is found one message at a time and dead-lettered as
+  ``poison`` after N runs died on it.
+- **Rebalances** (:mod:`consumers.rebalance`): revoked partitions are checkpointed first, lost
+  ones dropped without a commit (zombie fencing).
+- **Storage away** (:mod:`consumers.pause`): consumption pauses and the checkpoint is retried.
 
 SIGTERM and SIGINT stop the loop after the current batch, checkpoint, and leave the group
-cleanly, so a rolling restart costs no rework.
+cleanly, so a rolling restart costs no rework (:mod:`consumers.replica`: signals, the stable
+instance id, lag).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import signal
-import socket
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from consumers import attempts as attempts_lib
+from consumers.admission import Admission
 from consumers.attempts import Attempts
 from consumers.checkpoint import Checkpoint, CheckpointFailed
 from consumers.outputs import OutputLimits, Unreadable, fit_dead_letter
+from consumers.pause import StoragePause
+from consumers.rebalance import Rebalance
+from consumers.replica import InstanceSlot, LagGauge, safe_name, stop_on_signals
 from pipeline.config import Settings
 from pipeline.kafka import internals
-from pipeline.kafka.client import ConsumerRebalanceListener, TopicPartition, kafka_errors
-from pipeline.kafka.kafka_io import closing_quietly, consumer_lag, make_consumer
+from pipeline.kafka.client import TopicPartition, kafka_errors
+from pipeline.kafka.kafka_io import closing_quietly, make_consumer
 from pipeline.logs import event
 from pipeline.metrics import metrics
 from pipeline.storage.sink import Sink, Span, Superseded
 from schemas.messages import dead_letter_headers
 
 log = logging.getLogger(__name__)
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Checkpoint before partitions move, so the next owner starts where we stopped.
-
-    kafka-python calls these on its I/O thread, where no blocking consumer call may be made
-    (``committed()`` raises there): ``worker.in_rebalance`` tells :meth:`StreamWorker.rewind` so.
-    """
-
-    def __init__(self, worker: "StreamWorker"):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        if not revoked:
-            return
-        self.worker.in_rebalance = True
-        try:
-            self.worker.checkpoint(reason="rebalance", clean=True)
-        except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
-            event(log, "checkpoint before a rebalance failed; the next owner redoes the work", logging.ERROR,
-                  error=repr(exc))
-        finally:
-            self.worker.in_rebalance = False
-        self.worker.attempts.forget(list(revoked))
-
-    def on_partitions_lost(self, lost):
-        """Our session expired (the broker unreachable for longer than the session timeout, a long
-        pause, a cut-off host): the partitions may already have a new owner, so nothing of ours
-        may be committed or published; the work is redone by whoever owns them now (zombie
-        fencing: docs/cluster.md)."""
-        if not lost:
-            return
-        self.worker.in_rebalance = True
-        try:
-            self.worker.drop_uncommitted()
-        except Exception as exc:  # noqa: BLE001 - as above
-            event(log, "dropping the work of lost partitions failed", logging.ERROR, error=repr(exc))
-        finally:
-            self.worker.in_rebalance = False
-        self.worker.attempts.forget(list(lost))
-        event(log, "partitions lost; their uncommitted work is redone by their next owner", logging.WARNING,
-              partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
-
-    def on_partitions_assigned(self, assigned):
-        event(log, "partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
-        if self.worker._paused_until and assigned:  # handed new partitions while the sink is down
-            self.worker.consumer.pause(*assigned)
 
 
 #: Poll timeout while work is in flight: short, so finished batches are collected promptly.
@@ -133,26 +90,23 @@ class StreamWorker:
         self.sink = sink
         self.max_in_flight = max_in_flight
         self.consumer = make_consumer(settings, group_id, [], max_poll_records=max_poll_records, **consumer_overrides)
-        self._instance_lock = None
-        transactional_id = self._transactional_id() if settings.exactly_once else None
+        self.instance = InstanceSlot(settings, group_id)
+        transactional_id = self.instance.transactional_id() if settings.exactly_once else None
         self.ckpt = Checkpoint(settings, self.consumer, transactional_id)
         self.limits = OutputLimits(settings, [*output_topics, settings.dead_letter_topic])
         self.limits.load()  # one DescribeConfigs now, not in the middle of the first batch
         self.attempts = Attempts(int(settings.max_attempts), max_in_flight + max_poll_records,
-                                 Path(settings.data_dir) / "attempts" / f"{_safe(group_id)}.json")
-        self.consumer.subscribe([topic], listener=_Rebalance(self))
+                                 Path(settings.data_dir) / "attempts" / f"{safe_name(group_id)}.json")
+        self.admission = Admission(self, self.attempts)
+        self.storage_pause = StoragePause(self.consumer, self.checkpoint)
+        self.lag = LagGauge(self.stage, self.consumer, self.metrics)
+        self.consumer.subscribe([topic], listener=Rebalance(self))
         self.starts: dict[TopicPartition, int] = {}  # first uncommitted offset per partition
-        self._checkpoint_now = False
         self._last_checkpoint = time.monotonic()
-        self._last_lag = 0.0
-        self._paused_until = 0.0
         self._finished: list[Sequence[Any]] = []
         self.in_rebalance = False  # inside kafka-python's rebalance callback (its I/O thread)
         self._poll_failures = 0
         self._poll_failure_logged = float("-inf")
-        #: per partition, the offset up to which the sink already stores rows past Kafka's commit
-        #: (a crash between the two commits): those messages were processed to the end once
-        self._stored_ahead: dict[TopicPartition, int] = {}
 
     # -- to implement -----------------------------------------------------------------------
     def process(self, messages: Sequence[Any]) -> None:
@@ -230,7 +184,7 @@ class StreamWorker:
         clean = False
         try:
             while not self.stop_event.is_set():
-                if self._paused_until and not self._retry_paused():
+                if self.storage_pause.active and not self.storage_pause.retry():
                     continue
                 if self._step():
                     idle_since = time.monotonic()
@@ -245,7 +199,7 @@ class StreamWorker:
         started = time.perf_counter()
         timeout_ms = self._poll_timeout_ms()
         polled = self._poll(timeout_ms)
-        messages = self._admit(polled)
+        messages = self.admission.admit(polled)
         if messages:
             self.metrics.messages.labels(self.stage).inc(len(messages))
             self.metrics.stage_seconds.labels(self.stage, "consume").observe(time.perf_counter() - started)
@@ -253,10 +207,10 @@ class StreamWorker:
         self._collect(block=self.in_flight() > self.max_in_flight)
         busy = bool(messages) or bool(self.in_flight())
         quiet = timeout_ms == QUIET_POLL_MS and not polled  # the input was quiet for a whole poll
-        if self._checkpoint_now or self._checkpoint_due() or (quiet and self.ckpt.pending):
-            self._checkpoint_now = False
+        if self.admission.checkpoint_now or self._checkpoint_due() or (quiet and self.ckpt.pending):
+            self.admission.checkpoint_now = False
             self.checkpoint(reason="idle" if quiet else "due")
-        self._update_lag()
+        self.lag.update()
         return busy
 
     def _poll_timeout_ms(self) -> int:
@@ -329,111 +283,6 @@ class StreamWorker:
         self.dead_letter(stub, "unreadable_record", f"the Kafka client cannot parse this record: {exc!r}")
         self.mark_done([stub])
 
-    # -- arming, careful mode, poison ---------------------------------------------------------
-    def _admit(self, messages: list[Any]) -> list[Any]:
-        """Arm partitions seen for the first time; let careful partitions through one message at a time."""
-        assigned = self.consumer.assignment()
-        by_tp: dict[TopicPartition, list[Any]] = defaultdict(list)
-        for m in messages:
-            tp = TopicPartition(m.topic, m.partition)
-            if tp in assigned:  # a rebalance inside the poll's top-up may have taken it away
-                by_tp[tp].append(m)
-        unarmed = [tp for tp in by_tp if tp not in self.attempts.armed]
-        if unarmed:
-            outcome, behind = self._arm_contained({tp: by_tp[tp][0].offset for tp in unarmed})
-            for tp in behind:  # already sought to their committed offsets
-                del by_tp[tp]
-            if outcome != "armed":
-                # Nothing of this poll may be worked on now: it is fetched again later. After a
-                # rewind the consumer already seeks to the committed offsets; otherwise (storage
-                # down, broker unreachable) it goes back to where this poll began.
-                self.attempts.forget(unarmed)
-                if outcome != "rewound":
-                    for tp, queue in by_tp.items():
-                        self.consumer.seek(tp, queue[0].offset)
-                return []
-        admitted: list[Any] = []
-        for tp, queue in by_tp.items():
-            admitted += self._admit_partition(tp, queue)
-        return admitted
-
-    def _admit_partition(self, tp: TopicPartition, queue: list[Any]) -> list[Any]:
-        armed = self.attempts.armed.get(tp)
-        if armed is None:
-            return queue
-        first = queue[0]
-        # a message whose row the sink stored was processed to the end: the runs died after it
-        stored = first.offset < self._stored_ahead.get(tp, -1)
-        if self.attempts.is_poison(armed, first.offset) and not stored:
-            self.dead_letter(first, "poison", f"{armed.attempts} runs of the {self.stage} died on this message "
-                                              f"(limit DEEPER_MAX_ATTEMPTS={self.attempts.max_attempts})")
-            self.mark_done([first])
-            armed.attempts = 0
-            self._checkpoint_now = True
-            queue = queue[1:]
-            if not queue:
-                return []
-            first = queue[0]
-        if not armed.careful(first.offset):
-            return queue
-        # One message now and a checkpoint right after it, so a run that dies now dies at a
-        # known offset; the rest are fetched again (a seek, not pause/resume: kafka-python
-        # 3.0 can leave a resumed partition's parked fetch unserved).
-        if len(queue) > 1:
-            self.consumer.seek(tp, first.offset + 1)
-        self._checkpoint_now = True
-        return [first]
-
-    def _arm_contained(self, first_offsets: dict[TopicPartition, int]) -> tuple[str, set[TopicPartition]]:
-        """``armed``, ``rewound`` (the checkpoint failed and rewound) or ``held`` (try again later),
-        and the partitions whose records were behind their committed offset (skipped)."""
-        behind: set[TopicPartition] = set()
-        try:
-            if self._arm(first_offsets, behind):
-                return "armed", behind
-            return ("held" if self._paused_until else "rewound"), behind
-        except Exception as exc:  # noqa: BLE001 - broker or storage away: a stage error, wait and retry
-            event(log, "cannot arm partitions yet; retrying", logging.ERROR, error=repr(exc))
-            time.sleep(1.0)
-            return "held", behind
-
-    def _arm(self, first_offsets: dict[TopicPartition, int], behind: set[TopicPartition]) -> bool:
-        """Read each new partition's attempt count, add one, commit it before any processing.
-
-        A partition whose records start below its committed offset is not armed but sought to
-        that offset (and added to ``behind``): those records are committed work, and arming at
-        the first of them would move the committed offset back (the group coordinator takes any
-        current member's offsets, for any partition), so they would be done twice. A position
-        can lag like that after a rebalance: kafka-python keeps the position of a partition that
-        stays with a member, and records polled just before a rebalance are still in hand.
-        """
-        markers: dict[TopicPartition, int] = {}
-        for tp, first in first_offsets.items():
-            committed = self.consumer.committed(tp, metadata=True)
-            if committed is not None and first < committed.offset:
-                self.consumer.seek(tp, committed.offset)
-                behind.add(tp)
-                event(log, "fetched records behind the committed offset; skipping to it", logging.WARNING,
-                      partition=f"{tp.topic}/{tp.partition}", first=first, committed=committed.offset)
-                continue
-            metadata = getattr(committed, "metadata", None)
-            prior = self.attempts.prior(tp, first, metadata)
-            self.attempts.arm(tp, first, prior)
-            self.starts[tp] = first
-            markers[tp] = prior + 1
-        if not markers:
-            return True
-        if self.sink is not None:  # what the sink holds past Kafka's commit is replayed, not stored twice
-            for tp in markers:
-                self._stored_ahead.pop(tp, None)
-            self._stored_ahead.update(self.sink.assigned({tp: self.starts[tp] for tp in markers}))
-        if not self.checkpoint(reason="arming", markers={tp: (self.starts[tp], n) for tp, n in markers.items()}):
-            return False
-        for tp, n in markers.items():
-            read_back = getattr(self.consumer.committed(tp, metadata=True), "metadata", None)
-            self.attempts.learn(tp, self.starts[tp], n, read_back)
-        return True
-
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint_due(self) -> bool:
         if self.sink is not None and self.sink.due():
@@ -491,7 +340,7 @@ class StreamWorker:
         try:
             self.sink.publish()
         except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
-            self._storage_failed(exc)
+            self.storage_pause.fail(exc)
             return False
         return True
 
@@ -506,7 +355,7 @@ class StreamWorker:
             self.rewind()
             return False
         except Exception as exc:  # noqa: BLE001 - storage errors of any kind: pause and retry
-            self._storage_failed(exc)
+            self.storage_pause.fail(exc)
             return False
         self.metrics.flushes.inc(len(written))
         return True
@@ -542,85 +391,9 @@ class StreamWorker:
             if tp in self.starts and committed is not None:
                 self.starts[tp] = committed
 
-    def _storage_failed(self, exc: BaseException) -> None:
-        """Pause consuming (memory stays bounded) and retry the flush with a backoff: a full disk,
-        an object store or a table catalog that is down or locked (``database is locked``)."""
-        backoff = 5.0
-        event(log, "sink write failed; pausing consumption and retrying", logging.ERROR, error=repr(exc),
-              retry_in_s=backoff)
-        self.consumer.pause(*self.consumer.assignment())
-        self._paused_until = time.monotonic() + backoff
-
-    def _retry_paused(self) -> bool:
-        """While paused, keep the group membership alive and retry the checkpoint when due."""
-        batch = self.consumer.poll(timeout_ms=200)  # paused partitions return nothing...
-        for tp, records in batch.items():  # ...but one assigned during the pause may: don't skip it
-            self.consumer.seek(tp, records[0].offset)
-        if batch:
-            self.consumer.pause(*self.consumer.assignment())
-        if time.monotonic() < self._paused_until:
-            return False
-        self._paused_until = 0.0
-        if self.checkpoint(reason="retry"):
-            internals.resume(self.consumer, self.consumer.assignment())
-            event(log, "sink recovered; consumption resumed")
-            return True
-        return False
-
-    def _update_lag(self) -> None:
-        if time.monotonic() - self._last_lag < 10:
-            return
-        self._last_lag = time.monotonic()
-        lag = consumer_lag(self.consumer)
-        for tp, n in (lag or {}).items():
-            self.metrics.lag.labels(self.stage, tp.topic, str(tp.partition)).set(n)
-
-    # -- identity -----------------------------------------------------------------------------
-    def _transactional_id(self) -> str:
-        """``<group>.<instance>``: stable across restarts of the same replica.
-
-        A restarted replica that reuses its id fences its dead predecessor and aborts the
-        transaction it left open at once (``init_transactions``); a new id would leave that
-        transaction to the broker's timeout, holding up ``read_committed`` readers. Without
-        ``DEEPER_INSTANCE_ID`` the instance is the host name plus the lowest slot number no
-        live process of this group holds on this machine (a file lock in the data directory).
-        """
-        instance = self.settings.instance_id
-        if not instance:
-            instance = f"{socket.gethostname()}.{self._claim_slot()}"
-        return f"{self.group_id}.{instance}"
-
-    def _claim_slot(self) -> str:
-        directory = Path(self.settings.data_dir) / "instances"
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            return str(self._lock_free_slot(directory))
-        except OSError as exc:  # no local disk to coordinate on: unique, but not stable across restarts
-            event(log, "no data directory for a stable instance id; set DEEPER_INSTANCE_ID", logging.WARNING,
-                  error=repr(exc))
-            return f"pid{os.getpid()}"
-
-    def _lock_free_slot(self, directory: Path) -> int:
-        slot = 0
-        while True:
-            handle = open(directory / f"{_safe(self.group_id)}.{slot}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                slot += 1
-                continue
-            self._instance_lock = handle  # held (and the slot ours) until the process ends
-            return slot
-
     # -- shutdown ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            event(log, "stopping", signal=signal.Signals(signum).name)
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        stop_on_signals(self.stop_event)
 
     def close(self, checkpoint: bool = True) -> None:
         """Leave the group; with ``checkpoint`` (a clean stop) commit finished work first."""
@@ -635,8 +408,7 @@ class StreamWorker:
             with closing_quietly():
                 self.consumer.close(autocommit=False)
                 self.ckpt.close()
-            if self._instance_lock is not None:
-                self._instance_lock.close()
+            self.instance.release()
             event(log, f"{self.stage} stopped")
 
 
@@ -652,7 +424,3 @@ POLL_RETRY_S = 0.5
 def names_a_record(exc: BaseException) -> bool:
     """Whether an exception from ``poll()`` is about one unreadable record (to dead-letter and skip)."""
     return isinstance(exc, RECORD_ERRORS) or not isinstance(exc, kafka_errors.KafkaError)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)

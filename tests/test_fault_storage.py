@@ -291,7 +291,7 @@ def test_partitions_taken_over_while_paused_are_not_skipped(kafka_settings, tmp_
 
     def poll(*args, **kwargs):
         batch = real_poll(*args, **kwargs)
-        if a._paused_until:
+        if a.storage_pause.active:
             dropped.extend(r for part in batch.values() for r in part)
         return batch
 

@@ -104,7 +104,7 @@ def test_a_locked_catalog_pauses_the_featurizer_and_it_resumes(kafka_settings, t
     """A catalog held by another process for longer than the busy timeout: the checkpoint fails,
     consumption pauses (as on a full disk) and resumes when the lock goes; nothing lost or doubled."""
     monkeypatch.setattr(tables, "SQLITE_BUSY_TIMEOUT_S", 0.5)
-    caplog.set_level("INFO", logger="consumers.worker")
+    caplog.set_level("INFO", logger="consumers.pause")
     settings = unique_settings(kafka_settings, tmp_path, partitions=2, sink="table")
     featurizer = Featurizer(settings, effnet, "prelogits", batch_size=8, roll_seconds=1)
     thread = WorkerThread(featurizer)
@@ -116,9 +116,9 @@ def test_a_locked_catalog_pauses_the_featurizer_and_it_resumes(kafka_settings, t
         try:
             second = _produce(settings, 8, seed=500)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not featurizer._paused_until:
+            while time.monotonic() < deadline and not featurizer.storage_pause.active:
                 time.sleep(0.1)
-            assert featurizer._paused_until, "the featurizer never paused on the locked catalog"
+            assert featurizer.storage_pause.active, "the featurizer never paused on the locked catalog"
             time.sleep(6)  # a retry meets the lock too
         finally:
             lock.rollback()

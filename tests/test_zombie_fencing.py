@@ -43,7 +43,7 @@ def _process_without_committing(worker: StreamWorker, until_offset: int, timeout
     deadline = time.monotonic() + timeout
     while worker.ckpt.pending.get(tp, 0) < until_offset:
         assert time.monotonic() < deadline, "the records were never processed"
-        messages = worker._admit(worker._poll(200))
+        messages = worker.admission.admit(worker._poll(200))
         if messages:
             worker.submit(messages)
         worker._collect(block=False)
@@ -90,7 +90,7 @@ def test_records_behind_the_committed_offset_are_never_done_again(kafka_settings
         worker.consumer.seek(tp, 2)  # ...at a position older than its committed offset
         deadline = time.monotonic() + 30
         while worker.consumer.position(tp) < 6 and time.monotonic() < deadline:
-            assert worker._admit(worker._poll(200)) == []
+            assert worker.admission.admit(worker._poll(200)) == []
         assert worker.consumer.committed(tp) == 6 and worker.consumer.position(tp) == 6
         producer.send(settings.images_topic, b"v6", key=b"k6")
         producer.flush()

@@ -10,7 +10,8 @@ touches private client state.
 
 Why each is needed is said where it is used: ``consumers/checkpoint.py`` (transactions whose
 requests are waited for with a deadline, a zombie's refused offsets, a producer's fatal state)
-and ``consumers/worker.py`` (resuming partitions, the place of an unreadable record).
+``consumers/pause.py`` (resuming partitions) and ``consumers/worker.py`` (the place of an unreadable
+record).
 """
 
 from __future__ import annotations
