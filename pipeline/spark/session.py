@@ -21,6 +21,7 @@ session that spark-submit made is used as it is, and this module only adds the c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -164,6 +165,8 @@ def spark_session(settings: Settings, master: str | None = None, conf: Mapping[s
         from pyspark.sql import SparkSession
     except ImportError:
         raise SparkUnavailable("pyspark is not installed: pip install -e . (pyproject.toml pins it)") from None
+    # py4j says "Closing down clientserver connection" at INFO when the session ends: not the user's news
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     started = time.perf_counter()
     catalog = catalog_conf(settings)
     running = SparkContext._active_spark_context

@@ -33,7 +33,6 @@ import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-
 from pipeline.kafka.client import TopicPartition
 from pipeline.logs import event
 from pipeline.storage import table as tables
