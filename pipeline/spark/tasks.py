@@ -40,7 +40,7 @@ UNREADABLE = "unreadable"
 PRESENT, REJECTED_BEFORE, DUPLICATE = "present", "rejected_before", "duplicate"
 
 _VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
-#: The feature table's columns (TABLE_CONTRACT.md) plus the reject's reason and detail; a
+#: The feature table's columns (pipeline.storage.table.schema) plus the reject's reason and detail; a
 #: rejected photo's row has an empty vector and zero size and is written to the rejects table.
 FEATURIZED = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),

@@ -1,6 +1,6 @@
 """The feature table: one Apache Iceberg table per feature identity, in a pyiceberg catalog.
 
-The one home of the catalog and the table (``TABLE_CONTRACT.md``; README "Data platform").
+The one home of the catalog and the table (README "Data platform": its name, schema and properties).
 
 **Catalog** (:func:`load_catalog`): the catalog ``DEEPER_CATALOG`` names (default ``deeper``). If
 pyiceberg's own configuration defines it (``~/.pyiceberg.yaml``, ``$PYICEBERG_HOME``,
