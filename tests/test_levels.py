@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DeeperError
-from pipeline.model.featurize import featurize_photos
+from pipeline.model.featurize import feature_meta, featurize_photos
 from pipeline.model.inference import Inference
 from pipeline.model.nets.efficientnet_lite import LITE0 as lite0
 from pipeline.model.nets import inception_v1
@@ -65,7 +65,7 @@ def test_batch_and_stream_paths_carry_the_spec(effnet):
                               SPEC.split("+"), effnet.info)
     np.testing.assert_allclose(np.stack([r.vector for r in result.rows]), expected, rtol=1e-4, atol=1e-6)
     stream = Inference(effnet, "global_pool+block_14+stage_7")  # what the featurizer consumer builds
-    assert stream.layer == SPEC and stream.dim == 1792
+    assert stream.layer == SPEC and feature_meta(effnet, stream.layer).dim == 1792  # as the featurizer records it
 
 
 def test_an_unknown_level_is_a_clear_error(effnet):
