@@ -171,7 +171,7 @@ class ParquetSink(Sink):
         written = self.stage({tp: span.start for tp, span in spans.items()},
                              {tp: span.end for tp, span in spans.items()})
         if written:
-            event(log, "parquet part staged", paths=written)
+            event(log, "parquet part written", paths=written)
         return written
 
     def assigned(self, committed: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:

@@ -87,7 +87,7 @@ def _run(plan: Plan, name: str, featurizers: int = 1, proxied_scorer: bool = Fal
     cluster: RigCluster = plan.broker
     hosts = [plan.hosts[f"feat{i}"] for i in range(featurizers)]
     run = StreamRun(cluster.bootstrap_servers, plan.workdir / name, plan.cache_dir, name, plan.guarantee,
-                    featurizer_args=(*FEATURIZER_ARGS, "--model-threads", "1"), featurizer_hosts=[h.launcher for h in hosts], scorer_host=plan.hosts["scorer"].launcher,
+                    sink=plan.sink, featurizer_args=(*FEATURIZER_ARGS, "--model-threads", "1"), featurizer_hosts=[h.launcher for h in hosts], scorer_host=plan.hosts["scorer"].launcher,
                     scorer_bootstrap=cluster.proxied_bootstrap_servers if proxied_scorer else None)
     return run, hosts
 
@@ -299,13 +299,17 @@ def featurizer_cut(plan: Plan, cut_s: float = 30.0) -> ScenarioResult:
     return result
 
 
-def zombie(plan: Plan, freezes: tuple[tuple[float, str], ...] = ((15.0, "batch"), (40.0, "parquet part written")),
-           ) -> ScenarioResult:
+def zombie(plan: Plan, freezes: tuple[tuple[float, str], ...] | None = None) -> ScenarioResult:
     """Two featurizers; one at a time is frozen past its session timeout, taken over, thawed.
 
     Each freeze lands right after ``aim`` in the victim's log: ``batch`` (feature records sent
-    in its open transaction) or ``parquet part written`` (a part file staged, not committed).
+    in its open transaction), then the sink's durable point before the Kafka commit: ``table
+    commit`` (its rows in the table, ahead of Kafka) or ``parquet part written`` (a part file
+    staged, not committed). Default: 15 s after a batch, then 40 s after the durable point.
     """
+    if freezes is None:
+        freezes = ((15.0, "batch"), (40.0, durable_point(plan)))
+
     def body(run: StreamRun, feeder: Feeder, labels: LabelCollector, recovery: list) -> dict[str, int]:
         for k, (freeze_s, aim) in enumerate(freezes):
             _wait_owners(run, 0, lambda o: all(n > 0 for n in o.values()), 120)
@@ -319,7 +323,7 @@ def zombie(plan: Plan, freezes: tuple[tuple[float, str], ...] = ((15.0, "batch")
             time.sleep(max(0.0, at + freeze_s - time.time()))
             thawed = victim.thaw()
             again = _wait_owners(run, thawed, lambda o: all(n > 0 for n in o.values()), 120)
-            dropped = _first_after(victim, "partitions lost: the group moved on without us; dropping uncommitted work",
+            dropped = _first_after(victim, "partitions lost; their uncommitted work is redone by their next owner",
                                    thawed, 30)
             recovery.append(_recovery("zombie", thawed, run, feeder, labels, frozen_seconds=freeze_s, aimed_after=aim,
                                       takeover_s=takeover, zombie_dropped_its_work_s=dropped, shared_again_s=again))
@@ -377,6 +381,11 @@ CLUSTER_SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {
     "zombie": zombie,
     "scorer_links": scorer_links,
 }
+
+
+def durable_point(plan: Plan) -> str:
+    """The log line a featurizer writes when its checkpoint's rows are durable, before the Kafka commit."""
+    return "table commit" if plan.sink == "table" else "parquet part written"
 
 
 def cluster_plan(rig: ClusterRig, workdir: Path, cache_dir: Path, n_images: int, seed: int = 7,

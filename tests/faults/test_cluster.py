@@ -2,7 +2,7 @@
 
 A three-node Apache Kafka cluster (replication factor 3, ``min.insync.replicas=2``), every broker
 and worker on a test host of its own (network namespaces), Toxiproxy in front of the brokers for
-the scorer; real ``deeper featurizer``/``deeper scorer`` processes, real Parquet
+the scorer; real ``deeper featurizer``/``deeper scorer`` processes, the Iceberg feature table
 (tests/faults/cluster_scenarios.py says what each scenario does). Every scenario must end with
 nothing missing, no duplicate row on disk, no duplicate feature or label read ``read_committed``,
 and says how long recovery took. The long form: ``scripts/fault-suite.sh --broker kafka-cluster``.
@@ -19,8 +19,9 @@ import os
 import pytest
 
 from tests.faults.cluster_scenarios import (SESSION_S, TAKEOVER_BOUND_S, ClusterRig, cluster_plan, controller_kill,
-                                            featurizer_cut, leader_kills, rig_unavailable, scorer_links, zombie)
-from tests.faults.scenarios import Plan, ScenarioResult
+                                            durable_point, featurizer_cut, leader_kills, rig_unavailable,
+                                            scorer_links, zombie)
+from tests.faults.scenarios import Plan, ScenarioResult, rows_key
 from tests.faults.summary import format_summary, summarize
 
 pytestmark = pytest.mark.cluster
@@ -54,7 +55,7 @@ def _check(result: ScenarioResult, plan: Plan, faults: dict[str, int]) -> None:
     c = result.counts
     assert result.faults == faults
     assert c["images_in"] == N_IMAGES and c["missing"] == 0, result.problems
-    assert c["duplicate_rows_on_disk"] == 0 and c["duplicate_features_read_committed"] == 0, result.problems
+    assert c[rows_key(c)] == 0 and c["duplicate_features_read_committed"] == 0, result.problems
     assert c["duplicate_labels_read_committed"] == 0 and c["labels_missing"] == 0, result.problems
     assert result.clean, result.problems
     assert result.recovery and all(r.get("first_label_of_a_later_photo_s") is not None
@@ -86,7 +87,7 @@ def test_zombie_featurizer_is_fenced(plan):
     """Frozen past its session timeout (once inside its transaction timeout, once past it), its
     partitions taken over, then thawed: nothing it wrote survives as a duplicate, on disk or in
     the topics, and it drops its work and rejoins."""
-    result = zombie(plan, freezes=((12.0, "batch"), (35.0, "parquet part written")))
+    result = zombie(plan, freezes=((12.0, "batch"), (35.0, durable_point(plan))))
     _check(result, plan, {"zombie_freeze": 2})
     assert all(r["takeover_s"] is not None and r["zombie_dropped_its_work_s"] is not None
                for r in result.recovery), result.recovery
