@@ -35,6 +35,7 @@ class Rebalance(ConsumerRebalanceListener):
             return
         self.worker.in_rebalance = True
         try:
+            self.worker.return_held()  # polled before the rebalance, not started: fetched again or by the next owner
             self.worker.checkpoint(reason="rebalance", clean=True)
         except Exception as exc:  # noqa: BLE001 - an exception here would break the client's rebalance
             event(log, "checkpoint before a rebalance failed; the next owner redoes the work", logging.ERROR,

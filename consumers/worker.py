@@ -104,6 +104,7 @@ class StreamWorker:
         self.starts: dict[TopicPartition, int] = {}  # first uncommitted offset per partition
         self._last_checkpoint = time.monotonic()
         self._finished: list[Sequence[Any]] = []
+        self._held: list[Any] = []  # polled by this turn's poll, not yet handed to the stage
         self.in_rebalance = False  # inside kafka-python's rebalance callback (its I/O thread)
         self._poll_failures = 0
         self._poll_failure_logged = float("-inf")
@@ -234,15 +235,32 @@ class StreamWorker:
         topic gives batches like 32, 3, 32, 9; small batches cost the model more per image.
         The top-up never waits, so a slow stream's half-full batch goes on at once. A record
         the client can't parse raises inside poll: it is skipped with a dead letter.
+
+        A rebalance can run inside the top-up's poll, after earlier records of this turn came
+        back: those are ``_held`` until the turn ends, so the rebalance hands them back
+        (:meth:`return_held`) instead of this worker doing records of a partition it no longer
+        owns, next to their new owner.
         """
         limit = self.consumer.config["max_poll_records"]
-        messages = self._poll_once(timeout_ms, limit)
-        while 0 < len(messages) < limit:
-            extra = self._poll_once(0, limit - len(messages))
+        self._held = self._poll_once(timeout_ms, limit)
+        while 0 < len(self._held) < limit:
+            extra = self._poll_once(0, limit - len(self._held))
             if not extra:
                 break
-            messages += extra
+            self._held += extra  # the list as the top-up left it: emptied if a rebalance ran in it
+        messages, self._held = self._held, []
         return messages
+
+    def return_held(self) -> None:
+        """Give this turn's polled records back before a rebalance: each partition goes back to
+        its first held record. A partition that stays with us is fetched again from there (its
+        position is kept); one that moves is started by its new owner at its committed offset."""
+        first: dict[TopicPartition, int] = {}
+        for m in self._held:
+            first.setdefault(TopicPartition(m.topic, m.partition), m.offset)
+        self._held = []
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
 
     def _poll_once(self, timeout_ms: int, max_records: int) -> list[Any]:
         try:
@@ -364,6 +382,7 @@ class StreamWorker:
         """Forget work in flight, buffered rows, staged files and the open transaction, without
         touching the consumer's positions (the partitions are gone; new ones start from their
         committed offsets)."""
+        self._held = []  # their positions are reset too (lost: fresh state; rewind: sought back)
         self.abandon()
         if self.sink is not None:
             self.sink.discard()

@@ -13,11 +13,14 @@ cluster, with real SIGSTOPs, is the zombie scenario of tests/faults/test_cluster
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any, Sequence
 
 import pytest
 from kafka import TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.protocol.consumer.metadata import ConsumerProtocolAssignment, ConsumerProtocolSubscription
 
 from consumers.worker import StreamWorker
 from devrig import fresh_settings, read_records
@@ -134,3 +137,81 @@ def test_offsets_of_a_refused_commit_never_ride_on_the_next_transaction(kafka_se
     finally:
         worker.consumer.close(autocommit=False)
         close_producer(worker.ckpt.producer)
+
+
+class _Handover(RangePartitionAssignor):
+    """Range, except that a member whose subscription says ``taker`` gets the partitions in
+    ``give``: the test chooses which partition moves to the member that joins."""
+
+    name = "handover"
+    give: set[int] = set()
+    user_data = b""
+
+    @classmethod
+    def metadata(cls, topics):
+        return ConsumerProtocolSubscription(cls.version, list(topics), cls.user_data)
+
+    @classmethod
+    def assign(cls, cluster, members):
+        takers = [m.member_id for m in members if m.metadata.user_data == b"taker"]
+        others = [m.member_id for m in members if m.member_id not in takers]
+        if not takers or not others:
+            return super().assign(cluster, members)
+        split = {takers[0]: {}, others[0]: {}}
+        for topic in {t for m in members for t in m.metadata.topics}:
+            partitions = sorted(cluster.partitions_for_topic(topic) or [])
+            split[takers[0]][topic] = [p for p in partitions if p in _Handover.give]
+            split[others[0]][topic] = [p for p in partitions if p not in _Handover.give]
+        return {m.member_id: ConsumerProtocolAssignment(cls.version, sorted(split.get(m.member_id, {}).items()), b"")
+                for m in members}
+
+
+class _Taker(_Handover):
+    user_data = b"taker"
+
+
+def test_records_polled_before_a_rebalance_are_done_by_the_partitions_next_owner_only(kafka_settings, tmp_path):
+    """A turn's poll tops up with more polls, and a rebalance can run inside one of them, after
+    records of a partition that moves away are already in hand. The worker did them anyway, next
+    to the partition's new owner, and committed them with its new generation: each twice (the
+    cluster suite's featurizer_cut scenario, 3 duplicates). Now the rebalance takes them back."""
+    settings = dataclasses.replace(fresh_settings(kafka_settings, tmp_path, prefix="handover", partitions=2),
+                                   guarantee="exactly-once")
+    topic, group = settings.images_topic, settings.featurizer_group
+    first = _Copier(settings, topic, group, partition_assignment_strategy=[_Handover])
+    second: list[_Copier] = []
+    threads: list[threading.Thread] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(first.consumer.assignment()) < 2:  # the first member owns both partitions of the empty topic
+            assert time.monotonic() < deadline, "the first member never got its partitions"
+            assert first._poll(200) == []
+        producer = make_producer(settings)
+        for i in range(10):
+            producer.send(topic, f"v{i}".encode(), key=f"k{i}".encode(), partition=i % 2)
+        assert close_producer(producer)
+        real_poll_once = first._poll_once
+
+        def poll_once(timeout_ms: int, max_records: int) -> list[Any]:
+            got = real_poll_once(timeout_ms, max_records)
+            if got and not second:  # records in hand: a second member joins and takes their partition
+                _Handover.give = {got[0].partition}
+                second.append(_Copier(settings, topic, group, partition_assignment_strategy=[_Taker]))
+                threads.append(threading.Thread(target=second[0].run, kwargs={"max_idle_seconds": 8.0}, daemon=True))
+                threads[0].start()
+                wait_until = time.monotonic() + 30
+                while not first.consumer._coordinator.need_rejoin():  # the heartbeat has seen the join
+                    assert time.monotonic() < wait_until, "the group never started rebalancing"
+                    time.sleep(0.05)
+            return got
+
+        first._poll_once = poll_once
+        first.run(max_idle_seconds=8.0)
+        threads[0].join(timeout=60)
+        assert not threads[0].is_alive()
+    finally:
+        _Handover.give = set()
+        for worker in [first, *second]:
+            worker.stop_event.set()
+    keys = sorted(r.key for r in read_records(settings, settings.features_topic, timeout=20, quiet_s=2))
+    assert keys == sorted(f"k{i}".encode() for i in range(10))
